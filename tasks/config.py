@@ -259,7 +259,9 @@ def config_from_dict(
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Load a YAML config (defaults when `path` is None) and apply `section.key=value` overrides."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
