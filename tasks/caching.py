@@ -1,0 +1,67 @@
+"""Content-addressed stage outputs and the Prefect cache keys built from them.
+
+A stage's key is the hash of (its upstream stages' keys, its own config section, its code version).
+Its output lives in `<work_dir>/<stage>/<key>`, written atomically, so an existing directory means
+the output is complete. Prefect's cache key is that same key while the directory exists; if someone
+deleted the output, the key is made unique so the task reruns instead of returning a dangling path.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel
+
+from tasks.hashing import code_version, combine, hash_json
+
+log = logging.getLogger(__name__)
+
+KEY_LENGTH = 20
+
+
+class StageRef(BaseModel):
+    """A finished stage output: which stage, its content key, and where it lives."""
+
+    stage: str
+    key: str
+    path: str
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+
+def stage_key(
+    stage: str,
+    upstream: list[str],
+    section: Any,
+    modules: tuple[ModuleType, ...],
+    extra: str = "",
+) -> str:
+    """The content key of a stage: upstream keys + config section + code version (+ extra)."""
+    return combine(stage, *upstream, hash_json(section), code_version(*modules), extra)[:KEY_LENGTH]
+
+
+def stage_dir(work_dir: str | Path, stage: str, key: str) -> Path:
+    """Where a stage output with this key lives."""
+    return Path(work_dir) / stage / key
+
+
+def existing_output_cache_key(
+    key_and_dir: Callable[[dict[str, Any]], tuple[str, Path]],
+) -> Callable[[Any, dict[str, Any]], str]:
+    """A Prefect `cache_key_fn`: stage key + output location while it exists, else a fresh key."""
+
+    def cache_key_fn(_context: Any, parameters: dict[str, Any]) -> str:
+        key, out_dir = key_and_dir(parameters)
+        if out_dir.is_dir():
+            return combine(key, str(out_dir.resolve()))
+        log.debug("no output at %s: forcing a rebuild of %s", out_dir, key)
+        return f"{key}-rebuild-{uuid.uuid4().hex}"
+
+    return cache_key_fn
