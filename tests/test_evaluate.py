@@ -1,0 +1,180 @@
+"""Metrics on hand-made predictions equal independent, hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from tasks.config import EvaluateSection
+from tasks.evaluate import (
+    EvaluationError,
+    classification_metrics,
+    confusion_matrix,
+    daily_ic,
+    evaluate_predictions,
+    long_short_returns,
+    oracle_metrics,
+)
+
+
+def _preds(n_days: int = 5, n_symbols: int = 10, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    dates = pd.date_range("2024-01-01", periods=n_days, freq="B")
+    for d in dates:
+        ret = rng.normal(0, 0.02, n_symbols)
+        score = ret * 50 + rng.normal(0, 1, n_symbols)
+        probs = rng.dirichlet(np.ones(4), n_symbols)
+        label = np.digitize(ret, np.quantile(ret, [0.3, 0.6, 0.9]))
+        for i in range(n_symbols):
+            rows.append(
+                {
+                    "symbol": f"S{i:02d}",
+                    "date": d,
+                    "score": score[i],
+                    **{f"p{k}": probs[i, k] for k in range(4)},
+                    "label": int(label[i]),
+                    "fwd_return": ret[i],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_ic_matches_per_day_pearson_and_spearman() -> None:
+    preds = _preds()
+    ic = daily_ic(preds, "pearson")
+    ric = daily_ic(preds, "spearman")
+    for date, day in preds.groupby("date"):
+        assert ic[date] == pytest.approx(np.corrcoef(day["score"], day["fwd_return"])[0, 1])
+        assert ric[date] == pytest.approx(stats.spearmanr(day["score"], day["fwd_return"])[0])
+
+
+def test_icir_is_mean_over_sample_std_not_annualised() -> None:
+    preds = _preds(n_days=8)
+    metrics, _ = evaluate_predictions(preds, EvaluateSection(), with_figures=False)
+    per_day = [np.corrcoef(d["score"], d["fwd_return"])[0, 1] for _, d in preds.groupby("date")]
+    ranks = [stats.spearmanr(d["score"], d["fwd_return"])[0] for _, d in preds.groupby("date")]
+    assert metrics["ic"] == pytest.approx(np.mean(per_day))
+    assert metrics["icir"] == pytest.approx(np.mean(per_day) / np.std(per_day, ddof=1))
+    assert metrics["rank_ic"] == pytest.approx(np.mean(ranks))
+    assert metrics["rank_icir"] == pytest.approx(np.mean(ranks) / np.std(ranks, ddof=1))
+
+
+def test_days_without_a_defined_correlation_are_dropped() -> None:
+    preds = _preds(n_days=3)
+    first = preds["date"] == preds["date"].min()
+    preds.loc[first, "score"] = 1.0  # constant score: correlation undefined
+    ic = daily_ic(preds)
+    assert preds["date"].min() not in ic.index
+    assert len(ic) == 2
+
+
+def test_ties_get_average_ranks() -> None:
+    day = pd.DataFrame(
+        {
+            "date": pd.Timestamp("2024-01-02"),
+            "score": [1.0, 1.0, 2.0, 3.0],
+            "fwd_return": [0.1, 0.3, 0.2, 0.4],
+        }
+    )
+    assert daily_ic(day, "spearman").iloc[0] == pytest.approx(
+        stats.spearmanr(day["score"], day["fwd_return"])[0]
+    )
+
+
+def test_long_short_returns_turnover_and_costs_by_hand() -> None:
+    preds = _preds(n_days=4, n_symbols=10, seed=3)
+    quantile, cost_bps = 0.2, 25.0
+    daily = long_short_returns(preds, quantile, cost_bps)
+    previous: dict[str, float] = {}
+    for date, day in preds.groupby("date"):
+        ordered = day.sort_values("score", ascending=False)
+        longs, shorts = ordered.head(2), ordered.tail(2)
+        gross = longs["fwd_return"].mean() - shorts["fwd_return"].mean()
+        weights = {s: 0.5 for s in longs["symbol"]} | {s: -0.5 for s in shorts["symbol"]}
+        names = set(weights) | set(previous)
+        turnover = sum(abs(weights.get(s, 0.0) - previous.get(s, 0.0)) for s in names)
+        previous = weights
+        assert daily.loc[date, "gross"] == pytest.approx(gross)
+        assert daily.loc[date, "turnover"] == pytest.approx(turnover)
+        assert daily.loc[date, "net"] == pytest.approx(gross - turnover * cost_bps / 1e4)
+
+
+def test_portfolio_summary_by_hand() -> None:
+    preds = _preds(n_days=30, n_symbols=20, seed=5)
+    cfg = EvaluateSection(long_short_quantile=0.1, cost_bps=10.0, annualization_days=252)
+    metrics, _ = evaluate_predictions(preds, cfg, with_figures=False)
+    net = long_short_returns(preds, 0.1, 10.0)["net"].to_numpy()
+    wealth = np.concatenate([[0.0], np.cumsum(net)])
+    drawdown = np.min(wealth - np.maximum.accumulate(wealth))
+    assert metrics["ls_ann_return"] == pytest.approx(net.mean() * 252)
+    assert metrics["ls_sharpe"] == pytest.approx(net.mean() / net.std(ddof=1) * math.sqrt(252))
+    assert metrics["max_drawdown"] == pytest.approx(drawdown)
+    assert metrics["max_drawdown"] <= 0.0
+
+
+def test_classification_metrics_by_hand() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 3, 3, 3])
+    predicted = np.array([0, 1, 1, 1, 3, 3, 2, 3])
+    cm = confusion_matrix(labels, predicted)
+    assert cm.sum() == len(labels)
+    assert cm[3, 2] == 1 and cm[0, 0] == 1
+    metrics = classification_metrics(cm)
+    assert metrics["accuracy"] == pytest.approx(np.mean(labels == predicted))
+    f1 = []
+    for k in range(4):
+        tp = np.sum((labels == k) & (predicted == k))
+        fp = np.sum((labels != k) & (predicted == k))
+        fn = np.sum((labels == k) & (predicted != k))
+        f1.append(2 * tp / (2 * tp + fp + fn))
+        assert metrics[f"recall_{k}"] == pytest.approx(tp / (tp + fn))
+    assert metrics["macro_f1"] == pytest.approx(np.mean(f1))
+
+
+def test_oracle_join_on_symbol_and_date() -> None:
+    preds = _preds(n_days=6, n_symbols=12, seed=9)
+    oracle = preds[["symbol", "date"]].copy()
+    oracle["expected_return"] = preds["fwd_return"] * 2 + 0.01  # a perfect ranker
+    oracle = oracle.sample(frac=1.0, random_state=0)  # order must not matter
+    oracle["date"] = oracle["date"].dt.date  # plain dates join with timestamps
+    result = oracle_metrics(preds, oracle)
+    assert result["oracle_ic"] == pytest.approx(1.0)
+    assert result["oracle_rank_ic"] == pytest.approx(1.0)
+    metrics, _ = evaluate_predictions(preds, EvaluateSection(), oracle=oracle, with_figures=False)
+    assert metrics["rank_ic_vs_oracle"] == pytest.approx(metrics["rank_ic"])
+
+
+def test_unknown_outcomes_are_excluded() -> None:
+    preds = _preds(n_days=4)
+    last = preds["date"] == preds["date"].max()
+    preds.loc[last, "fwd_return"] = np.nan
+    preds.loc[last, "label"] = -1
+    metrics, _ = evaluate_predictions(preds, EvaluateSection(), with_figures=False)
+    known = preds[~last]
+    expected = np.mean(
+        [np.corrcoef(d["score"], d["fwd_return"])[0, 1] for _, d in known.groupby("date")]
+    )
+    assert metrics["ic"] == pytest.approx(expected)
+
+
+def test_missing_column_is_named() -> None:
+    preds = _preds().drop(columns=["fwd_return"])
+    with pytest.raises(EvaluationError, match="fwd_return"):
+        evaluate_predictions(preds, EvaluateSection())
+
+
+def test_figures_are_rendered() -> None:
+    _, figures = evaluate_predictions(_preds(n_days=6), EvaluateSection())
+    assert set(figures) == {
+        "long_short_cumulative.png",
+        "rank_ic_over_time.png",
+        "confusion_matrix.png",
+        "calibration.png",
+    }
+    for fig in figures.values():
+        fig.canvas.draw()
+        assert fig.canvas.buffer_rgba().shape[0] > 100
