@@ -130,7 +130,7 @@ class ModelSection(Section):
     use_attention: bool = True
     attention_heads: int = Field(4, ge=1)
     use_text: bool = True
-    text_dim: int = Field(16, ge=1)
+    text_proj_dim: int = Field(16, ge=1, description="width of the text-vector projection")
     use_industry: bool = True
     industry_dim: int = Field(8, ge=1)
     use_index: bool = True
@@ -149,7 +149,7 @@ class LossSection(Section):
     kind: Literal["composite", "focal", "cross_entropy"] = "composite"
     gamma: float = Field(2.0, ge=0.0)
     alpha: Literal["batch"] | list[float] | None = "batch"
-    alpha_smoothing: float = Field(1.0, ge=0.0)
+    alpha_smoothing: float = Field(1.0, gt=0.0, description="added to class counts")
     alpha_ema: float | None = Field(None, ge=0.0, lt=1.0)
     distance_weight: float = Field(0.5, ge=0.0)
     distance_power: float = Field(2.0, gt=0.0)
