@@ -187,6 +187,7 @@ class TrackingSection(Section):
     registered_model: str = "alphaloom-ranker"
     trigger: Literal["manual", "nightly"] = "manual"
     log_model: bool = True
+    ui_port: int = Field(5000, ge=1, le=65535)
 
 
 class PipelineConfig(Section):
