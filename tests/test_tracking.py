@@ -1,0 +1,86 @@
+"""MLflow tracking: run lifecycle, params, tags, metrics, store creation and the UI command."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import mlflow
+import pytest
+
+from tasks import tracking
+from tasks.config import PipelineConfig
+
+
+@pytest.fixture
+def cfg(mlflow_uri: str) -> PipelineConfig:
+    return PipelineConfig(tracking={"experiment": "test-tracking", "tracking_uri": mlflow_uri})
+
+
+def test_a_failure_inside_a_tracked_run_leaves_it_failed(cfg: PipelineConfig) -> None:
+    with pytest.raises(RuntimeError, match="boom"), tracking.tracked_run(cfg) as run_id:
+        tracking.log_metrics(cfg, run_id, {"ic": 0.1}, prefix="val/")
+        raise RuntimeError("boom")
+    run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "boom" in run.data.tags["alphaloom.error"]
+
+
+def test_a_successful_run_is_finished_with_config_params_and_tags(cfg: PipelineConfig) -> None:
+    tags = {tracking.TAG_DATA_HASH: "d" * 16, tracking.TAG_CODE_VERSION: "c" * 16}
+    with tracking.tracked_run(cfg, tags) as run_id:
+        tracking.log_metrics(cfg, run_id, {"loss": 0.5}, step=3, prefix="train/")
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert run.data.params["features.windows"] == "[5, 10, 20, 30, 60]"
+    assert run.data.tags[tracking.TAG_DATA_HASH] == "d" * 16
+    assert run.data.tags[tracking.TAG_TRIGGER] == "manual"
+    assert run.data.tags.get(tracking.TAG_GIT_COMMIT) == tracking.git_commit()
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(3, 0.5)]
+    config_text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    assert config_text == cfg.to_yaml()
+
+
+def test_flatten_config_covers_every_leaf() -> None:
+    cfg = PipelineConfig()
+    flat = tracking.flatten_config(cfg)
+    assert flat["tracking.registered_model"] == cfg.tracking.registered_model
+    assert flat["features.label.quantile_edges"] == "[0.3, 0.6, 0.9]"
+    assert flat["tracking.tracking_uri"] == "null"
+    assert flat["work_dir"] == cfg.work_dir
+    assert all(isinstance(value, str) for value in flat.values())
+
+
+def test_default_store_is_sqlite_in_cwd(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri(PipelineConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking.resolve_tracking_uri(PipelineConfig()) == "sqlite:///elsewhere.db"
+    cfg = PipelineConfig(tracking={"tracking_uri": "http://127.0.0.1:5001"})
+    assert tracking.resolve_tracking_uri(cfg) == "http://127.0.0.1:5001"
+
+
+def test_ui_command_serves_the_store_on_localhost(tmp_path) -> None:
+    cfg = PipelineConfig(tracking={"tracking_uri": f"sqlite:///{tmp_path}/m.db", "ui_port": 5123})
+    argv = tracking.ui_command(cfg)
+    assert argv[1:4] == ["-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == cfg.tracking.tracking_uri
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == "5123"
+
+
+def _open_store(uri: str) -> str:
+    tracking._READY_STORES.discard(uri)
+    cfg = PipelineConfig(tracking={"tracking_uri": uri, "experiment": "race"})
+    return tracking.ensure_experiment(tracking.client_for(cfg), cfg)
+
+
+def test_concurrent_processes_create_one_fresh_store(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    with mp.get_context("fork").Pool(3) as pool:  # fork: children start at once
+        ids = pool.map(_open_store, [uri] * 3)
+    assert len(set(ids)) == 1
+    assert mlflow.MlflowClient(uri).get_experiment_by_name("race").experiment_id == ids[0]
