@@ -1,0 +1,335 @@
+"""Ingestion: column spellings, layouts, adjustment, validation errors and the saved market."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandas.testing as pdt
+import pytest
+
+from tasks.config import DataSection, SyntheticSection
+from tasks.ingest import (
+    DataValidationError,
+    MarketData,
+    load_market,
+    load_saved_market,
+    read_bars,
+    read_instruments,
+    save_market,
+    source_fingerprint,
+)
+from tasks.synthetic import generate_market, write_market
+
+SMALL = SyntheticSection(n_symbols=12, n_days=100, seed=3)
+
+
+def make_bars(symbols: tuple[str, ...] = ("AAA", "BBB"), n_days: int = 6) -> pd.DataFrame:
+    """A small valid long-format table with Yahoo-style column names."""
+    dates = pd.bdate_range("2021-03-01", periods=n_days)
+    rows = []
+    for k, symbol in enumerate(symbols):
+        close = 10.0 * (k + 1) + np.arange(n_days)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "Date": dates.strftime("%Y-%m-%d"),
+                    "Name": symbol,
+                    "Open": close - 0.5,
+                    "High": close + 1.0,
+                    "Low": close - 1.0,
+                    "Close": close,
+                    "Volume": 1000.0 + np.arange(n_days),
+                }
+            )
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+def files_section(path: Path, **kw) -> DataSection:
+    return DataSection(source="files", bars_path=str(path), **kw)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_long_csv_with_yahoo_spellings_is_canonical(tmp_path) -> None:
+    raw = make_bars()
+    bars = read_bars(write_csv(raw.sample(frac=1.0, random_state=0), tmp_path / "all.csv"))
+    assert list(bars.columns) == ["symbol", "date", "open", "high", "low", "close", "volume"]
+    assert bars["date"].dtype == "datetime64[ns]"
+    assert pd.api.types.is_string_dtype(bars["symbol"])
+    assert all(bars[c].dtype == "float64" for c in ["open", "high", "low", "close", "volume"])
+    assert isinstance(bars.index, pd.RangeIndex)
+    # shuffled input comes out sorted by (symbol, date)
+    assert bars.equals(bars.sort_values(["symbol", "date"]).reset_index(drop=True))
+    expected = raw.sort_values(["Name", "Date"])["Close"].to_numpy()
+    np.testing.assert_array_equal(bars["close"].to_numpy(), expected)
+
+
+def test_tushare_spellings_compact_dates_and_codes(tmp_path) -> None:
+    raw = pd.DataFrame(
+        {
+            "ts_code": ["000001.SZ", "000001.SZ", "600000.SH"],
+            "trade_date": [20210105, 20210104, 20210104],
+            "OPEN": [10.0, 11.0, 5.0],
+            "high": [10.5, 11.5, 5.5],
+            "low": [9.5, 10.5, 4.5],
+            "close": [10.2, 11.2, 5.2],
+            "vol": [100.0, 200.0, 300.0],
+            "turnover": [1020.0, 2240.0, 1560.0],
+        }
+    )
+    bars = read_bars(write_csv(raw, tmp_path / "daily.csv"))
+    assert bars["symbol"].tolist() == ["000001.SZ", "000001.SZ", "600000.SH"]
+    assert bars["date"].tolist() == list(pd.to_datetime(["2021-01-04", "2021-01-05", "2021-01-04"]))
+    assert bars["amount"].tolist() == [2240.0, 1020.0, 1560.0]
+    assert bars["volume"].tolist() == [200.0, 100.0, 300.0]
+
+
+def test_parquet_with_datetimes_and_leading_zero_symbols(tmp_path) -> None:
+    raw = make_bars(("000001", "000002")).rename(columns={"Name": "code", "Date": "datetime"})
+    raw["datetime"] = pd.to_datetime(raw["datetime"]) + pd.Timedelta(hours=15)  # intraday stamp
+    raw.to_parquet(tmp_path / "bars.parquet")
+    bars = read_bars(tmp_path / "bars.parquet")
+    assert set(bars["symbol"]) == {"000001", "000002"}
+    assert (bars["date"] == bars["date"].dt.normalize()).all()
+
+
+def test_user_column_map_either_direction(tmp_path) -> None:
+    raw = make_bars().rename(columns={"Close": "PX_LAST", "Volume": "shares"})
+    path = write_csv(raw, tmp_path / "b.csv")
+    a = read_bars(path, {"PX_LAST": "close", "shares": "volume"})
+    b = read_bars(path, {"close": "PX_LAST", "volume": "shares"})
+    pdt.assert_frame_equal(a, b)
+    np.testing.assert_array_equal(np.sort(a["close"]), np.sort(raw["PX_LAST"]))
+    with pytest.raises(DataValidationError, match="column_map: neither 'foo' nor 'bar'"):
+        read_bars(path, {"foo": "bar"})
+
+
+def test_per_symbol_directory_takes_symbol_from_file_name(tmp_path) -> None:
+    raw = make_bars(("AAA", "BBB.US")).drop(columns="Name")
+    write_csv(raw.iloc[:6], tmp_path / "AAA.csv")
+    raw.iloc[6:].to_parquet(tmp_path / "BBB.US.parquet")
+    write_csv(pd.DataFrame({"symbol": ["AAA"], "sector": ["tech"]}), tmp_path / "instruments.csv")
+    (tmp_path / "notes.txt").write_text("not data")
+    bars = read_bars(tmp_path)
+    assert bars.groupby("symbol").size().to_dict() == {"AAA": 6, "BBB.US": 6}
+    market = load_market(files_section(tmp_path), min_history=3)  # instruments picked up
+    assert market.instruments.to_dict("list") == {
+        "symbol": ["AAA", "BBB.US"],
+        "industry": ["tech", ""],
+        "index": ["", ""],
+        "description": ["", ""],
+    }
+
+
+def test_same_symbol_in_two_files_is_a_duplicate(tmp_path) -> None:
+    raw = make_bars(("AAA",))
+    write_csv(raw, tmp_path / "one.csv")
+    write_csv(raw, tmp_path / "two.csv")
+    with pytest.raises(DataValidationError, match=r"across its files.*12 rows share a duplicate"):
+        read_bars(tmp_path)
+
+
+def test_adj_close_adjusts_prices_and_volume(tmp_path) -> None:
+    raw = make_bars(("AAA",), n_days=3)
+    raw["Adj Close"] = raw["Close"] * np.array([0.5, 0.5, 1.0])
+    bars = read_bars(write_csv(raw, tmp_path / "a.csv"))
+    factor = np.array([0.5, 0.5, 1.0])
+    for col in ["Open", "High", "Low", "Close"]:
+        np.testing.assert_allclose(bars[col.lower()], raw[col] * factor)
+    np.testing.assert_allclose(bars["volume"], raw["Volume"] / factor)
+    assert "adj_close" not in bars
+
+
+def test_adj_factor_multiplies_prices(tmp_path) -> None:
+    raw = make_bars(("AAA",), n_days=3)
+    raw["adj_factor"] = [2.0, 2.0, 4.0]
+    bars = read_bars(write_csv(raw, tmp_path / "a.csv"))
+    np.testing.assert_allclose(bars["close"], raw["Close"] * raw["adj_factor"])
+    np.testing.assert_allclose(bars["low"], raw["Low"] * raw["adj_factor"])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _corrupt(edit):
+    def make(tmp_path: Path) -> Path:
+        raw = make_bars().astype({"Close": object, "Date": object})
+        return write_csv(edit(raw) if edit else raw, tmp_path / "bad.csv")
+
+    return make
+
+
+def _set(col: str, rows: list[int], value):
+    def edit(raw: pd.DataFrame) -> pd.DataFrame:
+        raw.loc[rows, col] = value
+        return raw
+
+    return edit
+
+
+def _empty_file(tmp_path: Path) -> Path:
+    (tmp_path / "bad.csv").write_text("")
+    return tmp_path / "bad.csv"
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    (tmp_path / "dir").mkdir()
+    return tmp_path / "dir"
+
+
+BAD_INPUTS = {
+    "missing column": (
+        _corrupt(lambda r: r.drop(columns=["Volume", "Low"])),
+        r"bad\.csv: missing required column\(s\) 'low', 'volume'",
+    ),
+    "non-numeric": (
+        _corrupt(_set("Close", [1, 4], "abc")),
+        r"bad\.csv: column 'Close' has 2 row\(s\) with non-numeric values "
+        r"\(first: 'abc' at data row 2",
+    ),
+    "nan price": (
+        _corrupt(_set("High", [3], np.nan)),
+        r"bad\.csv: column 'High' has 1 row\(s\) with NaN/inf/missing",
+    ),
+    "inf price": (
+        _corrupt(_set("Open", [0, 1, 2], np.inf)),
+        r"bad\.csv: column 'Open' has 3 row\(s\) with NaN/inf/missing",
+    ),
+    "non-positive price": (
+        _corrupt(_set("Low", [5, 6], 0.0)),
+        r"bad\.csv: column 'Low' has 2 row\(s\) with non-positive prices",
+    ),
+    "negative volume": (
+        _corrupt(_set("Volume", [7], -5.0)),
+        r"bad\.csv: column 'Volume' has 1 row\(s\) with negative values",
+    ),
+    "duplicate key": (
+        _corrupt(lambda r: pd.concat([r, r.iloc[[2, 8]]], ignore_index=True)),
+        r"bad\.csv: 4 rows share a duplicate \(symbol, date\) key \(first: 'AAA', 2021-03-03\)",
+    ),
+    "unparseable dates": (
+        _corrupt(_set("Date", [0, 9], "2021-13-45")),
+        r"bad\.csv: column 'Date' has 2 row\(s\) with missing or unparseable dates",
+    ),
+    "empty table": (
+        _corrupt(lambda r: r.iloc[:0]),
+        r"bad\.csv: empty input \(0 rows\)",
+    ),
+    "empty file": (_empty_file, r"bad\.csv: empty input"),
+    "empty directory": (_empty_dir, r"dir: empty input, no CSV or parquet"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_rejected_and_nothing_is_written(tmp_path, case) -> None:
+    make, message = BAD_INPUTS[case]
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError, match=message):
+        save_market(load_market(files_section(path), min_history=1), out)
+    assert not out.exists()
+
+
+def test_failed_save_leaves_no_directory(tmp_path) -> None:
+    market = load_market(files_section(write_csv(make_bars(), tmp_path / "b.csv")), 1)
+    broken = MarketData(market.bars, market.instruments, pd.DataFrame({"x": [object()]}), "h")
+    with pytest.raises((TypeError, ValueError)):  # pyarrow cannot store a Python object
+        save_market(broken, tmp_path / "out" / "m")
+    assert list((tmp_path / "out").iterdir()) == []  # no partial dir, no temp dir
+
+
+def test_short_symbols_dropped_with_logged_count(tmp_path, caplog) -> None:
+    raw = pd.concat([make_bars(("AAA", "BBB"), 8), make_bars(("CCC",), 3)], ignore_index=True)
+    path = write_csv(raw, tmp_path / "b.csv")
+    with caplog.at_level(logging.WARNING, logger="tasks.ingest"):
+        market = load_market(files_section(path), min_history=5)
+    assert sorted(market.bars["symbol"].unique()) == ["AAA", "BBB"]
+    assert market.instruments["symbol"].tolist() == ["AAA", "BBB"]
+    assert "dropped 1 of 3 symbols with fewer than 5 rows" in caplog.text
+    with pytest.raises(DataValidationError, match="none of the 3 symbols has the 20 rows"):
+        load_market(files_section(path), min_history=20)
+
+
+# --------------------------------------------------------------------------- instruments
+
+
+def test_read_instruments_aliases_blanks_and_missing(tmp_path) -> None:
+    frame = pd.DataFrame(
+        {
+            "Ticker": ["BBB", "AAA", "ZZZ"],
+            "Sector": ["energy", None, "x"],
+            "Description": ["Oil.", "Chips.", "y"],
+        }
+    )
+    frame.to_parquet(tmp_path / "inst.parquet")
+    inst = read_instruments(tmp_path / "inst.parquet", ["AAA", "BBB", "CCC"])
+    assert inst.to_dict("list") == {
+        "symbol": ["AAA", "BBB", "CCC"],
+        "industry": ["", "energy", ""],
+        "index": ["", "", ""],
+        "description": ["Chips.", "Oil.", ""],
+    }
+    assert read_instruments(None, ["A"])["description"].tolist() == [""]
+
+
+def test_read_instruments_errors(tmp_path) -> None:
+    write_csv(pd.DataFrame({"sector": ["a"]}), tmp_path / "i.csv")
+    with pytest.raises(DataValidationError, match=r"i\.csv: missing required column 'symbol'"):
+        read_instruments(tmp_path / "i.csv", ["A"])
+    write_csv(pd.DataFrame({"symbol": ["A", "A", "B"]}), tmp_path / "d.csv")
+    with pytest.raises(DataValidationError, match=r"d\.csv: column 'symbol' has 2 rows with dup"):
+        read_instruments(tmp_path / "d.csv", ["A"])
+
+
+# --------------------------------------------------------------------------- market round trips
+
+
+def test_synthetic_written_then_read_as_files_keeps_oracle(tmp_path) -> None:
+    direct = load_market(DataSection(synthetic=SMALL), min_history=10)
+    out = write_market(generate_market(SMALL), tmp_path / "synth", SMALL)
+    via_files = load_market(files_section(out), min_history=10)
+    pdt.assert_frame_equal(via_files.bars, direct.bars)
+    pdt.assert_frame_equal(via_files.instruments, direct.instruments)
+    pdt.assert_frame_equal(via_files.oracle, direct.oracle)
+    assert via_files.source_hash == direct.source_hash  # same content, same hash
+
+
+def test_save_and_load_saved_market(tmp_path) -> None:
+    market = load_market(DataSection(synthetic=SMALL), min_history=10)
+    out = save_market(market, tmp_path / market.source_hash[:12])
+    back = load_saved_market(out)
+    pdt.assert_frame_equal(back.bars, market.bars)
+    pdt.assert_frame_equal(back.instruments, market.instruments)
+    pdt.assert_frame_equal(back.oracle, market.oracle)
+    assert back.source_hash == market.source_hash
+    assert save_market(market, out) == out  # same content: kept
+    other = MarketData(market.bars.iloc[:50], market.instruments, None, "other")
+    with pytest.raises(FileExistsError, match="different market"):
+        save_market(other, out)
+    (out / "bars.parquet").write_bytes(b"garbage")
+    with pytest.raises(DataValidationError, match=r"bars\.parquet: missing or checksum mismatch"):
+        load_saved_market(out)
+
+
+def test_source_fingerprint_tracks_inputs(tmp_path) -> None:
+    raw = make_bars()
+    path = write_csv(raw, tmp_path / "b.csv")
+    first = source_fingerprint(files_section(path))
+    assert source_fingerprint(files_section(path)) == first
+    assert source_fingerprint(files_section(path, column_map={"Close": "close"})) != first
+    raw.loc[0, "Close"] += 1.0
+    write_csv(raw, path)
+    assert source_fingerprint(files_section(path)) != first
+    synth = source_fingerprint(DataSection(synthetic=SMALL))
+    assert synth != source_fingerprint(DataSection(synthetic=SMALL.model_copy(update={"seed": 4})))
+    assert synth == source_fingerprint(DataSection(synthetic=SMALL))
