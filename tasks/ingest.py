@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,9 @@ def _parse_dates(values: pd.Series, source: str, column: str) -> pd.Series:
         text = values.astype("string").str.strip()
         compact = text.dropna().str.fullmatch(r"\d{8}").all() and text.notna().any()
         try:
-            parsed = pd.to_datetime(text, errors="coerce", format="%Y%m%d" if compact else None)
+            with warnings.catch_warnings():  # "could not infer format": the retry handles it
+                warnings.simplefilter("ignore", UserWarning)
+                parsed = pd.to_datetime(text, errors="coerce", format="%Y%m%d" if compact else None)
             retry = parsed.isna() & text.notna()
             if retry.any() and not compact:
                 parsed[retry] = pd.to_datetime(text[retry], errors="coerce", format="mixed")
