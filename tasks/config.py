@@ -108,6 +108,8 @@ class ShardsSection(Section):
     window: int = Field(60, ge=1)
     target_shard_mb: float = Field(64.0, gt=0.0)
     seed: int = 0
+    n_shards: int | None = Field(None, ge=1, description="exact count; overrides target_shard_mb")
+    compression: Literal["none", "lz4", "snappy", "zstd"] = "none"
 
 
 class LoaderSection(Section):
@@ -118,6 +120,7 @@ class LoaderSection(Section):
     num_workers: int = Field(0, ge=0)
     min_valid_days: int = Field(20, ge=1)
     prefetch: bool = True
+    equalize: bool = Field(True, description="equal batch counts on every DDP rank (repeats a few)")
 
 
 class ModelSection(Section):
