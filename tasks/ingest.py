@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tasks.config import DataSection
+from tasks import synthetic
+from tasks.caching import StageRef, stage_dir, stage_key
+from tasks.config import DataSection, PipelineConfig
 from tasks.hashing import combine, hash_frame, hash_json, sha256_file
 from tasks.storage import atomic_dir
-from tasks.synthetic import generate_market
 
 logger = logging.getLogger(__name__)
 
@@ -513,7 +515,7 @@ def load_market(data: DataSection, min_history: int) -> MarketData:
     if min_history < 1:
         raise ValueError(f"min_history must be >= 1, got {min_history}")
     if data.source == "synthetic":
-        market = generate_market(data.synthetic)
+        market = synthetic.generate_market(data.synthetic)
         bars, instruments, oracle = market.bars, market.instruments, market.oracle
         source = "synthetic market"
     else:
@@ -597,3 +599,32 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
         oracle=oracle,
         source_hash=meta["source_hash"],
     )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def min_history_for(cfg: PipelineConfig) -> int:
+    """Rows a symbol needs to be kept: one window plus the label horizon."""
+    return cfg.shards.window + cfg.features.label.horizon
+
+
+def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
+    """Load, validate and save the market under `<work_dir>/market/<key>`, reusing it if there.
+
+    The key hashes the input files' bytes (or the synthetic section), the data section, the
+    minimum history and this module's and the generator's code, so any change re-ingests.
+    """
+    min_history = min_history_for(cfg)
+    key = stage_key(
+        "market",
+        [source_fingerprint(cfg.data)],
+        {"data": cfg.data.model_dump(mode="json"), "min_history": min_history},
+        (sys.modules[__name__], synthetic),
+    )
+    out = stage_dir(cfg.work_dir, "market", key)
+    if (out / "meta.json").is_file():
+        logger.info("market %s already ingested at %s", key, out)
+    else:
+        save_market(load_market(cfg.data, min_history), out)
+    return StageRef(stage="market", key=key, path=str(out))

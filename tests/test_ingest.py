@@ -10,7 +10,7 @@ import pandas as pd
 import pandas.testing as pdt
 import pytest
 
-from tasks.config import DataSection, SyntheticSection
+from tasks.config import DataSection, PipelineConfig, SyntheticSection
 from tasks.ingest import (
     DataValidationError,
     MarketData,
@@ -18,6 +18,7 @@ from tasks.ingest import (
     load_saved_market,
     read_bars,
     read_instruments,
+    run_ingest_stage,
     save_market,
     source_fingerprint,
 )
@@ -333,3 +334,26 @@ def test_source_fingerprint_tracks_inputs(tmp_path) -> None:
     synth = source_fingerprint(DataSection(synthetic=SMALL))
     assert synth != source_fingerprint(DataSection(synthetic=SMALL.model_copy(update={"seed": 4})))
     assert synth == source_fingerprint(DataSection(synthetic=SMALL))
+
+
+def test_run_ingest_stage_reuses_output_until_inputs_change(tmp_path) -> None:
+    raw = make_bars(n_days=25)
+    path = write_csv(raw, tmp_path / "b.csv")
+    cfg = PipelineConfig(
+        work_dir=str(tmp_path / "work"),
+        data=files_section(path),
+        shards={"window": 20},
+    )
+    ref = run_ingest_stage(cfg)
+    assert ref.dir.parent == tmp_path / "work" / "market"
+    market = load_saved_market(ref.path)
+    assert market.bars["symbol"].nunique() == 2
+    stamp = (ref.dir / "meta.json").stat().st_mtime_ns
+    again = run_ingest_stage(cfg)
+    assert again == ref
+    assert (ref.dir / "meta.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    raw.loc[0, "Close"] += 0.5
+    write_csv(raw, path)
+    changed = run_ingest_stage(cfg)
+    assert changed.key != ref.key
+    assert load_saved_market(changed.path).bars["close"].iloc[0] == raw.loc[0, "Close"]
