@@ -82,6 +82,16 @@ class SplitSection(Section):
     valid_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     purge_days: int | None = Field(None, ge=0, description="default: label horizon + 1")
 
+    @model_validator(mode="after")
+    def _splits_leave_room(self) -> SplitSection:
+        if self.train_fraction + self.valid_fraction >= 1.0:
+            raise ValueError(
+                "features.splits.train_fraction + features.splits.valid_fraction must be < 1"
+            )
+        if self.train_end and self.valid_end and self.valid_end <= self.train_end:
+            raise ValueError("features.splits.valid_end must be after features.splits.train_end")
+        return self
+
 
 class FeaturesSection(Section):
     """Alpha158 factors, labels, splits and train-only robust normalisation."""
@@ -91,6 +101,18 @@ class FeaturesSection(Section):
     label: LabelSection = Field(default_factory=LabelSection)
     splits: SplitSection = Field(default_factory=SplitSection)
     clip: float = Field(3.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _windows_and_purge(self) -> FeaturesSection:
+        if not self.windows or min(self.windows) < 1:
+            raise ValueError(f"features.windows must be integers >= 1, got {self.windows}")
+        purge = self.splits.purge_days
+        if purge is not None and purge < self.label.horizon:
+            raise ValueError(
+                f"features.splits.purge_days ({purge}) must be >= features.label.horizon "
+                f"({self.label.horizon})"
+            )
+        return self
 
 
 class TextSection(Section):
@@ -172,6 +194,7 @@ class TrainSection(Section):
     seed: int = 0
     max_batches_per_epoch: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1)
+    checkpoint_every_batches: int | None = Field(None, ge=1, description="also mid-epoch")
 
 
 class EvaluateSection(Section):

@@ -1,0 +1,329 @@
+"""Features stage: Alpha158 factors, forward-return labels, date splits, train-only normalisation.
+
+`build_feature_table` turns canonical bars into one table sorted by (symbol, date) holding the
+normalised factors, the class label, the continuous forward return and the split code of every
+row. Rows without a known forward return (each symbol's last `horizon + 1` bars) keep label -1:
+they are history for the windows and what the scoring flow scores. Statistics are fitted on the
+train split only and stored with the table, so every later stage applies the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.alpha158 import (
+    ALPHA158_NAMES,
+    compute_alpha158,
+    select_factors,
+    symbol_layout,
+    validate_bars,
+)
+from tasks.config import FeaturesSection, LabelSection, SplitSection
+from tasks.storage import atomic_dir
+
+__all__ = [
+    "ALPHA158_NAMES",
+    "FEATURES_FILE",
+    "META_FILE",
+    "FeatureTable",
+    "apply_normalizer",
+    "assign_splits",
+    "build_feature_table",
+    "compute_alpha158",
+    "compute_labels",
+    "fit_normalizer",
+    "load_feature_table",
+    "save_feature_table",
+    "select_factors",
+]
+
+SCHEMA_VERSION = 1
+FEATURES_FILE = "features.parquet"
+META_FILE = "features.json"
+MAD_TO_STD = 1.4826  # makes the MAD a consistent estimator of a normal std
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+PURGED = -1
+UNLABELLED = -1
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels
+
+
+def forward_return(bars: pd.DataFrame, horizon: int) -> np.ndarray:
+    """close[t+1+h] / close[t+1] - 1 within each symbol's rows (NaN where unknown), bars' order."""
+    layout = symbol_layout(bars["symbol"], bars["date"], pad=1)
+    close = bars["close"].to_numpy(np.float64)[layout.order]
+    n = len(close)
+    i = np.arange(n)
+    entry, exit_ = i + 1, i + 1 + horizon
+    known = exit_ < n
+    known[known] = layout.col[exit_[known]] == layout.col[i[known]]
+    sorted_ret = np.full(n, np.nan)
+    sorted_ret[known] = close[exit_[known]] / close[entry[known]] - 1.0
+    out = np.empty(n)
+    out[layout.order] = sorted_ret
+    return out
+
+
+def _quantile_classes(fwd: np.ndarray, dates: pd.Series, edges: tuple[float, ...]) -> np.ndarray:
+    """Class of each return by its mid-rank percentile (rank - 0.5) / n among the same day's."""
+    day = pd.factorize(dates)[0]
+    ret = pd.Series(fwd)
+    rank = ret.groupby(day).rank(method="average").to_numpy()
+    count = ret.groupby(day).transform("count").to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        pct = (rank - 0.5) / count
+    return np.searchsorted(np.asarray(edges), pct, side="right")
+
+
+def compute_labels(bars: pd.DataFrame, label: LabelSection) -> pd.DataFrame:
+    """`symbol, date, fwd_return` (float32) and `label` (int8, 0..3, -1 where unknown).
+
+    Quantile mode buckets each day's cross-section at `quantile_edges` (default 0.3/0.6/0.9, so
+    class 3 is the top decile); threshold mode counts the `thresholds` strictly below the return.
+    Rows come back in the order of `bars`.
+    """
+    validate_bars(bars)
+    fwd = forward_return(bars, label.horizon)
+    known = ~np.isnan(fwd)
+    if label.mode == "quantile":
+        classes = _quantile_classes(fwd, bars["date"], label.quantile_edges)
+    else:
+        classes = np.searchsorted(np.asarray(label.thresholds), fwd, side="left")
+    out = pd.DataFrame(
+        {
+            "symbol": bars["symbol"],
+            "date": bars["date"].astype("datetime64[ns]"),
+            "fwd_return": fwd.astype(np.float32),
+            "label": np.where(known, classes, UNLABELLED).astype(np.int8),
+        },
+        index=bars.index,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+def resolve_purge_days(splits: SplitSection, horizon: int) -> int:
+    """The purge gap in trading days: configured, else horizon + 1; below horizon is an error."""
+    purge = horizon + 1 if splits.purge_days is None else splits.purge_days
+    if purge < horizon:
+        raise ValueError(
+            f"features.splits.purge_days ({purge}) must be >= features.label.horizon ({horizon}): "
+            "a shorter gap lets training labels overlap validation days"
+        )
+    return purge
+
+
+def _end_index(calendar: pd.DatetimeIndex, end: Any, fraction_end: int) -> int:
+    """Index of the last date of a split: an explicit end date wins over the fraction."""
+    if end is None:
+        return fraction_end
+    return int(calendar.searchsorted(pd.Timestamp(end), side="right")) - 1
+
+
+def assign_splits(
+    dates: pd.Series, splits: SplitSection, horizon: int
+) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Split code per row (0 train, 1 valid, 2 test, -1 purged) and each split's first/last date.
+
+    The calendar is the sorted unique dates. `purge_days` trading days are dropped between train
+    and valid and between valid and test, so the last training label (which reads close up to
+    t + 1 + horizon) ends before the first validation day when purge_days = horizon + 1.
+    """
+    purge = resolve_purge_days(splits, horizon)
+    calendar = pd.DatetimeIndex(np.unique(pd.to_datetime(dates).to_numpy("datetime64[ns]")))
+    n = len(calendar)
+    train_last = _end_index(calendar, splits.train_end, round(splits.train_fraction * n) - 1)
+    valid_first = train_last + 1 + purge
+    valid_last = _end_index(
+        calendar, splits.valid_end, valid_first + round(splits.valid_fraction * n) - 1
+    )
+    test_first = valid_last + 1 + purge
+    ranges = {
+        "train": (0, train_last),
+        "valid": (valid_first, valid_last),
+        "test": (test_first, n - 1),
+    }
+    for name, (first, last) in ranges.items():
+        if not 0 <= first <= last < n:
+            raise ValueError(
+                f"features.splits: no {name} dates with {n} trading dates, "
+                f"train_end={splits.train_end}, valid_end={splits.valid_end}, "
+                f"train_fraction={splits.train_fraction}, valid_fraction={splits.valid_fraction}, "
+                f"purge_days={purge}"
+            )
+    by_day = np.full(n, PURGED, dtype=np.int8)
+    for name, (first, last) in ranges.items():
+        by_day[first : last + 1] = SPLIT_CODES[name]
+    rows = calendar.searchsorted(pd.to_datetime(dates).to_numpy("datetime64[ns]"))
+    bounds = {
+        name: [calendar[first].date().isoformat(), calendar[last].date().isoformat()]
+        for name, (first, last) in ranges.items()
+    }
+    return by_day[rows], bounds
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def _robust_center_scale(values: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826 * MAD of the finite values; a zero MAD falls back to the std, then 1."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    median = float(np.median(values))
+    scale = MAD_TO_STD * float(np.median(np.abs(values - median)))
+    tiny = 1e-12 * max(1.0, abs(median))
+    if not scale > tiny:
+        scale = float(values.std())
+    if not scale > tiny:
+        scale = 1.0
+    return median, scale
+
+
+def fit_normalizer(
+    raw: pd.DataFrame, names: list[str], train_mask: np.ndarray | pd.Series, clip: float = 3.0
+) -> dict[str, Any]:
+    """Per-feature median and robust scale fitted on the rows where `train_mask` is true."""
+    mask = np.asarray(train_mask, dtype=bool)
+    if mask.shape != (len(raw),):
+        raise ValueError(f"train_mask has shape {mask.shape}, expected ({len(raw)},)")
+    if not mask.any():
+        raise ValueError("fit_normalizer: train_mask selects no rows")
+    if not clip > 0:
+        raise ValueError(f"features.clip must be > 0, got {clip}")
+    _require_columns(raw, names, "raw factor table")
+    median: dict[str, float] = {}
+    scale: dict[str, float] = {}
+    for name in names:
+        median[name], scale[name] = _robust_center_scale(raw[name].to_numpy(np.float64)[mask])
+    return {"median": median, "scale": scale, "clip": float(clip)}
+
+
+def apply_normalizer(raw: pd.DataFrame, names: list[str], stats: dict[str, Any]) -> pd.DataFrame:
+    """A copy of `raw` with each feature robust-z-scored, clipped to +-clip, NaN -> 0, float32."""
+    _require_columns(raw, names, "raw factor table")
+    for key in ("median", "scale", "clip"):
+        if key not in stats:
+            raise ValueError(f"normalisation stats lack key {key!r}")
+    unknown = [n for n in names if n not in stats["median"] or n not in stats["scale"]]
+    if unknown:
+        raise ValueError(f"normalisation stats have no entry for feature(s) {unknown}")
+    clip = float(stats["clip"])
+    columns = {}
+    for name in names:
+        values = raw[name].to_numpy(np.float64)
+        z = (values - stats["median"][name]) / stats["scale"][name]
+        columns[name] = np.nan_to_num(np.clip(z, -clip, clip), nan=0.0).astype(np.float32)
+    out = raw.copy(deep=False)
+    out[names] = pd.DataFrame(columns, index=raw.index)
+    return out
+
+
+def _require_columns(frame: pd.DataFrame, names: list[str], what: str) -> None:
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} is missing column(s) {missing}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The feature table
+
+
+@dataclass
+class FeatureTable:
+    """Normalised factors + labels + splits, and what a consumer needs to reproduce them."""
+
+    frame: pd.DataFrame  # symbol, date, features (float32), label, fwd_return, split
+    feature_names: list[str]
+    stats: dict[str, Any]
+    split_dates: dict[str, list[str]]
+
+
+def build_feature_table(bars: pd.DataFrame, cfg: FeaturesSection) -> FeatureTable:
+    """Factors, labels and splits of canonical bars, normalised with train-split statistics."""
+    validate_bars(bars)
+    bars = bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
+    names = select_factors(cfg.factors, cfg.windows)
+    split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
+    raw = compute_alpha158(bars, names)
+    stats = fit_normalizer(raw, names, split == SPLIT_CODES["train"], clip=cfg.clip)
+    frame = apply_normalizer(raw, names, stats)
+    labels = compute_labels(bars, cfg.label)
+    frame["label"] = labels["label"]
+    frame["fwd_return"] = labels["fwd_return"]
+    frame["split"] = split
+    return FeatureTable(frame, names, stats, split_dates)
+
+
+def save_feature_table(table: FeatureTable, out_dir: str | Path) -> Path:
+    """Write `features.parquet` + `features.json` atomically; an existing `out_dir` is kept.
+
+    Callers name `out_dir` by the content key of the inputs, so an existing directory already
+    holds this table (see tasks/storage.atomic_dir).
+    """
+    out_dir = Path(out_dir)
+    _require_columns(table.frame, [*_KEY_COLUMNS, *table.feature_names, *_TARGET_COLUMNS], "table")
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "feature_names": table.feature_names,
+        "stats": table.stats,
+        "split_dates": table.split_dates,
+        "n_rows": len(table.frame),
+    }
+    with atomic_dir(out_dir) as tmp:
+        table.frame.to_parquet(tmp / FEATURES_FILE, index=False)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    return out_dir
+
+
+_KEY_COLUMNS = ("symbol", "date")
+_META_KEYS = ("schema_version", "feature_names", "stats", "split_dates")
+_TARGET_COLUMNS = ("label", "fwd_return", "split")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"feature table metadata not found: {path}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema_version {meta['schema_version']} is not {SCHEMA_VERSION}; rebuild it"
+        )
+    return meta
+
+
+def load_feature_table(out_dir: str | Path) -> FeatureTable:
+    """Read a table written by `save_feature_table`, checking its columns against its metadata."""
+    out_dir = Path(out_dir)
+    meta = _read_meta(out_dir / META_FILE)
+    data_path = out_dir / FEATURES_FILE
+    if not data_path.is_file():
+        raise FileNotFoundError(f"feature table data not found: {data_path}")
+    frame = pd.read_parquet(data_path)
+    names = list(meta["feature_names"])
+    _require_columns(frame, [*_KEY_COLUMNS, *names, *_TARGET_COLUMNS], str(data_path))
+    if "n_rows" in meta and len(frame) != meta["n_rows"]:
+        raise ValueError(f"{data_path}: {len(frame)} rows, metadata says {meta['n_rows']}")
+    frame["date"] = frame["date"].astype("datetime64[ns]")
+    frame = frame.astype(
+        {**dict.fromkeys(names, np.float32), "label": np.int8, "fwd_return": np.float32}
+    ).astype({"split": np.int8})
+    return FeatureTable(frame, names, meta["stats"], meta["split_dates"])
