@@ -170,14 +170,17 @@ def test_industry_effect(medium_panel) -> None:
     assert corr.min() < -0.2  # reversal industries
 
 
-def test_reversal_is_stronger_after_volume_spike(medium_panel) -> None:
+def test_reversal_only_after_volume_spike(medium_panel) -> None:
     panel = medium_panel
     spiky = panel[panel["vol_ratio"] > 1.4]
     calm = panel[panel["vol_ratio"] < 1.0]
     slope_spiky = np.polyfit(spiky["ret5"], spiky["expected_return"], 1)[0]
     slope_calm = np.polyfit(calm["ret5"], calm["expected_return"], 1)[0]
-    assert slope_calm < 0  # plain 5-day reversal
-    assert slope_spiky < 2 * slope_calm  # at least twice as strong after a spike
+    assert slope_calm > 0  # mild continuation on calm days
+    assert slope_spiky < 0  # reversal after a volume spike
+    # on the 5-day return alone the two largely cancel: the effect needs the volume history
+    overall = np.polyfit(panel["ret5"], panel["expected_return"], 1)[0]
+    assert abs(overall) < abs(slope_spiky) / 3
 
 
 def test_write_market_files(tmp_path) -> None:
