@@ -6,7 +6,8 @@ Rank IC of each planted component alone, of a naive 5-day reversal score, and of
 fitted on the first 70 % of days, scored on the rest). The last line is the ratio of the oracle's
 to the linear model's Rank IC on the same test days: the room a deep model has.
 
-Run: .venv/bin/python benchmarks/bench_synthetic.py [--symbols 300 --days 1500]
+Run: .venv/bin/python -m benchmarks.bench_synthetic [--symbols 300 --days 1500]
+(with -m: run as a file, benchmarks/model.py would shadow the `model` package)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pandas as pd
 
 from tasks import synthetic
 from tasks.config import SyntheticSection
+from tasks.evaluate import daily_ic
+from tasks.features import forward_return
 
 
 def shallow_features(market: synthetic.SyntheticMarket) -> tuple[pd.DataFrame, list[str]]:
@@ -34,7 +37,7 @@ def shallow_features(market: synthetic.SyntheticMarket) -> tuple[pd.DataFrame, l
     )
     dummies = pd.get_dummies(bars["industry"], prefix="ind", dtype=float)
     feats = pd.concat([feats, dummies], axis=1)
-    feats["fwd"] = synthetic.forward_return(bars)
+    feats["fwd"] = forward_return(bars, horizon=1)
     names = ["ret1", "ret5", "ret20", "vol_ratio", *dummies.columns]
     return feats.merge(market.oracle, on=["symbol", "date"]).dropna(), names
 
@@ -49,8 +52,8 @@ def linear_vs_oracle(market: synthetic.SyntheticMarket) -> tuple[float, float, f
     coef, *_ = np.linalg.lstsq(train[names].to_numpy(), target.to_numpy(), rcond=None)
     test["linear"] = test[names].to_numpy() @ coef
     test["naive"] = -test["ret5"]
-    ics = (synthetic.daily_rank_ic(test, col, "fwd").mean() for col in ("linear", "naive"))
-    oracle = synthetic.daily_rank_ic(test, "expected_return", "fwd").mean()
+    ics = (daily_ic(test, "spearman", col, "fwd").mean() for col in ("linear", "naive"))
+    oracle = daily_ic(test, "spearman", "expected_return", "fwd").mean()
     return (*ics, oracle)
 
 

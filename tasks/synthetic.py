@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import SyntheticSection
+from tasks.features import forward_return
 from tasks.storage import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -339,42 +340,19 @@ def generate_market(cfg: SyntheticSection, n_days: int | None = None) -> Synthet
     return SyntheticMarket(bars=bars, instruments=st.instruments.copy(), oracle=oracle)
 
 
-def forward_return(bars: pd.DataFrame, horizon: int = 1) -> pd.Series:
-    """close[t+1+horizon]/close[t+1] - 1 per row of canonical bars (NaN where not yet known)."""
-    close = bars.groupby("symbol", sort=False)["close"]
-    return close.shift(-1 - horizon) / close.shift(-1) - 1.0
-
-
 def oracle_rank_ic(market: SyntheticMarket) -> float:
     """Mean daily Spearman correlation of the oracle with the realised close[t+2]/close[t+1]-1.
 
     This is the ceiling for any model's Rank IC on this market (the rest is pure noise).
     """
+    # Imported here: tasks.evaluate pulls in torch, which `alphaloom synth` and the generator's
+    # tests should not pay for unless they ask for the IC.
+    from tasks.evaluate import daily_ic
+
     bars = market.bars[["symbol", "date", "close"]].copy()
-    bars["fwd"] = forward_return(bars)
+    bars["fwd"] = forward_return(bars, horizon=1)
     both = bars.merge(market.oracle, on=["symbol", "date"], how="inner")
-    both = both.dropna(subset=["fwd", "expected_return"])
-    return float(daily_rank_ic(both, "expected_return", "fwd").mean())
-
-
-def daily_rank_ic(frame: pd.DataFrame, score: str, target: str) -> pd.Series:
-    """Spearman correlation of `score` vs `target` across symbols, one value per date.
-
-    Vectorised (Pearson of per-day ranks from grouped sums) so 1500 days cost no Python loop.
-    """
-    ranks = frame.groupby("date")[[score, target]].rank()
-    x, y = ranks[score].to_numpy(), ranks[target].to_numpy()
-    parts = pd.DataFrame(
-        {"date": frame["date"].to_numpy(), "x": x, "y": y, "xy": x * y, "xx": x * x, "yy": y * y}
-    )
-    sums = parts.groupby("date").agg(["sum", "count"])
-    n = sums[("x", "count")]
-    sx, sy = sums[("x", "sum")], sums[("y", "sum")]
-    cov = sums[("xy", "sum")] - sx * sy / n
-    var_x = sums[("xx", "sum")] - sx * sx / n
-    var_y = sums[("yy", "sum")] - sy * sy / n
-    ic = cov / np.sqrt(var_x * var_y)
-    return ic[(n >= 3) & (var_x > 0) & (var_y > 0)]
+    return float(daily_ic(both, "spearman", score="expected_return", target="fwd").mean())
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:

@@ -12,10 +12,10 @@ import pytest
 
 from tasks import synthetic
 from tasks.config import SyntheticSection
+from tasks.features import forward_return
 from tasks.synthetic import (
     THEMES,
     extend_market,
-    forward_return,
     generate_market,
     oracle_rank_ic,
     write_market,
@@ -134,7 +134,7 @@ def test_oracle_rank_ic_vanishes_without_signal() -> None:
 
 def test_oracle_is_realised_on_average(medium) -> None:
     """The oracle is an unbiased forecast: sorting by it sorts the realised returns."""
-    both = medium.oracle.assign(fwd=forward_return(medium.bars)).dropna()
+    both = medium.oracle.assign(fwd=forward_return(medium.bars, horizon=1)).dropna()
     decile = both.groupby("date")["expected_return"].rank(pct=True)
     top = both.loc[decile > 0.8, "fwd"].mean()
     bottom = both.loc[decile <= 0.2, "fwd"].mean()
