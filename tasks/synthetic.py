@@ -25,7 +25,7 @@ with long-run volatilities 1.0 % (market), 0.8 % (industry) and v_i. On a volume
 (probability 4 %, see below) the idiosyncratic shock is doubled ("news").
 
 Simple return from close[t-1] to close[t]:
-    r[t, i] = A[t-2, i] + b_i m[t] + c_i f_g[t] + e_i[t]
+    r[t, i] = A[t-2, i] + b_i m[t] + c_i f_g[t] + e_i[t]      (A[t-2, i] := b_i mu_m for t < 2)
 where A[t, i] is the planted conditional mean, known at the close of day t:
     A[t, i] = b_i * mu_m + s * sigma_i * (K_SEQ * SEQ + K_IND * IND + K_THEME * THEME)
     sigma_i = long-run total volatility of symbol i
