@@ -592,24 +592,34 @@ class _Segment:
         return self.own_batches + self.pad_batches
 
 
-def round_robin_share(total: int, counts: Sequence[int], member: int) -> int:
-    """How many of the first `total` items of a round robin over queues of `counts` come from
-    queue `member` (exhausted queues drop out), i.e. DataLoader's worker interleaving."""
+def round_robin_resume(total: int, counts: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Where a round robin over queues of `counts` items stands after `total` items.
+
+    DataLoader interleaves its workers' batches round robin (exhausted workers drop out) and
+    always starts a new iteration at worker 0. Returns (taken, roles): `taken[q]` items of queue
+    q were consumed, and fresh workers 0, 1, ... must play queues `roles[0], roles[1], ...` (the
+    queues with items left, rotated to the one whose turn is next) to continue the same order.
+    """
     left = np.asarray(counts, dtype=np.int64).copy()
     taken = np.zeros_like(left)
-    remaining = int(total)
+    remaining, turn = int(total), 0
     while remaining > 0:
         active = np.flatnonzero(left > 0)
         if len(active) == 0:
             break
         if remaining < len(active):
-            taken[active[:remaining]] += 1
+            chosen = active[:remaining]
+            taken[chosen] += 1
+            left[chosen] -= 1
+            turn = int(active[remaining])
             break
         rounds = min(remaining // len(active), int(left[active].min()))
         taken[active] += rounds
         left[active] -= rounds
         remaining -= rounds * len(active)
-    return int(taken[member])
+    waiting = [int(q) for q in np.flatnonzero(left > 0)]
+    roles = [q for q in waiting if q >= turn] + [q for q in waiting if q < turn]
+    return taken.tolist(), roles
 
 
 class ShardedWindowDataset(IterableDataset):
@@ -768,23 +778,28 @@ class ShardedWindowDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
         w, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        consumer, n_consumers = self.rank * n_workers + w, self.world_size * n_workers
-        epoch = self.epoch
-        counts = [
-            self._consumer_batches(epoch, self.rank * n_workers + i, n_consumers)
-            for i in range(n_workers)
-        ]
-        skip = round_robin_share(self._yielded, counts, w)
-        if self.shuffle:
-            stream = self._iter_shuffled(epoch, consumer, n_consumers, skip)
-        else:
-            stream = self._iter_ordered(consumer, n_consumers, skip)
-        for batch in stream:
+        for batch in self._worker_stream(w, n_workers):
             if worker is None:
                 self._yielded += 1
             yield batch
         if worker is None:
             self._finish_epoch()
+
+    def _worker_stream(self, worker: int, n_workers: int) -> Iterator[Batch]:
+        """This worker's batches from the resume point on (see round_robin_resume)."""
+        n_consumers, epoch = self.world_size * n_workers, self.epoch
+        counts = [
+            self._consumer_batches(epoch, self.rank * n_workers + i, n_consumers)
+            for i in range(n_workers)
+        ]
+        taken, roles = round_robin_resume(self._yielded, counts)
+        if worker >= len(roles):
+            return iter(())
+        role = roles[worker]
+        consumer, skip = self.rank * n_workers + role, taken[role]
+        if self.shuffle:
+            return self._iter_shuffled(epoch, consumer, n_consumers, skip)
+        return self._iter_ordered(consumer, n_consumers, skip)
 
     def _iter_shuffled(
         self, epoch: int, consumer: int, n_consumers: int, skip: int

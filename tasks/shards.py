@@ -128,7 +128,7 @@ def _validated_frame(
         row = int(np.flatnonzero(same)[0])
         raise ShardBuildError(
             f"feature table has duplicate (symbol, date) rows, e.g. "
-            f"({symbols[codes[row]]}, {np.datetime64(days[row], 'D')})"
+            f"({symbols[codes[row]]}, {np.datetime64(int(days[row]), 'D')})"
         )
     return frame, codes.astype(np.int64), np.asarray(symbols, dtype=object), days
 
