@@ -12,8 +12,9 @@ on that frame, so hand-made frames test the metrics exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.batch import NUM_CLASSES, move_batch
+from model.batch import NUM_CLASSES, Batch, move_batch
 from tasks.config import EvaluateSection, PipelineConfig
 
 PROB_COLUMNS = [f"p{k}" for k in range(NUM_CLASSES)]
@@ -289,58 +290,104 @@ def evaluate_predictions(
     return metrics, figures
 
 
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    shard_dir: str | Path,
-    split: str,
-    cfg: PipelineConfig,
-    device: torch.device | str = "cpu",
-) -> pd.DataFrame:
-    """Score every window of `split` (in (date, symbol) order) with `model`.
+ScoreFn = Callable[[Batch], tuple[np.ndarray, np.ndarray]]
 
-    Returns one row per window: symbol (str), date (datetime64), score = sum_k k * p_k, p0..p3,
-    label and fwd_return (NaN / -1 when not yet known).
-    """
-    from model.data import ShardedWindowDataset, read_manifest
+
+def eval_dataset(
+    shard_dir: str | Path,
+    split: str | None,
+    cfg: PipelineConfig,
+    dates: Iterable[Any] | None = None,
+) -> Any:
+    """The unshuffled loader of a split (or of `dates`), windows in (date, symbol) order."""
+    from model.data import ShardedWindowDataset
+
+    return ShardedWindowDataset(
+        shard_dir,
+        split,
+        batch_size=cfg.loader.batch_size,
+        min_valid_days=cfg.loader.min_valid_days,
+        shuffle=False,
+        dates=dates,
+    )
+
+
+def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> ScoreFn:
+    """Score batches with an in-memory network: (sum_k k * p_k, probabilities)."""
     from model.network import expected_class_score
 
     device = torch.device(device)
-    manifest = read_manifest(shard_dir)
-    dataset = ShardedWindowDataset.for_eval(shard_dir, split, cfg.loader)
     model = model.to(device).eval()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+
+    @torch.no_grad()
+    def score(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        with autocast:
+            logits = model(move_batch(batch, device)).float()
+        probs = torch.softmax(logits, dim=-1)
+        return expected_class_score(logits).cpu().numpy(), probs.cpu().numpy()
+
+    return score
+
+
+def predict_with(
+    score_fn: ScoreFn,
+    shard_dir: str | Path,
+    split: str | None,
+    cfg: PipelineConfig,
+    dates: Iterable[Any] | None = None,
+) -> pd.DataFrame:
+    """Score every window of `split` (or ending on `dates`) with `score_fn`.
+
+    Returns one row per window in (date, symbol) order: symbol (str), date (datetime64),
+    score = sum_k k * p_k, p0..p3, label and fwd_return (-1 / NaN when not yet known).
+    """
+    dataset = eval_dataset(shard_dir, split, cfg, dates)
     parts: list[dict[str, np.ndarray]] = []
     for batch in dataset:
-        batch = move_batch(batch, device)
-        logits = model(batch).float()
-        probs = torch.softmax(logits, dim=-1)
+        score, probs = score_fn(batch)
         parts.append(
             {
-                "symbol": batch["symbol"].cpu().numpy(),
-                "date": batch["date"].cpu().numpy(),
-                "score": expected_class_score(logits).float().cpu().numpy(),
-                "probs": probs.cpu().numpy(),
-                "label": batch["label"].cpu().numpy(),
-                "fwd_return": batch["fwd_return"].float().cpu().numpy(),
+                "symbol": batch["symbol"].numpy(),
+                "date": batch["date"].numpy(),
+                "score": np.asarray(score, dtype=np.float64),
+                "probs": np.asarray(probs, dtype=np.float64),
+                "label": batch["label"].numpy(),
+                "fwd_return": batch["fwd_return"].numpy(),
             }
         )
-    return _frame_from_parts(parts, list(manifest["symbols"]))
-
-
-def _frame_from_parts(parts: list[dict[str, np.ndarray]], symbols: list[str]) -> pd.DataFrame:
     if not parts:
-        raise EvaluationError("the split yielded no windows to score")
+        raise EvaluationError(f"split {split!r} of {shard_dir} yielded no window to score")
+    return _frame_from_parts(parts, dataset.info.symbols)
+
+
+def predict(
+    model: torch.nn.Module,
+    shard_dir: str | Path,
+    split: str | None,
+    cfg: PipelineConfig,
+    device: torch.device | str = "cpu",
+    dates: Iterable[Any] | None = None,
+) -> pd.DataFrame:
+    """`predict_with` for an in-memory network."""
+    return predict_with(torch_scorer(model, device), shard_dir, split, cfg, dates)
+
+
+def _frame_from_parts(parts: list[dict[str, np.ndarray]], symbols: np.ndarray) -> pd.DataFrame:
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     frame = pd.DataFrame(
         {
-            "symbol": np.asarray(symbols, dtype=object)[cat["symbol"]],
-            "date": pd.to_datetime(cat["date"], unit="D"),
-            "score": cat["score"].astype(np.float64),
+            "symbol": np.asarray(symbols, dtype=object)[cat["symbol"]].astype(str),
+            "date": pd.to_datetime(cat["date"].astype("datetime64[D]")),
+            "score": cat["score"],
         }
     )
     for k in range(NUM_CLASSES):
-        frame[f"p{k}"] = cat["probs"][:, k].astype(np.float64)
+        frame[f"p{k}"] = cat["probs"][:, k]
     frame["label"] = cat["label"].astype(np.int64)
     frame["fwd_return"] = cat["fwd_return"].astype(np.float64)
-    frame["symbol"] = frame["symbol"].astype(str)
-    return frame.sort_values(["date", "symbol"], kind="stable").reset_index(drop=True)
+    return frame

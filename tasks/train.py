@@ -1,0 +1,551 @@
+"""Training: AdamW + cosine schedule + clipping, early stopping on validation Rank IC, resumable.
+
+Every epoch ends with an atomic checkpoint holding everything the next epoch depends on (model,
+optimiser, scheduler, loss state, loader state, RNG states, best state, history), saved as plain
+tensors and Python values so it loads with `torch.load(weights_only=True)`. A retried task that
+finds the checkpoint continues from the last finished epoch and, because batch order is a pure
+function of (seed, epoch) and the RNG states are restored, ends with exactly the weights of an
+uninterrupted run. A finished checkpoint makes a retry return at once.
+
+Device: CUDA (bf16 autocast) -> MPS -> CPU unless `train.device` says otherwise. Under torchrun
+the model is wrapped in DistributedDataParallel, the loader takes (rank, world size), rank 0
+validates, checkpoints and logs, and the stop decision is broadcast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from torch import nn
+
+from model.batch import Batch
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.evaluate import ic_metrics, predict
+from tasks.hashing import hash_json, sha256_file
+from tasks.storage import atomic_file
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_STATE_NAME = "best_model.pt"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One progress event: after each batch (`phase="batch"`) and each epoch (`"epoch"`)."""
+
+    phase: str
+    epoch: int
+    epochs: int
+    batch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[TrainProgress], None]
+
+
+@dataclass
+class TrainResult:
+    """The best model (weights loaded, eval mode) and how it got there."""
+
+    model: nn.Module
+    best_epoch: int
+    best_val_rank_ic: float
+    history: list[dict[str, float]]
+    model_state_path: Path
+    dims: dict[str, int]
+    feature_names: list[str]
+    device: str
+    resumed_at: tuple[int, int] | None = None  # (epoch, batch) a retry resumed from
+
+
+# ----------------------------------------------------------------------------------------------
+# device, seeds, distributed
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """CUDA, then MPS, then CPU for "auto"; an explicit device that is absent is an error."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
+        raise RuntimeError(f"train.device is {requested!r} but no {requested} device is available")
+    return torch.device(requested)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random; CPU kernels are then deterministic for a fixed seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not under torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (identity without DDP)."""
+    _, world = dist_info()
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state as plain tensors (weights_only-loadable)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": _python_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_rest"]
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def model_dims(info: Any) -> dict[str, int]:
+    """SequenceModel's size arguments from a shard set (`model.data.ShardSetInfo`)."""
+    sizes = info.sizes()
+    return {k: int(sizes[k]) for k in ("n_features", "text_dim", "n_industries", "n_indices")}
+
+
+def build_model(info: Any, cfg: PipelineConfig) -> nn.Module:
+    """SequenceModel sized from the shard set."""
+    from model.network import SequenceModel
+
+    return SequenceModel(cfg.model, **model_dims(info))
+
+
+def build_optimizer(model: nn.Module, cfg: PipelineConfig) -> torch.optim.Optimizer:
+    """AdamW; biases, norms and embedding tables get no weight decay (decaying them only hurts)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or name.startswith("embeddings.") or "norm" in name
+        (no_decay if exempt else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def lr_factor(epoch: int, cfg: PipelineConfig) -> float:
+    """Per-epoch LR multiplier: cosine from 1 down to 0.05 over `train.epochs`, or constant."""
+    if cfg.train.schedule == "constant" or cfg.train.epochs <= 1:
+        return 1.0
+    progress = min(epoch, cfg.train.epochs - 1) / (cfg.train.epochs - 1)
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: PipelineConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR stepped once per epoch (early stopping makes per-step horizons moot)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
+
+
+def fingerprint(cfg: PipelineConfig, shard_dir: str | Path) -> str:
+    """What a checkpoint is valid for: the shard set and every setting training reads."""
+    sections = {
+        name: getattr(cfg, name).model_dump(mode="json")
+        for name in ("model", "loss", "loader", "train")
+    }
+    for volatile in ("device", "num_threads", "checkpoint_every_batches"):
+        sections["train"].pop(volatile, None)  # resuming on another device is fine
+    sections["loader"].pop("num_workers", None)
+    sections["loader"].pop("prefetch", None)
+    manifest_hash = sha256_file(Path(shard_dir) / "manifest.json")
+    return hash_json({"sections": sections, "manifest": manifest_hash})
+
+
+def train_loader(info: Any, cfg: PipelineConfig, device: torch.device) -> Any:
+    """The shuffled, rank-aware training stream (rank/world size from torch.distributed)."""
+    from model.data import ShardedWindowDataset, WindowLoader
+
+    rank, world = dist_info()
+    dataset = ShardedWindowDataset(
+        info,
+        "train",
+        batch_size=cfg.loader.batch_size,
+        pool_shards=cfg.loader.pool_shards,
+        min_valid_days=cfg.loader.min_valid_days,
+        seed=cfg.train.seed,
+        shuffle=True,
+        prefetch=cfg.loader.prefetch,
+        equalize=cfg.loader.equalize,
+        rank=rank,
+        world_size=world,
+    )
+    return WindowLoader(dataset, num_workers=cfg.loader.num_workers, device=device)
+
+
+def validate(
+    model: nn.Module, shard_dir: str | Path, cfg: PipelineConfig, device: torch.device
+) -> dict[str, float]:
+    """IC and Rank IC of the model on the validation split (unshuffled, all windows)."""
+    metrics = ic_metrics(predict(model, shard_dir, "valid", cfg, device=device))
+    return {"ic": metrics["ic"], "rank_ic": metrics["rank_ic"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class _State:
+    """Everything the loop carries across a checkpoint besides module/optimizer states."""
+
+    epoch: int = 0  # epoch in progress (or next to start)
+    batch: int = 0  # batches of `epoch` already trained
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
+    seen: int = 0  # samples of `epoch` already trained
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = False
+
+
+LOSS_TERMS = ("loss", "focal", "distance")
+_STATE_FIELDS = tuple(_State.__dataclass_fields__)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_checkpoint(path: Path, state: _State, parts: dict[str, Any], fp: str) -> None:
+    """Write the checkpoint atomically (temp file + rename): a crash leaves the previous one."""
+    payload = {
+        "version": CHECKPOINT_VERSION,
+        "fingerprint": fp,
+        "state": {name: getattr(state, name) for name in _STATE_FIELDS},
+        "model": _cpu_state(_unwrap(parts["model"])),
+        "optimizer": parts["optimizer"].state_dict(),
+        "scheduler": parts["scheduler"].state_dict(),
+        "loss": _cpu_state(parts["loss"]),
+        "loader": parts["loader"].state_dict(),
+        "rng": _rng_state(parts["device"]),
+    }
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path` (weights_only: no code runs while loading), or None."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"checkpoint {path} is unreadable ({err}); delete it to restart"
+        ) from err
+
+
+def _restore(ckpt: dict[str, Any], parts: dict[str, Any]) -> _State:
+    _unwrap(parts["model"]).load_state_dict(ckpt["model"])
+    parts["optimizer"].load_state_dict(ckpt["optimizer"])
+    parts["scheduler"].load_state_dict(ckpt["scheduler"])
+    parts["loss"].load_state_dict(ckpt["loss"])
+    parts["loader"].load_state_dict(ckpt["loader"])
+    _restore_rng(ckpt["rng"], parts["device"])
+    return _State(**ckpt["state"])
+
+
+def _resume_or_fresh(ckpt_path: Path, fp: str, parts: dict[str, Any]) -> tuple[_State, bool]:
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt is None:
+        return _State(), False
+    if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("fingerprint") != fp:
+        log.warning(
+            "checkpoint %s was written for other inputs or settings; starting fresh", ckpt_path
+        )
+        return _State(), False
+    state = _restore(ckpt, parts)
+    log.info("resuming from %s at epoch %d, batch %d", ckpt_path, state.epoch, state.batch)
+    return state, True
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> dict[str, Any]:
+    """Seeded construction of model, optimiser, scheduler, loss and loader."""
+    from model.data import ShardSetInfo
+    from model.losses import build_loss
+
+    seed_everything(cfg.train.seed)
+    info = ShardSetInfo.open(shard_dir)
+    model = build_model(info, cfg).to(device)
+    wrapped: nn.Module = model
+    if dist_info()[1] > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = build_optimizer(model, cfg)
+    return {
+        "info": info,
+        "device": device,
+        "model": wrapped,
+        "optimizer": optimizer,
+        "scheduler": build_scheduler(optimizer, cfg),
+        "loss": build_loss(cfg.loss).to(device),
+        "loader": train_loader(info, cfg, device),
+    }
+
+
+def _join_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's Join lets a rank that runs out of batches first finish without a hang."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.join import Join
+
+        return Join([model])
+    return contextlib.nullcontext()
+
+
+def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> dict[str, float]:
+    """Forward (bf16 autocast on CUDA), loss in float32, backward, clip, step."""
+    model, optimizer = parts["model"], parts["optimizer"]
+    with _autocast(parts["device"]):
+        logits = model(batch)
+    terms = parts["loss"](logits.float(), batch["label"])
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if cfg.train.grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    return {key: float(terms[key].detach()) for key in LOSS_TERMS}
+
+
+def train_epoch(
+    parts: dict[str, Any],
+    state: _State,
+    cfg: PipelineConfig,
+    on_batch: Callable[[], None],
+    progress: ProgressFn | None,
+) -> dict[str, float]:
+    """Train `state.epoch` from batch `state.batch` on; returns sample-weighted mean losses."""
+    loader = parts["loader"]
+    if state.batch == 0:
+        loader.set_epoch(state.epoch)
+    else:
+        loader.load_state_dict({"epoch": state.epoch, "batches": state.batch})
+    parts["model"].train()
+    parts["loss"].train()
+    limit = cfg.train.max_batches_per_epoch
+    stream = iter(loader)
+    try:
+        with _join_context(parts["model"]):
+            while limit is None or state.batch < limit:
+                batch = next(stream, None)
+                if batch is None:
+                    break
+                terms = _train_step(parts, batch, cfg)
+                rows = int(batch["label"].shape[0])
+                state.seen += rows
+                for key in LOSS_TERMS:
+                    state.sums[key] += terms[key] * rows
+                state.batch += 1
+                on_batch()
+                if progress is not None:
+                    event = TrainProgress(
+                        "batch", state.epoch, cfg.train.epochs, state.batch, terms
+                    )
+                    progress(event)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # stops the prefetch thread of a half-consumed pool
+    if state.seen == 0:
+        raise RuntimeError(f"epoch {state.epoch}: the training loader yielded no batch")
+    return {key: state.sums[key] / state.seen for key in LOSS_TERMS}
+
+
+def _close_epoch(
+    state: _State,
+    train_terms: dict[str, float],
+    val: dict[str, float],
+    lr: float,
+    model: nn.Module,
+    cfg: PipelineConfig,
+) -> dict[str, float]:
+    """Record the epoch, keep the best state, count patience, reset the epoch counters."""
+    row = {
+        "epoch": float(state.epoch),
+        **{f"train/{key}": train_terms[key] for key in LOSS_TERMS},
+        "val/ic": val["ic"],
+        "val/rank_ic": val["rank_ic"],
+        "lr": lr,
+    }
+    state.history.append(row)
+    score = val["rank_ic"] if math.isfinite(val["rank_ic"]) else -math.inf
+    if state.best_state is None or score > state.best_score:
+        state.best_score, state.best_epoch = score, state.epoch
+        state.best_state = _cpu_state(_unwrap(model))
+        state.bad_epochs = 0
+    else:
+        state.bad_epochs += 1
+    state.epoch += 1
+    state.batch, state.seen = 0, 0
+    state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    state.finished = state.epoch >= cfg.train.epochs or state.bad_epochs >= cfg.train.patience
+    return row
+
+
+def train_model(
+    shard_dir: str | Path,
+    cfg: PipelineConfig,
+    checkpoint_dir: str | Path,
+    run_id: str | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train, resume from `checkpoint_dir`, or return the finished run there; best model back.
+
+    Per-epoch metrics (`train/loss`, `train/focal`, `train/distance`, `val/ic`, `val/rank_ic`,
+    `lr`) go to MLflow run `run_id` with step = epoch, from rank 0 only. `progress` is called
+    after every batch and epoch (an exception raised there aborts training like a crash).
+    """
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = select_device(cfg.train.device)
+    rank, _ = dist_info()
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    parts = _setup(shard_dir, cfg, device)
+    fp = fingerprint(cfg, shard_dir)
+    state, resumed = _resume_or_fresh(ckpt_path, fp, parts)
+    resumed_at = (state.epoch, state.batch) if resumed else None
+    every = cfg.train.checkpoint_every_batches
+
+    def on_batch() -> None:
+        if rank == 0 and every is not None and state.batch % every == 0:
+            save_checkpoint(ckpt_path, state, parts, fp)
+
+    while not state.finished:
+        started = time.perf_counter()
+        train_terms = train_epoch(parts, state, cfg, on_batch, progress)
+        lr = parts["optimizer"].param_groups[0]["lr"]
+        parts["scheduler"].step()
+        if rank == 0:
+            val = validate(_unwrap(parts["model"]), shard_dir, cfg, device)
+            epoch = state.epoch
+            row = _close_epoch(state, train_terms, val, lr, parts["model"], cfg)
+            row["epoch_seconds"] = time.perf_counter() - started
+            save_checkpoint(ckpt_path, state, parts, fp)
+            _report_epoch(cfg, run_id, epoch, row, progress)
+        else:
+            state.epoch, state.batch, state.seen = state.epoch + 1, 0, 0
+            state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
+        state.finished = _broadcast(state.finished)
+    return _result(state, parts, Path(checkpoint_dir), resumed_at)
+
+
+def _report_epoch(
+    cfg: PipelineConfig,
+    run_id: str | None,
+    epoch: int,
+    row: dict[str, float],
+    progress: ProgressFn | None,
+) -> None:
+    log.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in row.items()})
+    if run_id is not None:
+        metrics = {k: v for k, v in row.items() if k != "epoch"}
+        tracking.log_metrics(cfg, run_id, metrics, step=epoch)
+    if progress is not None:
+        progress(TrainProgress("epoch", epoch, cfg.train.epochs, -1, dict(row)))
+
+
+def _result(
+    state: _State, parts: dict[str, Any], checkpoint_dir: Path, resumed_at: tuple[int, int] | None
+) -> TrainResult:
+    model = _unwrap(parts["model"])
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    model.eval()
+    best_path = checkpoint_dir / BEST_STATE_NAME
+    with atomic_file(best_path) as tmp:
+        torch.save(_cpu_state(model), tmp)
+    info = parts["info"]
+    return TrainResult(
+        model=model,
+        best_epoch=state.best_epoch,
+        best_val_rank_ic=state.best_score,
+        history=state.history,
+        model_state_path=best_path,
+        dims=model_dims(info),
+        feature_names=list(info.feature_names),
+        device=str(parts["device"]),
+        resumed_at=resumed_at,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefect wrapper
+
+
+@task(name="train-model", retries=2, retry_delay_seconds=5, timeout_seconds=12 * 3600)
+def train_task(
+    shard_dir: str, cfg: PipelineConfig, checkpoint_dir: str, run_id: str | None = None
+) -> TrainResult:
+    """Retries resume from the checkpoint in `checkpoint_dir` (see `train_model`)."""
+    return train_model(shard_dir, cfg, checkpoint_dir, run_id)
