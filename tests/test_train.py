@@ -153,5 +153,5 @@ def test_device_selection() -> None:
     expected = "cuda" if torch.cuda.is_available() else None
     if expected is None:
         assert select_device("auto").type in ("cpu", "mps")
-        with pytest.raises(RuntimeError, match="train.device"):
+        with pytest.raises(RuntimeError, match=r"train\.device"):
             select_device("cuda")
