@@ -19,9 +19,10 @@ cancellation) and vectorised across all symbols.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
@@ -41,6 +42,7 @@ GROUPS = {"KBAR": KBAR_NAMES, "PRICE": PRICE_NAMES}
 EPS = 1e-12  # Qlib's guard in denominators such as ($high-$low+1e-12)
 FLAT_STD = 2e-5  # Qlib's np.isclose(std, 0, atol=2e-5) mask for Corr and Rsquare
 _NAME = re.compile(r"([A-Z]+)(\d+)")
+_PANEL_CELLS = 1 << 16  # cells of one [T, S] panel (512 KiB): symbols are processed in chunks
 _SORT_CHUNK = 1 << 22  # window elements sorted at a time by the quantile kernel (32 MiB)
 
 
@@ -144,6 +146,16 @@ class Layout:
         """The per-row values (sorted order) of a [T, S] result grid."""
         return np.take(grid, self.flat)
 
+    def chunks(self, n_symbols: int) -> Iterator[tuple[slice, Layout]]:
+        """Sub-layouts of at most `n_symbols` whole symbols, with their slice of sorted rows."""
+        bounds = np.searchsorted(self.col, np.arange(0, self.n_sym + n_symbols, n_symbols))
+        for first, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            if hi > lo:
+                rows = slice(int(lo), int(hi))
+                pos, col = self.pos[rows], self.col[rows] - first * n_symbols
+                n_sym = min(n_symbols, self.n_sym - first * n_symbols)
+                yield rows, Layout(self.order[rows], pos, col, int(pos.max()) + 1, n_sym, self.pad)
+
 
 def symbol_layout(symbols: pd.Series, dates: pd.Series, pad: int) -> Layout:
     """Sort rows by (symbol, date) and give each its panel cell; duplicate keys are an error."""
@@ -176,11 +188,10 @@ def _finite(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Panels:
-    """The OHLCV(+VWAP) panels of one set of bars, plus derived series built on demand."""
+    """The close/high/low/volume panels of one set of bars."""
 
     layout: Layout
     raw: dict[str, np.ndarray]  # field -> padded panel
-    cache: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def pad(self) -> int:
@@ -198,33 +209,39 @@ class Panels:
         """Row t holds the value k bars before t of the same symbol (NaN before its first bar)."""
         return panel[self.pad - k : panel.shape[0] - k]
 
-    def count(self, window: int) -> np.ndarray:
-        """Bars inside a window ending at each position (partial at the start of a history)."""
-        return np.minimum(window, np.arange(1, self.n_pos + 1, dtype=np.float64))[:, None]
-
-    def derived(self, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
-        if key not in self.cache:
-            self.cache[key] = build()
-        return self.cache[key]
-
     def previous(self, name: str) -> np.ndarray:
-        """The padded panel shifted down one bar, so derived series keep the padded shape."""
+        """A field's padded panel shifted down one bar (derived series keep the padded shape)."""
         panel = self.raw[name]
         out = np.full_like(panel, np.nan)
         out[1:] = panel[:-1]
         return out
 
-    @property
-    def close_change(self) -> np.ndarray:
-        return self.derived("dc", lambda: self.raw["close"] - self.previous("close"))
+    def count(self, window: int, first: int = 0) -> np.ndarray:
+        """[T, 1] number of values in a window ending at each position, for a series that has a
+        value at every position >= `first` (partial windows at the start of a history)."""
+        have = np.arange(1 - first, self.n_pos + 1 - first, dtype=np.float64)
+        return np.clip(have, 0.0, window)[:, None]
 
-    @property
-    def volume_change(self) -> np.ndarray:
-        return self.derived("dv", lambda: self.raw["volume"] - self.previous("volume"))
+    def dense_from(self, panel: np.ndarray) -> int | None:
+        """0 or 1 if `panel` has a value at every position >= that in every history, else None.
+
+        Such a series needs no masks: the lag-k values of rows t >= first + k are a row slice.
+        Base fields are dense from 0, one-bar changes from 1; a ratio over a zero volume is not.
+        """
+        cur = self.now(panel)
+        present = int(np.count_nonzero(~np.isnan(cur)))
+        rows = len(self.layout.pos)
+        if present == rows:
+            return 0
+        if present == rows - self.layout.n_sym and np.isnan(cur[0]).all():
+            return 1
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
-# Windowed statistics, accumulated over lags and snapshotted at each window length
+# Windowed statistics, accumulated over lags 0..w-1 and snapshotted at each window length.
+# For a dense series the lag-k term of rows t >= first + k is cur[t - k], a row slice, so a lag
+# costs a few whole-array operations and no masking.
 
 
 def _snapshots(windows: Sequence[int]) -> tuple[int, set[int]]:
@@ -232,80 +249,130 @@ def _snapshots(windows: Sequence[int]) -> tuple[int, set[int]]:
     return max(windows, default=0), {w - 1 for w in windows}
 
 
+def _require_dense(p: Panels, panel: np.ndarray) -> int:
+    first = p.dense_from(panel)
+    if first is None:
+        raise ValueError("internal: this window statistic needs a series without gaps")
+    return first
+
+
 def window_sums(p: Panels, panel: np.ndarray, windows: Sequence[int]) -> dict[int, tuple]:
-    """(count, sum) of the non-missing values in each window, NaN-skipping like pandas."""
-    valid = (~np.isnan(panel)).astype(np.float64)
-    zero = np.nan_to_num(panel, nan=0.0)
-    n = np.zeros((p.n_pos, panel.shape[1]))
-    s = np.zeros_like(n)
+    """(count, sum) of each window of a dense series."""
+    first = _require_dense(p, panel)
+    cur = p.now(panel)
+    total = np.where(np.isnan(cur), 0.0, cur)
+    n_pos = p.n_pos
     out = {}
     n_lags, done = _snapshots(windows)
     for k in range(n_lags):
-        n += p.lag(valid, k)
-        s += p.lag(zero, k)
+        if k and first + k < n_pos:
+            total[first + k :] += cur[first : n_pos - k]
         if k in done:
-            out[k + 1] = (n.copy(), s.copy())
+            out[k + 1] = (p.count(k + 1, first), total.copy())
     return out
 
 
 def window_moments(
     p: Panels, panel: np.ndarray, windows: Sequence[int], trend: bool = False
 ) -> dict[int, dict[str, np.ndarray]]:
-    """Count, centred sums and (with `trend`) lag-regression sums of each window.
+    """Count, mean, std and (with `trend`) lag-regression sums of each window of a dense series.
 
     Values are centred on the current bar (d = x[t-k] - x[t]), so variances and regressions are
-    free of cancellation and exactly zero on flat windows. `trend` adds sums over the lag k.
+    free of cancellation and exactly zero on flat windows; `su`, `su2`, `sud` are the sums of the
+    lag k, k^2 and k*d for a regression on time.
     """
-    valid = (~np.isnan(panel)).astype(np.float64)
-    zero = np.nan_to_num(panel, nan=0.0)
-    ref = p.now(zero)
-    shape = ref.shape
-    keys = ["n", "s1", "s2"] + (["su", "su2", "sud"] if trend else [])
-    acc = {key: np.zeros(shape) for key in keys}
-    d = np.empty(shape)
+    first = _require_dense(p, panel)
+    cur = p.now(panel)
+    n_pos = p.n_pos
+    s1, s2 = np.zeros(cur.shape), np.zeros(cur.shape)
+    sud = np.zeros(cur.shape) if trend else None
+    d, tmp = np.empty(cur.shape), np.empty(cur.shape)
     out = {}
     n_lags, done = _snapshots(windows)
     for k in range(n_lags):
-        v = p.lag(valid, k)
-        np.multiply(ref, v, out=d)
-        np.subtract(p.lag(zero, k), d, out=d)
-        acc["n"] += v
-        acc["s1"] += d
-        if trend and k:
-            acc["su"] += k * v
-            acc["su2"] += (k * k) * v
-            acc["sud"] += k * d
-        d *= d
-        acc["s2"] += d
+        lo = first + k
+        if k and lo < n_pos:
+            dk = d[lo:]
+            np.subtract(cur[first : n_pos - k], cur[lo:], out=dk)
+            s1[lo:] += dk
+            if sud is not None:
+                np.multiply(dk, float(k), out=tmp[lo:])
+                sud[lo:] += tmp[lo:]
+            np.multiply(dk, dk, out=dk)
+            s2[lo:] += dk
         if k in done:
-            snap = {key: a.copy() for key, a in acc.items()}
-            snap["mean"] = _div(snap["s1"], snap["n"]) + ref  # undo the centring
-            snap["std"] = _std(snap["n"], snap["s1"], snap["s2"])
+            n = p.count(k + 1, first)
+            snap = {"n": n, "s1": s1.copy(), "s2": s2.copy()}
+            snap["mean"] = cur + _div(snap["s1"], n)  # undo the centring
+            snap["std"] = _std(n, snap["s1"], snap["s2"])
+            if sud is not None:
+                snap["su"] = n * (n - 1.0) / 2.0
+                snap["su2"] = (n - 1.0) * n * (2.0 * n - 1.0) / 6.0
+                snap["sud"] = sud.copy()
             out[k + 1] = snap
     return out
 
 
-def window_comoments(
+def _corr_from_sums(n, sx, sy, sxx, syy, sxy) -> np.ndarray:
+    """Pearson correlation from centred sums; NaN where either side is flat (Qlib's mask)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (n * sxy - sx * sy) / np.sqrt((n * sxx - sx * sx) * (n * syy - sy * sy))
+    flat = (_std(n, sx, sxx) <= FLAT_STD) | (_std(n, sy, syy) <= FLAT_STD)
+    return np.where(flat | (n < 2), np.nan, corr)
+
+
+def window_correlation(
     p: Panels, left: np.ndarray, right: np.ndarray, windows: Sequence[int]
 ) -> dict[int, np.ndarray]:
-    """Pearson correlation of two series over each window (pairs where both are present).
+    """Pearson correlation of two series over each window, on the pairs where both exist.
 
     NaN where either side's window std is within 2e-5 of zero, as Qlib's `Corr` sets it.
     """
+    both = np.where(np.isnan(right), np.nan, left)
+    first_l, first_r = p.dense_from(both), p.dense_from(np.where(np.isnan(left), np.nan, right))
+    if first_l is None or first_r is None:
+        return _masked_correlation(p, left, right, windows)
+    first = max(first_l, first_r)
+    x, y = p.now(left), p.now(right)
+    n_pos = p.n_pos
+    sx, sy, sxx, syy, sxy = (np.zeros(x.shape) for _ in range(5))
+    dx, dy, tmp = np.empty(x.shape), np.empty(x.shape), np.empty(x.shape)
+    out = {}
+    n_lags, done = _snapshots(windows)
+    for k in range(n_lags):
+        lo = first + k
+        if k and lo < n_pos:
+            ax, ay, at = dx[lo:], dy[lo:], tmp[lo:]
+            np.subtract(x[first : n_pos - k], x[lo:], out=ax)
+            np.subtract(y[first : n_pos - k], y[lo:], out=ay)
+            sx[lo:] += ax
+            sy[lo:] += ay
+            np.multiply(ax, ay, out=at)
+            sxy[lo:] += at
+            np.multiply(ax, ax, out=ax)
+            sxx[lo:] += ax
+            np.multiply(ay, ay, out=ay)
+            syy[lo:] += ay
+        if k in done:
+            out[k + 1] = _corr_from_sums(p.count(k + 1, first), sx, sy, sxx, syy, sxy)
+    return out
+
+
+def _masked_correlation(
+    p: Panels, left: np.ndarray, right: np.ndarray, windows: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """`window_correlation` for series with gaps (a ratio over a zero volume): masked lags."""
     both = ~(np.isnan(left) | np.isnan(right))
     valid = both.astype(np.float64)
-    x0 = np.where(both, left, 0.0)
-    y0 = np.where(both, right, 0.0)
+    x0, y0 = np.where(both, left, 0.0), np.where(both, right, 0.0)
     rx, ry = p.now(x0), p.now(y0)
-    shape = rx.shape
-    n, sx, sy, sxx, syy, sxy = (np.zeros(shape) for _ in range(6))
-    dx, dy = np.empty(shape), np.empty(shape)
+    n, sx, sy, sxx, syy, sxy = (np.zeros(rx.shape) for _ in range(6))
     out = {}
     n_lags, done = _snapshots(windows)
     for k in range(n_lags):
         v = p.lag(valid, k)
-        np.subtract(p.lag(x0, k), rx * v, out=dx)
-        np.subtract(p.lag(y0, k), ry * v, out=dy)
+        dx = p.lag(x0, k) - rx * v
+        dy = p.lag(y0, k) - ry * v
         n += v
         sx += dx
         sy += dy
@@ -313,50 +380,46 @@ def window_comoments(
         syy += dy * dy
         sxy += dx * dy
         if k in done:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cov = n * sxy - sx * sy
-                vx = n * sxx - sx * sx
-                vy = n * syy - sy * sy
-                corr = cov / np.sqrt(vx * vy)
-            flat = (_std(n, sx, sxx) <= FLAT_STD) | (_std(n, sy, syy) <= FLAT_STD)
-            corr[flat | (n < 2)] = np.nan
-            out[k + 1] = corr
+            out[k + 1] = _corr_from_sums(n, sx, sy, sxx, syy, sxy)
     return out
 
 
 def window_extreme(p: Panels, panel: np.ndarray, windows: Sequence[int], kind: str) -> dict:
-    """Max (or min) of each window and Qlib's IdxMax (1-based from the window's oldest bar)."""
+    """Max (or min) of each window of a base field and Qlib's IdxMax (1-based from the oldest)."""
+    _require_dense(p, panel)
     sign = 1.0 if kind == "max" else -1.0
-    signed = np.where(np.isnan(panel), -np.inf, sign * panel)
-    best = p.now(signed).copy()
-    best_lag = np.zeros(best.shape)
+    cur = sign * p.now(panel)
+    n_pos = p.n_pos
+    best = cur.copy()
+    best_lag = np.zeros(cur.shape)
     out = {}
     n_lags, done = _snapshots(windows)
     for k in range(n_lags):
-        if k:
-            cand = p.lag(signed, k)
-            older = cand >= best  # ties go to the older bar, like np.argmax's first occurrence
-            best_lag[older] = k
-            np.maximum(best, cand, out=best)
+        if k and k < n_pos:
+            cand, top, lag = cur[: n_pos - k], best[k:], best_lag[k:]
+            np.putmask(lag, cand >= top, float(k))  # ties go to the older bar, like np.argmax
+            np.maximum(top, cand, out=top)
         if k in done:
-            n = p.count(k + 1)
-            out[k + 1] = (sign * best, n - best_lag)
+            out[k + 1] = (sign * best, p.count(k + 1) - best_lag)
     return out
 
 
 def window_rank(p: Panels, panel: np.ndarray, windows: Sequence[int]) -> dict[int, np.ndarray]:
     """Percentile of the current value within each window (average rank of ties, in [0, 1])."""
+    _require_dense(p, panel)
     cur = p.now(panel)
-    less = np.zeros(cur.shape)
-    equal = np.zeros(cur.shape)
+    n_pos = p.n_pos
+    below = np.zeros(cur.shape)
+    ties = np.ones(cur.shape)  # the current value itself
     out = {}
     n_lags, done = _snapshots(windows)
     for k in range(n_lags):
-        lagged = p.lag(panel, k)
-        less += lagged < cur
-        equal += lagged == cur
+        if k and k < n_pos:
+            older, now = cur[: n_pos - k], cur[k:]
+            below[k:] += older < now
+            ties[k:] += older == now
         if k in done:
-            out[k + 1] = (less + (equal + 1.0) / 2.0) / p.count(k + 1)
+            out[k + 1] = (below + (ties + 1.0) / 2.0) / p.count(k + 1)
     return out
 
 
@@ -401,11 +464,15 @@ Needed = dict[str, list[int]]  # family -> windows requested
 Results = Iterator[tuple[str, np.ndarray]]
 
 
+def _windows_of(need: Needed, families: Sequence[str]) -> list[int]:
+    return sorted({w for f in families for w in need.get(f, [])})
+
+
 def _kernel_close_moments(p: Panels, need: Needed) -> Results:
     close = p.raw["close"]
     now = p.now(close)
-    windows = sorted({w for f in ("MA", "STD", "BETA", "RSQR", "RESI") for w in need.get(f, [])})
     trend = any(f in need for f in ("BETA", "RSQR", "RESI"))
+    windows = _windows_of(need, ("MA", "STD", "BETA", "RSQR", "RESI"))
     for w, m in window_moments(p, close, windows, trend=trend).items():
         if w in need.get("MA", []):
             yield f"MA{w}", m["mean"] / now
@@ -424,20 +491,17 @@ def _kernel_close_moments(p: Panels, need: Needed) -> Results:
         if w in need.get("BETA", []):
             yield f"BETA{w}", -slope_lag / now  # time runs opposite to the lag
         if w in need.get("RSQR", []):
-            rsq[~(m["std"] > FLAT_STD)] = np.nan
-            yield f"RSQR{w}", rsq
+            yield f"RSQR{w}", np.where(m["std"] > FLAT_STD, rsq, np.nan)
         if w in need.get("RESI", []):
             yield f"RESI{w}", resid / now
 
 
 def _kernel_extremes(p: Panels, need: Needed) -> Results:
     now = p.now(p.raw["close"])
-    fams_hi = ("MAX", "RSV", "IMAX", "IMXD")
-    fams_lo = ("MIN", "RSV", "IMIN", "IMXD")
-    hi_w = sorted({w for f in fams_hi for w in need.get(f, [])})
-    lo_w = sorted({w for f in fams_lo for w in need.get(f, [])})
-    highs = window_extreme(p, p.raw["high"], hi_w, "max") if hi_w else {}
-    lows = window_extreme(p, p.raw["low"], lo_w, "min") if lo_w else {}
+    hi_w = _windows_of(need, ("MAX", "RSV", "IMAX", "IMXD"))
+    lo_w = _windows_of(need, ("MIN", "RSV", "IMIN", "IMXD"))
+    highs = window_extreme(p, p.raw["high"], hi_w, "max")
+    lows = window_extreme(p, p.raw["low"], lo_w, "min")
     for w in sorted(set(hi_w) | set(lo_w)):
         if w in need.get("MAX", []):
             yield f"MAX{w}", highs[w][0] / now
@@ -462,7 +526,7 @@ def _kernel_roc(p: Panels, need: Needed) -> Results:
 def _kernel_quantiles(p: Panels, need: Needed) -> Results:
     close = p.raw["close"]
     now = p.now(close)
-    for w in sorted(set(need.get("QTLU", [])) | set(need.get("QTLD", []))):
+    for w in _windows_of(need, ("QTLU", "QTLD")):
         upper, lower = window_quantiles(p, close, w, (0.8, 0.2))
         if w in need.get("QTLU", []):
             yield f"QTLU{w}", upper / now
@@ -478,27 +542,27 @@ def _kernel_rank(p: Panels, need: Needed) -> Results:
 def _kernel_corr(p: Panels, need: Needed) -> Results:
     close, volume = p.raw["close"], p.raw["volume"]
     if "CORR" in need:
-        for w, corr in window_comoments(p, close, np.log(volume + 1.0), need["CORR"]).items():
+        for w, corr in window_correlation(p, close, np.log(volume + 1.0), need["CORR"]).items():
             yield f"CORR{w}", corr
     if "CORD" in need:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ret = close / p.previous("close")
-            vol = _finite(np.log(volume / p.previous("volume") + 1.0))
-        for w, corr in window_comoments(p, ret, vol, need["CORD"]).items():
+        ret = close / p.previous("close")
+        vol = _finite(np.log(volume / p.previous("volume") + 1.0))
+        for w, corr in window_correlation(p, ret, vol, need["CORD"]).items():
             yield f"CORD{w}", corr
 
 
 def _kernel_counts(p: Panels, need: Needed) -> Results:
+    """Qlib's Mean($close>Ref($close,1), d): the first bar compares with NaN, which is False."""
     close = p.raw["close"]
     prev = p.previous("close")
     present = ~np.isnan(close)
-    up = np.where(present, (close > prev).astype(np.float64), np.nan)  # NaN comparisons: False
+    up = np.where(present, (close > prev).astype(np.float64), np.nan)
     down = np.where(present, (close < prev).astype(np.float64), np.nan)
-    windows = sorted({w for f in ("CNTP", "CNTN", "CNTD") for w in need.get(f, [])})
+    windows = _windows_of(need, ("CNTP", "CNTN", "CNTD"))
     ups, downs = window_sums(p, up, windows), window_sums(p, down, windows)
     for w in windows:
         n, s_up = ups[w]
-        frac_up, frac_down = _div(s_up, n), _div(downs[w][1], n)
+        frac_up, frac_down = s_up / n, downs[w][1] / n
         if w in need.get("CNTP", []):
             yield f"CNTP{w}", frac_up
         if w in need.get("CNTN", []):
@@ -510,33 +574,31 @@ def _kernel_counts(p: Panels, need: Needed) -> Results:
 def _gain_loss(p: Panels, need: Needed, change: np.ndarray, prefix: str) -> Results:
     """SUMP/SUMN/SUMD-style ratios of summed gains and losses to the summed absolute change."""
     fams = [f"{prefix}P", f"{prefix}N", f"{prefix}D"]
-    windows = sorted({w for f in fams for w in need.get(f, [])})
+    windows = _windows_of(need, fams)
     gains = window_sums(p, np.maximum(change, 0.0), windows)
     losses = window_sums(p, np.maximum(-change, 0.0), windows)
-    total = window_sums(p, np.abs(change), windows)
     for w in windows:
         n, gain = gains[w]
-        loss, absolute = losses[w][1], total[w][1] + EPS
-        missing = n == 0  # a window with no change at all (the first bar): pandas gives NaN
+        loss = losses[w][1]
+        absolute = np.where(n > 0, gain + loss + EPS, np.nan)  # no change yet: pandas gives NaN
         for family, value in zip(fams, (gain, loss, gain - loss), strict=True):
             if w in need.get(family, []):
-                ratio = value / absolute
-                ratio[missing] = np.nan
-                yield f"{family}{w}", ratio
+                yield f"{family}{w}", value / absolute
 
 
 def _kernel_sums(p: Panels, need: Needed) -> Results:
     if any(f in need for f in ("SUMP", "SUMN", "SUMD")):
-        yield from _gain_loss(p, need, p.close_change, "SUM")
+        change = p.raw["close"] - p.previous("close")
+        yield from _gain_loss(p, need, change, "SUM")
     if any(f in need for f in ("VSUMP", "VSUMN", "VSUMD")):
-        yield from _gain_loss(p, need, p.volume_change, "VSUM")
+        change = p.raw["volume"] - p.previous("volume")
+        yield from _gain_loss(p, need, change, "VSUM")
 
 
 def _kernel_volume(p: Panels, need: Needed) -> Results:
     volume = p.raw["volume"]
     denom = p.now(volume) + EPS
-    windows = sorted({w for f in ("VMA", "VSTD") for w in need.get(f, [])})
-    for w, m in window_moments(p, volume, windows).items():
+    for w, m in window_moments(p, volume, _windows_of(need, ("VMA", "VSTD"))).items():
         if w in need.get("VMA", []):
             yield f"VMA{w}", m["mean"] / denom
         if w in need.get("VSTD", []):
@@ -592,6 +654,7 @@ def _row_factors(fields: dict[str, np.ndarray], names: Sequence[str]) -> Results
 # Entry point
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
+PANEL_FIELDS = ("close", "high", "low", "volume")
 
 
 def validate_bars(bars: pd.DataFrame) -> None:
@@ -636,6 +699,11 @@ def _needed(names: Sequence[str]) -> Needed:
     return {family: sorted(set(ws)) for family, ws in need.items()}
 
 
+def _symbol_chunk(n_pos: int) -> int:
+    """Symbols per panel, so that the dozen [T, S] arrays a kernel touches stay in cache."""
+    return max(1, _PANEL_CELLS // max(1, n_pos))
+
+
 def compute_alpha158(bars: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     """Raw Alpha158 factors of canonical bars: `symbol, date` + one float32 column per name.
 
@@ -651,19 +719,30 @@ def compute_alpha158(bars: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     fields = {c: bars[c].to_numpy(np.float64)[layout.order] for c in (*PRICE_COLUMNS, "volume")}
     fields["vwap"] = _vwap(bars)[layout.order]
 
-    out = np.full((len(names), len(bars)), np.nan, dtype=np.float32)
+    out = np.empty((len(names), len(bars)), dtype=np.float32)  # (symbol, date) order
     column = {name: i for i, name in enumerate(names)}
-    with np.errstate(invalid="ignore", divide="ignore"):
+    written: set[str] = set()
+
+    def put(name: str, rows: slice, values: np.ndarray) -> None:
+        cell = out[column[name], rows]
+        cell[...] = values
+        cell[~np.isfinite(cell)] = np.nan  # float32 overflow included
+        written.add(name)
+
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         for name, values in _row_factors(fields, names):
-            out[column[name], layout.order] = values
-        panels = Panels(layout, {c: layout.panel(fields[c]) for c in ("close", "high", "low")})
-        panels.raw["volume"] = layout.panel(fields["volume"])
-        for families, kernel in _KERNELS:
-            sub = {f: ws for f, ws in need.items() if f in families}
-            if sub:
-                for name, grid in kernel(panels, sub):
-                    out[column[name], layout.order] = layout.gather(grid)
-    out[~np.isfinite(out)] = np.nan
+            put(name, slice(None), values)
+        for rows, part in layout.chunks(_symbol_chunk(layout.n_pos)):
+            panels = Panels(part, {c: part.panel(fields[c][rows]) for c in PANEL_FIELDS})
+            for families, kernel in _KERNELS:
+                sub = {f: ws for f, ws in need.items() if f in families}
+                if sub:
+                    for name, grid in kernel(panels, sub):
+                        put(name, rows, part.gather(grid))
+    if written != set(names):
+        raise AssertionError(f"internal: no kernel produced {sorted(set(names) - written)}")
+    if not np.array_equal(layout.order, np.arange(len(bars))):
+        out = out[:, np.argsort(layout.order)]  # back to the order of `bars`
 
     frame = pd.DataFrame(out.T, columns=names, index=bars.index, copy=False)
     frame.insert(0, "date", bars["date"].astype("datetime64[ns]"))
