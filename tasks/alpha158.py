@@ -256,26 +256,30 @@ def _require_dense(p: Panels, panel: np.ndarray) -> int:
     return first
 
 
-def window_sums(p: Panels, panel: np.ndarray, windows: Sequence[int]) -> dict[int, tuple]:
-    """(count, sum) of each window of a dense series."""
+def window_sums(
+    p: Panels, panel: np.ndarray, windows: Sequence[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (window, count, sum) of each window of a dense series, shortest window first.
+
+    The arrays are reused as the windows grow: use them before advancing the iterator.
+    """
     first = _require_dense(p, panel)
     cur = p.now(panel)
     total = np.where(np.isnan(cur), 0.0, cur)
     n_pos = p.n_pos
-    out = {}
     n_lags, done = _snapshots(windows)
     for k in range(n_lags):
         if k and first + k < n_pos:
             total[first + k :] += cur[first : n_pos - k]
         if k in done:
-            out[k + 1] = (p.count(k + 1, first), total.copy())
-    return out
+            yield k + 1, p.count(k + 1, first), total
 
 
 def window_moments(
     p: Panels, panel: np.ndarray, windows: Sequence[int], trend: bool = False
-) -> dict[int, dict[str, np.ndarray]]:
-    """Count, mean, std and (with `trend`) lag-regression sums of each window of a dense series.
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yield count, mean, std and (with `trend`) lag-regression sums of each window of a dense
+    series, shortest window first; the sums are reused as windows grow, so use them at once.
 
     Values are centred on the current bar (d = x[t-k] - x[t]), so variances and regressions are
     free of cancellation and exactly zero on flat windows; `su`, `su2`, `sud` are the sums of the
@@ -287,7 +291,6 @@ def window_moments(
     s1, s2 = np.zeros(cur.shape), np.zeros(cur.shape)
     sud = np.zeros(cur.shape) if trend else None
     d, tmp = np.empty(cur.shape), np.empty(cur.shape)
-    out = {}
     n_lags, done = _snapshots(windows)
     for k in range(n_lags):
         lo = first + k
@@ -302,15 +305,14 @@ def window_moments(
             s2[lo:] += dk
         if k in done:
             n = p.count(k + 1, first)
-            snap = {"n": n, "s1": s1.copy(), "s2": s2.copy()}
+            snap = {"n": n, "s1": s1, "s2": s2}
             snap["mean"] = cur + _div(snap["s1"], n)  # undo the centring
             snap["std"] = _std(n, snap["s1"], snap["s2"])
             if sud is not None:
                 snap["su"] = n * (n - 1.0) / 2.0
                 snap["su2"] = (n - 1.0) * n * (2.0 * n - 1.0) / 6.0
-                snap["sud"] = sud.copy()
-            out[k + 1] = snap
-    return out
+                snap["sud"] = sud
+            yield k + 1, snap
 
 
 def _corr_from_sums(n, sx, sy, sxx, syy, sxy) -> np.ndarray:
@@ -433,15 +435,30 @@ def window_quantiles(
     rows = max(1, _SORT_CHUNK // max(1, n_sym * window))
     for start in range(0, n_pos, rows):
         block = np.sort(windows[start : start + rows], axis=-1)  # NaN padding sorts last
-        n = p.count(window)[start : start + rows][:, :, None]
+        n = p.count(window)[start : start + rows, 0]
         for q, out in zip(qs, outs, strict=True):
-            idx = q * (n - 1.0)
-            lo = np.floor(idx).astype(np.intp)
-            hi = np.ceil(idx).astype(np.intp)
-            v_lo = np.take_along_axis(block, lo.repeat(n_sym, axis=1), axis=-1)[..., 0]
-            v_hi = np.take_along_axis(block, hi.repeat(n_sym, axis=1), axis=-1)[..., 0]
-            out[start : start + rows] = v_lo + (v_hi - v_lo) * (idx - lo)[..., 0]
+            out[start : start + rows] = _interpolate(block, q * (n - 1.0))
     return outs
+
+
+def _interpolate(block: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """block[r, s, idx[r]] with linear interpolation between neighbouring order statistics."""
+    out = np.empty(block.shape[:2])
+    full = idx == idx.max()  # complete windows share one index: plain slicing
+    for rows in (full, ~full):
+        if not rows.any():
+            continue
+        sub, at = block[rows], idx[rows]
+        lo, hi = np.floor(at).astype(np.intp), np.ceil(at).astype(np.intp)
+        if rows is full:
+            v_lo, v_hi = sub[:, :, lo[0]], sub[:, :, hi[0]]
+        else:
+            pick = np.broadcast_to(lo[:, None, None], (*sub.shape[:2], 1))
+            v_lo = np.take_along_axis(sub, pick, axis=-1)[..., 0]
+            pick = np.broadcast_to(hi[:, None, None], (*sub.shape[:2], 1))
+            v_hi = np.take_along_axis(sub, pick, axis=-1)[..., 0]
+        out[rows] = v_lo + (v_hi - v_lo) * (at - lo)[:, None]
+    return out
 
 
 def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -473,7 +490,7 @@ def _kernel_close_moments(p: Panels, need: Needed) -> Results:
     now = p.now(close)
     trend = any(f in need for f in ("BETA", "RSQR", "RESI"))
     windows = _windows_of(need, ("MA", "STD", "BETA", "RSQR", "RESI"))
-    for w, m in window_moments(p, close, windows, trend=trend).items():
+    for w, m in window_moments(p, close, windows, trend=trend):
         if w in need.get("MA", []):
             yield f"MA{w}", m["mean"] / now
         if w in need.get("STD", []):
@@ -560,9 +577,8 @@ def _kernel_counts(p: Panels, need: Needed) -> Results:
     down = np.where(present, (close < prev).astype(np.float64), np.nan)
     windows = _windows_of(need, ("CNTP", "CNTN", "CNTD"))
     ups, downs = window_sums(p, up, windows), window_sums(p, down, windows)
-    for w in windows:
-        n, s_up = ups[w]
-        frac_up, frac_down = s_up / n, downs[w][1] / n
+    for (w, n, s_up), (_, _, s_down) in zip(ups, downs, strict=True):
+        frac_up, frac_down = s_up / n, s_down / n
         if w in need.get("CNTP", []):
             yield f"CNTP{w}", frac_up
         if w in need.get("CNTN", []):
@@ -577,9 +593,7 @@ def _gain_loss(p: Panels, need: Needed, change: np.ndarray, prefix: str) -> Resu
     windows = _windows_of(need, fams)
     gains = window_sums(p, np.maximum(change, 0.0), windows)
     losses = window_sums(p, np.maximum(-change, 0.0), windows)
-    for w in windows:
-        n, gain = gains[w]
-        loss = losses[w][1]
+    for (w, n, gain), (_, _, loss) in zip(gains, losses, strict=True):
         absolute = np.where(n > 0, gain + loss + EPS, np.nan)  # no change yet: pandas gives NaN
         for family, value in zip(fams, (gain, loss, gain - loss), strict=True):
             if w in need.get(family, []):
@@ -598,14 +612,14 @@ def _kernel_sums(p: Panels, need: Needed) -> Results:
 def _kernel_volume(p: Panels, need: Needed) -> Results:
     volume = p.raw["volume"]
     denom = p.now(volume) + EPS
-    for w, m in window_moments(p, volume, _windows_of(need, ("VMA", "VSTD"))).items():
+    for w, m in window_moments(p, volume, _windows_of(need, ("VMA", "VSTD"))):
         if w in need.get("VMA", []):
             yield f"VMA{w}", m["mean"] / denom
         if w in need.get("VSTD", []):
             yield f"VSTD{w}", m["std"] / denom
     if "WVMA" in need:
         weighted = np.abs(p.raw["close"] / p.previous("close") - 1.0) * volume
-        for w, m in window_moments(p, weighted, need["WVMA"]).items():
+        for w, m in window_moments(p, weighted, need["WVMA"]):
             yield f"WVMA{w}", m["std"] / (m["mean"] + EPS)
 
 

@@ -10,6 +10,8 @@ train split only and stored with the table, so every later stage applies the sam
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks import alpha158
 from tasks.alpha158 import (
     ALPHA158_NAMES,
     compute_alpha158,
@@ -24,7 +27,8 @@ from tasks.alpha158 import (
     symbol_layout,
     validate_bars,
 )
-from tasks.config import FeaturesSection, LabelSection, SplitSection
+from tasks.caching import StageRef, stage_dir, stage_key
+from tasks.config import FeaturesSection, LabelSection, PipelineConfig, SplitSection
 from tasks.storage import atomic_dir
 
 __all__ = [
@@ -39,9 +43,12 @@ __all__ = [
     "compute_labels",
     "fit_normalizer",
     "load_feature_table",
+    "run_features_stage",
     "save_feature_table",
     "select_factors",
 ]
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 FEATURES_FILE = "features.parquet"
@@ -226,9 +233,7 @@ def apply_normalizer(raw: pd.DataFrame, names: list[str], stats: dict[str, Any])
         values = raw[name].to_numpy(np.float64)
         z = (values - stats["median"][name]) / stats["scale"][name]
         columns[name] = np.nan_to_num(np.clip(z, -clip, clip), nan=0.0).astype(np.float32)
-    out = raw.copy(deep=False)
-    out[names] = pd.DataFrame(columns, index=raw.index)
-    return out
+    return pd.DataFrame({c: columns.get(c, raw[c]) for c in raw.columns}, index=raw.index)
 
 
 def _require_columns(frame: pd.DataFrame, names: list[str], what: str) -> None:
@@ -259,11 +264,9 @@ def build_feature_table(bars: pd.DataFrame, cfg: FeaturesSection) -> FeatureTabl
     split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
     raw = compute_alpha158(bars, names)
     stats = fit_normalizer(raw, names, split == SPLIT_CODES["train"], clip=cfg.clip)
-    frame = apply_normalizer(raw, names, stats)
     labels = compute_labels(bars, cfg.label)
-    frame["label"] = labels["label"]
-    frame["fwd_return"] = labels["fwd_return"]
-    frame["split"] = split
+    targets = labels[["label", "fwd_return"]].assign(split=split)
+    frame = pd.concat([apply_normalizer(raw, names, stats), targets], axis=1)
     return FeatureTable(frame, names, stats, split_dates)
 
 
@@ -327,3 +330,25 @@ def load_feature_table(out_dir: str | Path) -> FeatureTable:
         {**dict.fromkeys(names, np.float32), "label": np.int8, "fwd_return": np.float32}
     ).astype({"split": np.int8})
     return FeatureTable(frame, names, meta["stats"], meta["split_dates"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """Build the feature table of an ingested market under `<work_dir>/features/<key>`.
+
+    The key hashes the market's key, the features section and this stage's code, so an existing
+    directory is reused and any change rebuilds.
+    """
+    from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
+
+    key = stage_key("features", [market.key], cfg.features, (sys.modules[__name__], alpha158))
+    out = stage_dir(cfg.work_dir, "features", key)
+    if (out / META_FILE).is_file():
+        logger.info("features %s already built at %s", key, out)
+    else:
+        bars = load_saved_market(market.dir).bars
+        save_feature_table(build_feature_table(bars, cfg.features), out)
+    return StageRef(stage="features", key=key, path=str(out))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from tasks.features import (
 )
 
 WINDOWS = [5, 10, 20, 30, 60]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,3 +547,22 @@ def test_failed_save_leaves_nothing(tmp_path, table: FeatureTable) -> None:
     with pytest.raises(TypeError):
         save_feature_table(broken, tmp_path / "features")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_features_stage_builds_once_from_the_ingested_market(tmp_path) -> None:
+    from tasks.features import run_features_stage
+    from tasks.ingest import run_ingest_stage
+
+    cfg = load_config(
+        CONFIGS / "smoke.yaml", [f"work_dir={tmp_path}", "data.synthetic.n_symbols=12"]
+    )
+    market = run_ingest_stage(cfg)
+    ref = run_features_stage(market, cfg)
+    table = load_feature_table(ref.path)
+    assert table.feature_names == select_factors(cfg.features.factors, cfg.features.windows)
+    assert table.frame["symbol"].nunique() == 12
+    stamp = (ref.dir / "features.parquet").stat().st_mtime_ns
+    again = run_features_stage(market, cfg)
+    assert again == ref and (ref.dir / "features.parquet").stat().st_mtime_ns == stamp
+    changed = run_features_stage(market, cfg.model_copy(update={"features": FeaturesSection()}))
+    assert changed.key != ref.key
