@@ -69,18 +69,16 @@ def decide(
     return False, f"new Rank IC {new_score:.5f} <= champion's {champion_score:.5f}"
 
 
-def _not_found(err: MlflowException) -> bool:
-    return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
-
-
 def current_champion(client: mlflow.MlflowClient, name: str) -> str | None:
-    """The champion's version number, or None when the model or alias does not exist."""
+    """The champion's version number, or None when the model or the alias does not exist."""
     try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+        aliases = client.get_registered_model(name).aliases or {}
     except MlflowException as err:
-        if _not_found(err):
+        if err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             return None
         raise
+    version = aliases.get(CHAMPION)
+    return None if version is None else str(version)
 
 
 def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> ChampionScorer:
@@ -90,7 +88,6 @@ def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> Champi
     manifest's (scoring it would silently feed it the wrong columns).
     """
     from model.data import read_manifest
-
     from tasks.evaluate import ic_metrics, predict_with
 
     manifest = read_manifest(shard_dir)
@@ -98,7 +95,7 @@ def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> Champi
     def score(model_uri: str) -> float:
         loaded = mlflow.pyfunc.load_model(model_uri)
         spec = getattr(loaded.unwrap_python_model(), "spec", {})
-        old, new = list(spec.get("feature_names", [])), list(manifest.feature_names)
+        old, new = list(spec.get("feature_names", [])), list(manifest["feature_names"])
         if old != new:
             diff = sorted(set(old) ^ set(new))[:8]
             raise IncompatibleChampion(

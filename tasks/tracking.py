@@ -402,6 +402,7 @@ def log_ranker(
     example: Mapping[str, np.ndarray],
     feature_names: Iterable[str],
     register: bool = True,
+    with_example: bool = True,
 ) -> tuple[str, str | None]:
     """Log the model as a pyfunc (from code) under the run; register it if asked.
 
@@ -436,6 +437,7 @@ def log_ranker(
             code_paths=[str(REPO_ROOT / "model")],
             pip_requirements=pip_requirements(),
             signature=_signature(example),
+            input_example=dict(example) if with_example else None,
             registered_model_name=cfg.tracking.registered_model if register else None,
             await_registration_for=0,
         )

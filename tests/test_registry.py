@@ -1,0 +1,185 @@
+"""Registry: the champion alias moves only on a better score on the same window; the logged
+champion loads in a fresh process and scores exactly like the in-memory model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from tasks import registry, tracking
+from tasks.config import PipelineConfig
+from tasks.evaluate import eval_dataset, torch_scorer
+from tasks.train import TrainResult, train_model
+from tests.helpers_train import TinyData, build_tiny_shards, tiny_config
+
+
+def test_decision_rule() -> None:
+    assert registry.decide(0.01, None, None) == (True, "no champion yet")
+    assert registry.decide(0.05, "1", 0.04)[0] is True
+    assert registry.decide(0.04, "1", 0.04)[0] is False  # a tie keeps the champion
+    assert registry.decide(0.03, "1", 0.04)[0] is False
+    assert registry.decide(math.nan, "1", 0.04)[0] is False
+    promoted, reason = registry.decide(0.0, "1", None, "feature set differs")
+    assert promoted and "feature set differs" in reason and "v1" in reason
+
+
+@pytest.fixture
+def cfg(mlflow_uri: str) -> PipelineConfig:
+    return PipelineConfig(
+        tracking={"tracking_uri": mlflow_uri, "experiment": "reg", "registered_model": "ranker"}
+    )
+
+
+def _register(cfg: PipelineConfig, run_id: str) -> str:
+    """A real model version (any artifact will do for the decision logic)."""
+    client = tracking.client_for(cfg)
+    client.log_text(run_id, "weights", "model/placeholder.txt")
+    name = cfg.tracking.registered_model
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    return str(client.create_model_version(name, source, run_id=run_id).version)
+
+
+def test_champion_moves_only_on_a_better_score_and_both_scores_are_logged(
+    cfg: PipelineConfig,
+) -> None:
+    # Scores of each version on "the new validation window" (what re-scoring would return).
+    on_window = {"1": 0.030, "2": 0.020, "3": 0.045}
+    scored: list[str] = []
+
+    def scorer(uri: str) -> float:
+        version = uri.rsplit("/", 1)[1]
+        scored.append(version)
+        return on_window[version]
+
+    client = tracking.client_for(cfg)
+    outcomes = {}
+    for version_expected, new_score in (("1", 0.030), ("2", 0.020), ("3", 0.045)):
+        with tracking.tracked_run(cfg) as run_id:
+            version = _register(cfg, run_id)
+            assert version == version_expected
+            outcomes[version] = (
+                run_id,
+                registry.promote_if_better(cfg, run_id, version, new_score, scorer),
+            )
+
+    assert [d.promoted for _, d in outcomes.values()] == [True, False, True]
+    assert scored == ["1", "1"]  # the champion of the day is re-scored, the newcomer is not
+    assert str(client.get_model_version_by_alias("ranker", "champion").version) == "3"
+
+    run_id, decision = outcomes["2"]
+    metrics = client.get_run(run_id).data.metrics
+    tags = client.get_run(run_id).data.tags
+    assert metrics["registry/new_val_rank_ic"] == pytest.approx(0.020)
+    assert metrics["registry/champion_val_rank_ic"] == pytest.approx(on_window["1"])
+    assert metrics["registry/promoted"] == 0.0
+    assert tags["registry.champion_version"] == "1" and tags["registry.promoted"] == "false"
+    assert decision.reason in tags["registry.reason"]
+    version_tags = client.get_model_version("ranker", "2").tags
+    assert version_tags["promoted"] == "false" and float(version_tags["val_rank_ic"]) == 0.02
+
+    run_id, _ = outcomes["3"]
+    assert client.get_run(run_id).data.metrics["registry/promoted"] == 1.0
+
+
+def test_an_incomparable_champion_loses_and_says_why(cfg: PipelineConfig) -> None:
+    def incompatible(uri: str) -> float:
+        raise registry.IncompatibleChampion("its feature set differs from the new shard set")
+
+    with tracking.tracked_run(cfg) as first:
+        registry.promote_if_better(cfg, first, _register(cfg, first), 0.05, incompatible)
+    with tracking.tracked_run(cfg) as second:
+        decision = registry.promote_if_better(
+            cfg, second, _register(cfg, second), 0.01, incompatible
+        )
+    assert decision.promoted and decision.champion_score is None
+    client = tracking.client_for(cfg)
+    tags = client.get_run(second).data.tags
+    assert "feature set differs" in tags["registry.reason"]
+    assert "registry/champion_val_rank_ic" not in client.get_run(second).data.metrics
+    assert str(client.get_model_version_by_alias("ranker", "champion").version) == "2"
+
+
+# ----------------------------------------------------------------------------------------------
+# the real model, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinyData:
+    return build_tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny: TinyData, tmp_path_factory) -> TrainResult:
+    cfg = tiny_config("train.epochs=1", "train.max_batches_per_epoch=6")
+    return train_model(tiny.shard_dir, cfg, tmp_path_factory.mktemp("ckpt"))
+
+
+_FRESH_PROCESS = """
+import json, sys
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/" + sys.argv[2] + "@champion")
+with np.load(sys.argv[3], allow_pickle=False) as batch:
+    out = model.predict({key: batch[key] for key in batch.files})
+print(json.dumps(out.to_dict(orient="list")))
+"""
+
+
+def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
+    tiny: TinyData, trained: TrainResult, cfg: PipelineConfig, tmp_path: Path
+) -> None:
+    run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
+    batch = next(iter(eval_dataset(tiny.shard_dir, "test", run_cfg)))
+    example = tracking.model_input_example(batch, trained.model.input_keys)
+    with tracking.tracked_run(run_cfg) as run_id:
+        _, version = tracking.log_ranker(
+            run_cfg, run_id, trained.model, trained.dims, example, trained.feature_names
+        )
+        scorer = registry.pyfunc_champion_scorer(tiny.shard_dir, run_cfg)
+        first = registry.promote_if_better(
+            run_cfg, run_id, version, trained.best_val_rank_ic, scorer
+        )
+    assert first.promoted
+
+    inputs = tmp_path / "batch.npz"
+    np.savez(inputs, **{k: batch[k].numpy() for k in trained.model.input_keys})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS, cfg.tracking.tracking_uri, "ranker", str(inputs)],
+        cwd=tmp_path,  # not the repo: the model must bring its own code
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    score, probs = torch_scorer(trained.model)(batch)
+    np.testing.assert_allclose(loaded["score"], score, rtol=0, atol=1e-6)
+    for k in range(4):
+        np.testing.assert_allclose(loaded[f"p{k}"], probs[:, k], rtol=0, atol=1e-6)
+
+    # The same weights registered again: the champion re-scored on this window ties, so it stays.
+    with tracking.tracked_run(run_cfg) as run_id:
+        _, again = tracking.log_ranker(
+            run_cfg, run_id, trained.model, trained.dims, example, trained.feature_names
+        )
+        second = registry.promote_if_better(
+            run_cfg, run_id, again, trained.best_val_rank_ic, scorer
+        )
+    assert second.champion_version == version
+    assert second.champion_score == pytest.approx(trained.best_val_rank_ic, abs=1e-9)
+    assert not second.promoted
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    assert str(client.get_model_version_by_alias("ranker", "champion").version) == version
