@@ -678,6 +678,8 @@ def validate_bars(bars: pd.DataFrame) -> None:
     missing = [c for c in ("symbol", "date", *PRICE_COLUMNS, "volume") if c not in bars.columns]
     if missing:
         raise ValueError(f"bars: missing column(s) {missing}; got {list(bars.columns)}")
+    if bars.empty:
+        raise ValueError("bars: no rows")
     if not pd.api.types.is_datetime64_any_dtype(bars["date"]):
         raise ValueError(f"bars: column 'date' must be datetime64, got {bars['date'].dtype}")
     if bars["date"].isna().any():

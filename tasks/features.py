@@ -228,12 +228,13 @@ def apply_normalizer(raw: pd.DataFrame, names: list[str], stats: dict[str, Any])
     if unknown:
         raise ValueError(f"normalisation stats have no entry for feature(s) {unknown}")
     clip = float(stats["clip"])
-    columns = {}
-    for name in names:
-        values = raw[name].to_numpy(np.float64)
-        z = (values - stats["median"][name]) / stats["scale"][name]
-        columns[name] = np.nan_to_num(np.clip(z, -clip, clip), nan=0.0).astype(np.float32)
-    return pd.DataFrame({c: columns.get(c, raw[c]) for c in raw.columns}, index=raw.index)
+    block = np.empty((len(names), len(raw)), dtype=np.float32)  # one float32 block, no copies
+    for row, name in zip(block, names, strict=True):
+        z = (raw[name].to_numpy(np.float64) - stats["median"][name]) / stats["scale"][name]
+        row[...] = np.nan_to_num(np.clip(z, -clip, clip), nan=0.0)
+    normed = pd.DataFrame(block.T, columns=names, index=raw.index, copy=False)
+    out = pd.concat([raw.drop(columns=names), normed], axis=1)
+    return out if list(out.columns) == list(raw.columns) else out[list(raw.columns)]
 
 
 def _require_columns(frame: pd.DataFrame, names: list[str], what: str) -> None:

@@ -359,6 +359,7 @@ def test_zero_volume_gives_nan_not_inf() -> None:
         (lambda b: b.assign(high=b["high"].where(b.index != 3, np.nan)), "high"),
         (lambda b: pd.concat([b, b.iloc[[4]]], ignore_index=True), "duplicate"),
         (lambda b: b.assign(date=b["date"].astype(str)), "date"),
+        (lambda b: b.iloc[:0], "no rows"),
     ],
 )
 def test_bad_bars_are_named(mutate: Callable, message: str) -> None:
