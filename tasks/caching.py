@@ -65,3 +65,35 @@ def existing_output_cache_key(
         return f"{key}-rebuild-{uuid.uuid4().hex}"
 
     return cache_key_fn
+
+
+def stage_task(
+    name: str,
+    locate: Callable[..., tuple[str, Path]],
+    *,
+    retries: int = 2,
+    timeout_seconds: float = 3600,
+) -> Callable[[Callable[..., StageRef]], Any]:
+    """The thin Prefect wrapper every data stage uses.
+
+    `locate` takes the task's parameters and returns (stage key, output directory); the task is
+    cached on that key across runs (results persisted as JSON, never pickled), IO failures retry
+    with backoff, and a hung stage times out.
+    """
+    from prefect import task
+
+    def key_and_dir(parameters: dict[str, Any]) -> tuple[str, Path]:
+        return locate(**parameters)
+
+    def decorate(func: Callable[..., StageRef]) -> Any:
+        return task(
+            name=name,
+            cache_key_fn=existing_output_cache_key(key_and_dir),
+            persist_result=True,
+            result_serializer="json",
+            retries=retries,
+            retry_delay_seconds=[2, 10, 30][:retries] or 0,
+            timeout_seconds=timeout_seconds,
+        )(func)
+
+    return decorate

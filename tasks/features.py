@@ -27,7 +27,7 @@ from tasks.alpha158 import (
     symbol_layout,
     validate_bars,
 )
-from tasks.caching import StageRef, stage_dir, stage_key
+from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import FeaturesSection, LabelSection, PipelineConfig, SplitSection
 from tasks.storage import atomic_dir
 
@@ -337,19 +337,29 @@ def load_feature_table(out_dir: str | Path) -> FeatureTable:
 # The stage
 
 
+def features_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Path]:
+    """The features stage's key (market key + features section + code) and directory."""
+    key = stage_key("features", [market.key], cfg.features, (sys.modules[__name__], alpha158))
+    return key, stage_dir(cfg.work_dir, "features", key)
+
+
 def run_features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
     """Build the feature table of an ingested market under `<work_dir>/features/<key>`.
 
-    The key hashes the market's key, the features section and this stage's code, so an existing
-    directory is reused and any change rebuilds.
+    An existing directory is reused; any change to the market, the section or the code rebuilds.
     """
     from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
 
-    key = stage_key("features", [market.key], cfg.features, (sys.modules[__name__], alpha158))
-    out = stage_dir(cfg.work_dir, "features", key)
+    key, out = features_location(market, cfg)
     if (out / META_FILE).is_file():
         logger.info("features %s already built at %s", key, out)
     else:
         bars = load_saved_market(market.dir).bars
         save_feature_table(build_feature_table(bars, cfg.features), out)
     return StageRef(stage="features", key=key, path=str(out))
+
+
+@stage_task("features", features_location)
+def features_task(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """Prefect task: cached on the market's key, the features section and the code."""
+    return run_features_stage(market, cfg)

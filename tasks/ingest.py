@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from tasks import synthetic
-from tasks.caching import StageRef, stage_dir, stage_key
+from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import DataSection, PipelineConfig
 from tasks.hashing import combine, hash_frame, hash_json, sha256_file
 from tasks.storage import atomic_dir
@@ -609,8 +609,8 @@ def min_history_for(cfg: PipelineConfig) -> int:
     return cfg.shards.window + cfg.features.label.horizon
 
 
-def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
-    """Load, validate and save the market under `<work_dir>/market/<key>`, reusing it if there.
+def ingest_location(cfg: PipelineConfig) -> tuple[str, Path]:
+    """The market stage's key and directory.
 
     The key hashes the input files' bytes (or the synthetic section), the data section, the
     minimum history and this module's and the generator's code, so any change re-ingests.
@@ -622,9 +622,20 @@ def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
         {"data": cfg.data.model_dump(mode="json"), "min_history": min_history},
         (sys.modules[__name__], synthetic),
     )
-    out = stage_dir(cfg.work_dir, "market", key)
+    return key, stage_dir(cfg.work_dir, "market", key)
+
+
+def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
+    """Load, validate and save the market under `<work_dir>/market/<key>`, reusing it if there."""
+    key, out = ingest_location(cfg)
     if (out / "meta.json").is_file():
         logger.info("market %s already ingested at %s", key, out)
     else:
-        save_market(load_market(cfg.data, min_history), out)
+        save_market(load_market(cfg.data, min_history_for(cfg)), out)
     return StageRef(stage="market", key=key, path=str(out))
+
+
+@stage_task("ingest", ingest_location)
+def ingest_task(cfg: PipelineConfig) -> StageRef:
+    """Prefect task: cached on the input files' content, the data section and the code."""
+    return run_ingest_stage(cfg)

