@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from prefect import task
 
 from model.batch import NUM_CLASSES, Batch, move_batch
 from tasks.config import EvaluateSection, PipelineConfig
@@ -391,3 +392,70 @@ def _frame_from_parts(parts: list[dict[str, np.ndarray]], symbols: np.ndarray) -
     frame["label"] = cat["label"].astype(np.int64)
     frame["fwd_return"] = cat["fwd_return"].astype(np.float64)
     return frame
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline entry points
+
+
+def read_oracle(path: str | Path) -> pd.DataFrame:
+    """An oracle table (symbol, date, expected_return) from parquet or CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"oracle file not found: {path}")
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    _require_columns(frame, ["symbol", "date", "expected_return"], f"oracle {path}")
+    return frame
+
+
+def evaluate_splits(
+    model: torch.nn.Module,
+    shard_dir: str | Path,
+    cfg: PipelineConfig,
+    oracle: pd.DataFrame | None = None,
+    splits: tuple[str, ...] = ("valid", "test"),
+    device: torch.device | str = "cpu",
+) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+    """(metrics, figures) of each split, scored by the in-memory model."""
+    out = {}
+    for split in splits:
+        preds = predict(model, shard_dir, split, cfg, device=device)
+        out[split] = evaluate_predictions(preds, cfg.evaluate, oracle=oracle)
+    return out
+
+
+def evaluate_and_log(
+    model: torch.nn.Module,
+    shard_dir: str | Path,
+    cfg: PipelineConfig,
+    run_id: str | None,
+    oracle: pd.DataFrame | None = None,
+    splits: tuple[str, ...] = ("valid", "test"),
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Evaluate every split and log `<split>/<metric>` plus plots to run `run_id`.
+
+    Returns the flat metrics ("test/rank_ic", ...).
+    """
+    from tasks import tracking
+
+    flat: dict[str, float] = {}
+    for split, (metrics, figures) in evaluate_splits(
+        model, shard_dir, cfg, oracle, splits, device
+    ).items():
+        flat.update({f"{split}/{key}": value for key, value in metrics.items()})
+        if run_id is not None:
+            tracking.log_evaluation(cfg, run_id, split, metrics, figures)
+    return flat
+
+
+@task(name="evaluate", retries=1, timeout_seconds=3600, persist_result=False)
+def evaluate_task(
+    model: torch.nn.Module,
+    shard_dir: str,
+    cfg: PipelineConfig,
+    run_id: str | None,
+    oracle: pd.DataFrame | None = None,
+) -> dict[str, float]:
+    """Prefect wrapper of `evaluate_and_log` (validation and test splits)."""
+    return evaluate_and_log(model, shard_dir, cfg, run_id, oracle)

@@ -20,9 +20,12 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from prefect import task
 
 from tasks import tracking
 from tasks.config import PipelineConfig
+from tasks.evaluate import eval_dataset, ic_metrics, predict_with
+from tasks.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,6 @@ def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> Champi
     manifest's (scoring it would silently feed it the wrong columns).
     """
     from model.data import read_manifest
-    from tasks.evaluate import ic_metrics, predict_with
 
     manifest = read_manifest(shard_dir)
 
@@ -174,3 +176,34 @@ def _log_decision(
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(name, decision.new_version, key, value[:5000])
+
+
+def register_and_promote(
+    cfg: PipelineConfig,
+    run_id: str,
+    result: TrainResult,
+    shard_dir: str | Path,
+) -> PromotionDecision | None:
+    """Log the trained model to the run, register it, and move `champion` if it is better.
+
+    Returns None when `tracking.log_model` is off (nothing is registered then).
+    """
+    if not cfg.tracking.log_model:
+        return None
+    batch = next(iter(eval_dataset(shard_dir, "valid", cfg)))
+    example = tracking.model_input_example(batch, result.model.input_keys)
+    _, version = tracking.log_ranker(
+        cfg, run_id, result.model, result.dims, example, result.feature_names
+    )
+    if version is None:
+        raise RuntimeError(f"model of run {run_id} was logged but not registered")
+    scorer = pyfunc_champion_scorer(shard_dir, cfg)
+    return promote_if_better(cfg, run_id, version, result.best_val_rank_ic, scorer)
+
+
+@task(name="register-model", retries=1, timeout_seconds=1800, persist_result=False)
+def register_task(
+    cfg: PipelineConfig, run_id: str, result: TrainResult, shard_dir: str
+) -> PromotionDecision | None:
+    """Prefect wrapper of `register_and_promote`."""
+    return register_and_promote(cfg, run_id, result, shard_dir)

@@ -37,13 +37,13 @@ def tiny_config(*extra: str) -> PipelineConfig:
     return load_config(REPO / "configs" / "smoke.yaml", [*TINY_OVERRIDES, *extra])
 
 
-def build_tiny_shards(root: Path) -> TinyData:
+def build_tiny_shards(root: Path, *extra: str) -> TinyData:
     """Generate the market, its features and a 4-shard set under `root` (about a second)."""
     from tasks.features import build_feature_table
     from tasks.shards import build_shards_from
     from tasks.synthetic import generate_market
 
-    cfg = tiny_config()
+    cfg = tiny_config(*extra)
     market = generate_market(cfg.data.synthetic)
     table = build_feature_table(market.bars, cfg.features)
     shard_dir = build_shards_from(table, market.instruments, None, cfg.shards, root, "tiny")

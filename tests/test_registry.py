@@ -31,10 +31,20 @@ def test_decision_rule() -> None:
     assert promoted and "feature set differs" in reason and "v1" in reason
 
 
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    """One SQLite store for the module (creating one costs seconds); models are named per test."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
 @pytest.fixture
-def cfg(mlflow_uri: str) -> PipelineConfig:
+def cfg(store_uri: str, request) -> PipelineConfig:
+    name = request.node.name.removeprefix("test_")[:60]
     return PipelineConfig(
-        tracking={"tracking_uri": mlflow_uri, "experiment": "reg", "registered_model": "ranker"}
+        tracking={"tracking_uri": store_uri, "experiment": "reg", "registered_model": name}
     )
 
 
@@ -74,7 +84,10 @@ def test_champion_moves_only_on_a_better_score_and_both_scores_are_logged(
 
     assert [d.promoted for _, d in outcomes.values()] == [True, False, True]
     assert scored == ["1", "1"]  # the champion of the day is re-scored, the newcomer is not
-    assert str(client.get_model_version_by_alias("ranker", "champion").version) == "3"
+    assert (
+        str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
+        == "3"
+    )
 
     run_id, decision = outcomes["2"]
     metrics = client.get_run(run_id).data.metrics
@@ -84,7 +97,7 @@ def test_champion_moves_only_on_a_better_score_and_both_scores_are_logged(
     assert metrics["registry/promoted"] == 0.0
     assert tags["registry.champion_version"] == "1" and tags["registry.promoted"] == "false"
     assert decision.reason in tags["registry.reason"]
-    version_tags = client.get_model_version("ranker", "2").tags
+    version_tags = client.get_model_version(cfg.tracking.registered_model, "2").tags
     assert version_tags["promoted"] == "false" and float(version_tags["val_rank_ic"]) == 0.02
 
     run_id, _ = outcomes["3"]
@@ -106,7 +119,10 @@ def test_an_incomparable_champion_loses_and_says_why(cfg: PipelineConfig) -> Non
     tags = client.get_run(second).data.tags
     assert "feature set differs" in tags["registry.reason"]
     assert "registry/champion_val_rank_ic" not in client.get_run(second).data.metrics
-    assert str(client.get_model_version_by_alias("ranker", "champion").version) == "2"
+    assert (
+        str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
+        == "2"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,23 +155,23 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
     tiny: TinyData, trained: TrainResult, cfg: PipelineConfig, tmp_path: Path
 ) -> None:
     run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
-    batch = next(iter(eval_dataset(tiny.shard_dir, "test", run_cfg)))
-    example = tracking.model_input_example(batch, trained.model.input_keys)
     with tracking.tracked_run(run_cfg) as run_id:
-        _, version = tracking.log_ranker(
-            run_cfg, run_id, trained.model, trained.dims, example, trained.feature_names
-        )
-        scorer = registry.pyfunc_champion_scorer(tiny.shard_dir, run_cfg)
-        first = registry.promote_if_better(
-            run_cfg, run_id, version, trained.best_val_rank_ic, scorer
-        )
+        first = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
     assert first.promoted
 
+    batch = next(iter(eval_dataset(tiny.shard_dir, "test", run_cfg)))
     inputs = tmp_path / "batch.npz"
     np.savez(inputs, **{k: batch[k].numpy() for k in trained.model.input_keys})
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS, cfg.tracking.tracking_uri, "ranker", str(inputs)],
+        [
+            sys.executable,
+            "-c",
+            _FRESH_PROCESS,
+            cfg.tracking.tracking_uri,
+            cfg.tracking.registered_model,
+            str(inputs),
+        ],
         cwd=tmp_path,  # not the repo: the model must bring its own code
         env=env,
         capture_output=True,
@@ -172,14 +188,24 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
 
     # The same weights registered again: the champion re-scored on this window ties, so it stays.
     with tracking.tracked_run(run_cfg) as run_id:
-        _, again = tracking.log_ranker(
-            run_cfg, run_id, trained.model, trained.dims, example, trained.feature_names
-        )
-        second = registry.promote_if_better(
-            run_cfg, run_id, again, trained.best_val_rank_ic, scorer
-        )
-    assert second.champion_version == version
+        second = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
+    assert second.champion_version == first.new_version
     assert second.champion_score == pytest.approx(trained.best_val_rank_ic, abs=1e-9)
     assert not second.promoted
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
-    assert str(client.get_model_version_by_alias("ranker", "champion").version) == version
+    assert (
+        str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
+        == "1"
+    )
+
+
+def test_a_champion_with_another_feature_set_cannot_be_scored(
+    tiny: TinyData, trained: TrainResult, cfg: PipelineConfig, tmp_path: Path
+) -> None:
+    run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
+    with tracking.tracked_run(run_cfg) as run_id:
+        registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
+    other = build_tiny_shards(tmp_path, "features.factors=[KMID, KLEN, ROC]")
+    scorer = registry.pyfunc_champion_scorer(other.shard_dir, run_cfg)
+    with pytest.raises(registry.IncompatibleChampion, match="feature set differs"):
+        scorer(f"models:/{cfg.tracking.registered_model}@champion")

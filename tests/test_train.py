@@ -11,7 +11,7 @@ import torch
 
 from model.data import ShardSetInfo
 from tasks import tracking
-from tasks.evaluate import ic_metrics, predict
+from tasks.evaluate import evaluate_and_log, ic_metrics, predict
 from tasks.train import (
     CHECKPOINT_NAME,
     TrainProgress,
@@ -155,3 +155,33 @@ def test_device_selection() -> None:
         assert select_device("auto").type in ("cpu", "mps")
         with pytest.raises(RuntimeError, match=r"train\.device"):
             select_device("cuda")
+
+
+def test_evaluation_of_the_trained_model_is_logged_per_split(
+    tiny: TinyData, reference: TrainResult, mlflow_uri: str
+) -> None:
+    cfg = tiny.cfg.model_copy(update={"tracking": tiny.cfg.tracking.model_copy()})
+    cfg.tracking.tracking_uri = mlflow_uri
+    with tracking.tracked_run(cfg) as run_id:
+        flat = evaluate_and_log(reference.model, tiny.shard_dir, cfg, run_id, oracle=tiny.oracle)
+    run = mlflow.MlflowClient(mlflow_uri).get_run(run_id)
+    for split in ("valid", "test"):
+        for key in (
+            "ic",
+            "rank_ic",
+            "icir",
+            "rank_icir",
+            "accuracy",
+            "macro_f1",
+            "ls_ann_return",
+            "ls_sharpe",
+            "max_drawdown",
+            "oracle_ic",
+            "oracle_rank_ic",
+            "rank_ic_vs_oracle",
+        ):
+            assert run.data.metrics[f"{split}/{key}"] == pytest.approx(flat[f"{split}/{key}"])
+    assert flat["valid/rank_ic"] == pytest.approx(reference.best_val_rank_ic)
+    assert flat["test/oracle_rank_ic"] > flat["test/rank_ic"]  # the oracle knows the truth
+    plots = mlflow.MlflowClient(mlflow_uri).list_artifacts(run_id, "plots/test")
+    assert {Path(p.path).name for p in plots} >= {"long_short_cumulative.png", "calibration.png"}
