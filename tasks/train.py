@@ -31,7 +31,6 @@ from prefect import task
 from torch import nn
 
 from model.batch import Batch
-from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.evaluate import ic_metrics, predict
 from tasks.hashing import hash_json, sha256_file
@@ -509,6 +508,8 @@ def _report_epoch(
 ) -> None:
     log.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in row.items()})
     if run_id is not None:
+        from tasks import tracking  # here, so training runs where MLflow is not installed
+
         metrics = {k: v for k, v in row.items() if k != "epoch"}
         tracking.log_metrics(cfg, run_id, metrics, step=epoch)
     if progress is not None:

@@ -1,0 +1,143 @@
+"""Which MLflow format for the ranker: pyfunc "models from code" or the PyTorch flavor's pt2?
+
+For each format: time to log (and register) the model, time for a fresh process to load it from
+the registry and score a batch, and whether those scores equal the in-memory model's.
+
+    .venv/bin/python benchmarks/model_format.py
+
+The last line prints the ratio of fresh-process load+score times (pt2 / pyfunc-from-code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlflow
+from mlflow.models import Model
+
+from model.data import ShardSetInfo
+from tasks import tracking
+from tasks.evaluate import eval_dataset, torch_scorer
+from tasks.train import build_model, model_dims
+from tests.helpers_train import build_tiny_shards
+
+_LOAD = """
+import json, sys, time
+started = time.perf_counter()
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+with np.load(sys.argv[3], allow_pickle=False) as data:
+    arrays = {key: data[key] for key in data.files}
+model = mlflow.pyfunc.load_model("models:/" + sys.argv[2] + "/1")
+if sys.argv[4] == "dict":
+    score = model.predict(arrays)["score"].to_numpy()
+else:
+    import torch
+    keys = json.loads(sys.argv[5])
+    logits = torch.as_tensor(np.asarray(model.predict([arrays[k] for k in keys])))
+    probs = torch.softmax(logits.float(), -1)
+    score = (probs @ torch.arange(4, dtype=probs.dtype)).numpy()
+print(json.dumps({"seconds": time.perf_counter() - started, "score": score.tolist()}))
+"""
+
+
+class Positional(torch.nn.Module):
+    """pt2 takes a list of tensors, the network a dict: this adapter maps one to the other."""
+
+    def __init__(self, net: torch.nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.net, self.keys = net, keys
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.net(dict(zip(self.keys, tensors, strict=True)))
+
+
+def fresh_load(uri: str, name: str, inputs: Path, mode: str, keys: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD, uri, name, str(inputs), mode, json.dumps(keys)],
+        cwd=inputs.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    work = Path(tempfile.mkdtemp(prefix="model-format-"))
+    tiny = build_tiny_shards(work / "shards")
+    cfg = tiny.cfg.model_copy(update={"tracking": tiny.cfg.tracking.model_copy()})
+    cfg.tracking.tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    info = ShardSetInfo.open(tiny.shard_dir)
+    torch.manual_seed(0)
+    net = build_model(info, cfg).eval()
+    batch = next(iter(eval_dataset(tiny.shard_dir, "test", cfg)))
+    keys = list(net.input_keys)
+    example = tracking.model_input_example(batch, keys)
+    expected, _ = torch_scorer(net)(batch)
+    inputs = work / "batch.npz"
+    np.savez(inputs, **{k: batch[k].numpy() for k in keys})
+    results = {}
+    with tracking.tracked_run(cfg) as run_id:
+        cfg.tracking.registered_model = "fmt-pyfunc"
+        started = time.perf_counter()
+        tracking.log_ranker(cfg, run_id, net, model_dims(info), example, info.feature_names)
+        results["pyfunc-from-code"] = {"log_seconds": time.perf_counter() - started}
+        started = time.perf_counter()
+        try:
+            Model.log(
+                artifact_path=None,
+                name="pt2",
+                flavor=mlflow.pytorch,
+                run_id=run_id,
+                pytorch_model=Positional(net, keys).eval(),
+                serialization_format="pt2",
+                input_example=[example[k] for k in keys],
+                pip_requirements=tracking.pip_requirements(),
+                registered_model_name="fmt-pt2",
+                await_registration_for=0,
+            )
+            results["pt2"] = {"log_seconds": time.perf_counter() - started}
+        except Exception as err:  # report, do not hide: this is what the comparison is about
+            results["pt2"] = {"log_error": f"{type(err).__name__}: {str(err)[:300]}"}
+    uri = cfg.tracking.tracking_uri
+    for label, name, mode in (
+        ("pyfunc-from-code", "fmt-pyfunc", "dict"),
+        ("pt2", "fmt-pt2", "list"),
+    ):
+        if "log_error" in results[label]:
+            continue
+        loaded = fresh_load(uri, name, inputs, mode, keys)
+        if "error" in loaded:
+            results[label]["load_error"] = loaded["error"]
+            continue
+        results[label]["fresh_load_and_score_seconds"] = round(loaded["seconds"], 2)
+        diff = np.abs(np.asarray(loaded["score"]) - expected).max()
+        results[label]["max_abs_score_diff"] = float(diff)
+        results[label]["batch_rows"] = len(expected)
+    for label, row in results.items():
+        print(label, json.dumps(row))
+    a = results["pyfunc-from-code"].get("fresh_load_and_score_seconds")
+    b = results["pt2"].get("fresh_load_and_score_seconds")
+    ratio = f"{b / a:.2f}" if a and b else "n/a (pt2 failed, see above)"
+    print(f"fresh-process load+score time, pt2 / pyfunc-from-code: {ratio}")
+
+
+if __name__ == "__main__":
+    main()
