@@ -292,6 +292,8 @@ def write_shard(
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
         "symbols": np.unique(arrays.symbol).tolist(),
+        "first_date": str(np.datetime64(int(arrays.date.min()), "D")),
+        "last_date": str(np.datetime64(int(arrays.date.max()), "D")),
         "windows": window_histograms(arrays, window),
     }
 
@@ -333,9 +335,50 @@ def write_side_tables(
     return {name: sha256_file(out / name) for name in (SYMBOLS_NAME, NAMES_NAME, TEXT_NAME)}
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json; call it last, since its presence is what marks a set complete."""
-    (out / MANIFEST_NAME).write_text(json.dumps(_jsonable(manifest), indent=1, allow_nan=False))
+def write_manifest(
+    out: Path,
+    *,
+    key: str,
+    cfg: ShardsSection,
+    feature_names: list[str],
+    entries: list[dict[str, Any]],
+    side_tables: dict[str, str],
+    text_dim: int,
+    n_symbols: int,
+    n_industries: int,
+    n_indices: int,
+    split_dates: dict[str, Any],
+    stats: dict[str, Any],
+    source_hash: str,
+) -> dict[str, Any]:
+    """Assemble and write manifest.json. Call it last: its presence marks the set complete."""
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "key": key,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "feature_names": feature_names,
+        "n_features": len(feature_names),
+        "x_layout": X_LAYOUT,
+        "window": cfg.window,
+        "text_dim": text_dim,
+        "n_symbols": n_symbols,
+        "n_industries": n_industries,
+        "n_indices": n_indices,
+        "rows": sum(entry["rows"] for entry in entries),
+        "first_date": min(entry["first_date"] for entry in entries),
+        "last_date": max(entry["last_date"] for entry in entries),
+        "splits": split_dates,
+        "stats": stats,
+        "source_hash": source_hash,
+        "code_version": code_version(sys.modules[__name__], data_format),
+        "config": cfg.model_dump(mode="json"),
+        "side_tables": side_tables,
+        "windows": summarize_windows(entries, cfg.window),
+        "shards": entries,
+    }
+    manifest = _jsonable(manifest)
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    return manifest
 
 
 def summarize_windows(entries: list[dict[str, Any]], window: int) -> dict[str, list[int]]:
@@ -438,30 +481,18 @@ def build_shards(
         )
         write_manifest(
             tmp,
-            {
-                "schema_version": SCHEMA_VERSION,
-                "key": key,
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "feature_names": feature_names,
-                "n_features": len(feature_names),
-                "x_layout": X_LAYOUT,
-                "window": cfg.window,
-                "text_dim": int(vectors.shape[1]),
-                "n_symbols": len(symbols),
-                "n_industries": len(industries),
-                "n_indices": len(indices),
-                "rows": len(frame),
-                "first_date": np.datetime64(int(days.min()), "D"),
-                "last_date": np.datetime64(int(days.max()), "D"),
-                "splits": split_dates,
-                "stats": stats,
-                "source_hash": source_hash,
-                "code_version": code_version(sys.modules[__name__], data_format),
-                "config": cfg.model_dump(mode="json"),
-                "side_tables": side,
-                "windows": summarize_windows(entries, cfg.window),
-                "shards": entries,
-            },
+            key=key,
+            cfg=cfg,
+            feature_names=feature_names,
+            entries=entries,
+            side_tables=side,
+            text_dim=int(vectors.shape[1]),
+            n_symbols=len(symbols),
+            n_industries=len(industries),
+            n_indices=len(indices),
+            split_dates=split_dates,
+            stats=stats,
+            source_hash=source_hash,
         )
     return final
 
