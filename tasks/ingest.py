@@ -604,6 +604,12 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
 # --------------------------------------------------------------------------- the stage
 
 
+def load_saved_oracle(market: StageRef) -> pd.DataFrame | None:
+    """The generator's true expected returns of a saved market, or None for real data."""
+    meta = _read_meta(market.dir)
+    return pd.read_parquet(market.dir / "oracle.parquet") if meta["has_oracle"] else None
+
+
 def min_history_for(cfg: PipelineConfig) -> int:
     """Rows a symbol needs to be kept: one window plus the label horizon."""
     return cfg.shards.window + cfg.features.label.horizon

@@ -1,0 +1,210 @@
+"""The `alphaloom` command line: one entry point for every flow and tool.
+
+Imports are deferred into each command so `alphaloom --help` and `alphaloom synth` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.ingest import DataValidationError
+
+# Prefect's temporary server needs longer than its default 20 s to start on small machines.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _set_env_defaults() -> None:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, args.overrides)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--config", default=default, help=f"YAML config (default: {default})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set train.epochs=3",
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write (or extend) the synthetic market as files in the format real data uses."""
+    from tasks.synthetic import extend_market, generate_market, oracle_rank_ic, write_market
+
+    out = Path(args.out)
+    if args.extend_days:
+        market = extend_market(out, args.extend_days)
+        print(f"extended {out} by {args.extend_days} days -> {market.bars['date'].nunique()} days")
+        return 0
+    cfg = _config(args)
+    market = generate_market(cfg.data.synthetic)
+    write_market(market, out, cfg.data.synthetic)
+    print(
+        f"wrote {market.bars['symbol'].nunique()} symbols x {market.bars['date'].nunique()} days "
+        f"to {out} (oracle daily Rank IC {oracle_rank_ic(market):.3f})"
+    )
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """Ingest the configured data and build the factor table (no Prefect server needed)."""
+    from tasks.features import run_features_stage
+    from tasks.ingest import run_ingest_stage
+
+    cfg = _config(args)
+    market = run_ingest_stage(cfg)
+    features = run_features_stage(market, cfg)
+    print(f"market:   {market.path}")
+    print(f"features: {features.path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the whole training pipeline as a Prefect flow."""
+    from flows.pipeline import train_pipeline
+
+    cfg = _config(args)
+    summary = train_pipeline(cfg)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score every symbol on the latest date with the champion model."""
+    from flows.score import score_latest
+
+    cfg = _config(args)
+    result = score_latest(cfg)
+    print(f"scored {result['n_symbols']} symbols for {result['date']}")
+    print(f"ranked scores: {result['parquet']}")
+    print(f"               {result['csv']}")
+    return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """Run the nightly retrain once, now."""
+    from flows.nightly import nightly_retrain
+
+    cfg = _config(args)
+    _print_summary(nightly_retrain(cfg))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the MLflow UI on 127.0.0.1 against the project's tracking store."""
+    from tasks.tracking import ui_command
+
+    cfg = _config(args)
+    command = ui_command(cfg, port=args.port)
+    print("starting:", " ".join(command))
+    os.execvp(command[0], command)
+    return 0  # pragma: no cover - execvp does not return
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the nightly-retrain and score-latest deployments from this one process."""
+    from flows.serve import serve_deployments
+
+    serve_deployments(args.config, cron=args.cron, timezone=args.timezone)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print()
+    print(f"MLflow run:      {summary.get('run_id')}  (experiment '{summary.get('experiment')}')")
+    if summary.get("run_url"):
+        print(f"                 {summary['run_url']}")
+    print("Open the UI:     alphaloom ui   (serves http://127.0.0.1:5000 by default)")
+    metrics = summary.get("metrics", {})
+    for key in (
+        "test/rank_ic",
+        "test/oracle_rank_ic",
+        "test/ic",
+        "test/rank_icir",
+        "test/ls_sharpe",
+        "test/accuracy",
+    ):
+        if key in metrics:
+            print(f"{key:<22}{metrics[key]: .4f}")
+    if "promoted" in summary:
+        print(f"champion moved:  {summary['promoted']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="alphaloom", description="Rank stocks with a deep sequence model."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="write the synthetic market as files")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--extend-days", type=int, default=0, help="append N days to --out")
+    _add_config_arguments(synth, None)
+    synth.set_defaults(func=cmd_synth)
+
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("features", "ingest data and build the factor table", cmd_features),
+        ("run", "run the training pipeline", cmd_run),
+        ("score", "score the latest date with the champion", cmd_score),
+        ("nightly", "run the nightly retrain once, now", cmd_nightly),
+    ]
+    for name, help_text, func in commands:
+        command = sub.add_parser(name, help=help_text)
+        _add_config_arguments(command, "configs/default.yaml")
+        command.set_defaults(func=func)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    _add_config_arguments(ui, "configs/default.yaml")
+    ui.add_argument("--port", type=int, default=None, help="default: tracking.ui_port (5000)")
+    ui.set_defaults(func=cmd_ui)
+
+    serve = sub.add_parser("serve", help="serve the scheduled deployments in this process")
+    serve.add_argument("--config", default="configs/default.yaml")
+    serve.add_argument("--cron", default="0 22 * * 1-5", help="nightly retrain schedule")
+    serve.add_argument("--timezone", default="America/New_York")
+    serve.set_defaults(func=cmd_serve, overrides=[])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `alphaloom` console script."""
+    _set_env_defaults()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"alphaloom: config error:\n{err}", file=sys.stderr)
+        return 2
+    except DataValidationError as err:
+        print(f"alphaloom: bad input data:\n{err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The nightly retrain: refreshed data in, rebuild what changed, retrain, promote, score."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline import data_stages, model_stages, resolve_config
+from tasks.config import PipelineConfig
+from tasks.scoring import score_task
+
+
+@flow(name="nightly-retrain", log_prints=True)
+def nightly_retrain(
+    config: PipelineConfig | None = None, config_path: str | None = None
+) -> dict[str, Any]:
+    """Retrain on the data as it is tonight; the champion moves only if the new model is better."""
+    cfg = resolve_config(config, config_path).model_copy(deep=True)
+    cfg.tracking.trigger = "nightly"
+    market, shards = data_stages(cfg)
+    summary = model_stages(cfg, market, shards)
+    summary["scores"] = score_task(cfg, shards.path)
+    return summary

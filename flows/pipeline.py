@@ -1,0 +1,62 @@
+"""The training pipeline: ingest -> features -> text -> shards -> train -> evaluate -> register.
+
+Composition only: every stage is a task from tasks/. The data stages are cached on the content
+of their inputs, their config section and their code, so a rerun with the same data and config
+skips them (Prefect logs `Cached`) and a change rebuilds exactly what depends on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.caching import StageRef
+from tasks.config import PipelineConfig, load_config
+from tasks.evaluate import evaluate_task
+from tasks.features import features_task
+from tasks.ingest import ingest_task, load_saved_oracle
+from tasks.registry import register_task
+from tasks.report import publish_summary, run_summary
+from tasks.shards import shards_task
+from tasks.text import text_task
+from tasks.tracking import log_shard_dataset, run_tags, tracked_run
+from tasks.train import checkpoint_dir_for, train_task
+
+
+def resolve_config(config: PipelineConfig | None, config_path: str | None) -> PipelineConfig:
+    """A flow's config: the model given, else the YAML file given, else the defaults."""
+    if config is not None:
+        return config
+    return load_config(config_path)
+
+
+def data_stages(cfg: PipelineConfig) -> tuple[StageRef, StageRef]:
+    """Run (or reuse) the data stages; return the market and the shard set."""
+    market = ingest_task(cfg)
+    features = features_task(market, cfg)
+    text = text_task(market, cfg)
+    shards = shards_task(features, text, market, cfg)
+    return market, shards
+
+
+def model_stages(cfg: PipelineConfig, market: StageRef, shards: StageRef) -> dict[str, Any]:
+    """Train, evaluate and register inside one MLflow run (FAILED if any stage fails)."""
+    with tracked_run(cfg, run_tags(shards)) as run_id:
+        log_shard_dataset(cfg, run_id, shards.path)
+        result = train_task(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
+        metrics = evaluate_task(result.model, shards.path, cfg, run_id, load_saved_oracle(market))
+        decision = register_task(cfg, run_id, result, shards.path)
+    summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch)
+    publish_summary(summary)
+    return summary
+
+
+@flow(name="train-pipeline", log_prints=True)
+def train_pipeline(
+    config: PipelineConfig | None = None, config_path: str | None = None
+) -> dict[str, Any]:
+    """Train, evaluate and register a ranker on the configured data."""
+    cfg = resolve_config(config, config_path)
+    market, shards = data_stages(cfg)
+    return model_stages(cfg, market, shards)

@@ -1,0 +1,19 @@
+"""Score the latest date with the champion model and write a ranked parquet + CSV."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.pipeline import data_stages, resolve_config
+from tasks.config import PipelineConfig
+from tasks.scoring import score_task
+
+
+@flow(name="score-latest", log_prints=True)
+def score_latest(
+    config: PipelineConfig | None = None, config_path: str | None = None
+) -> dict[str, object]:
+    """Refresh the data stages (cached when unchanged), then rank every symbol on the last date."""
+    cfg = resolve_config(config, config_path)
+    _, shards = data_stages(cfg)
+    return score_task(cfg, shards.path)

@@ -1,0 +1,80 @@
+"""Training progress for people: tqdm bars in the terminal and a Prefect progress artifact.
+
+Why separate from training: the training loop only emits `TrainProgress` events; how they are
+shown (terminal, Prefect UI, nothing in tests) is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from tasks.train import TrainProgress
+
+log = logging.getLogger(__name__)
+
+
+class ProgressReporter:
+    """Epoch and batch bars on stderr plus a Prefect progress artifact updated once per epoch."""
+
+    def __init__(self, epochs: int, batches_per_epoch: int | None, artifact: bool = True) -> None:
+        self.epochs = epochs
+        self.batches_per_epoch = batches_per_epoch
+        disable = not sys.stderr.isatty()
+        self.epoch_bar = tqdm(total=epochs, desc="epochs", unit="epoch", disable=disable)
+        self.batch_bar = tqdm(
+            total=batches_per_epoch, desc="batches", unit="batch", leave=False, disable=disable
+        )
+        self.artifact_id: Any = None
+        if artifact:
+            self.artifact_id = _create_artifact()
+
+    def __call__(self, event: TrainProgress) -> None:
+        if event.phase == "batch":
+            self.batch_bar.update(1)
+            if event.metrics.get("loss") is not None:
+                self.batch_bar.set_postfix(loss=f"{event.metrics['loss']:.4f}", refresh=False)
+            return
+        self.batch_bar.reset(total=self.batches_per_epoch)
+        self.epoch_bar.update(1)
+        val = event.metrics.get("val/rank_ic")
+        if val is not None:
+            self.epoch_bar.set_postfix(val_rank_ic=f"{val:.4f}")
+        _update_artifact(self.artifact_id, 100.0 * (event.epoch + 1) / max(self.epochs, 1))
+
+    def close(self) -> None:
+        self.batch_bar.close()
+        self.epoch_bar.close()
+        _update_artifact(self.artifact_id, 100.0)
+
+
+def _create_artifact() -> Any:
+    """A Prefect progress artifact when inside a flow or task run, else None."""
+    try:
+        from prefect.artifacts import create_progress_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return None
+    try:
+        return create_progress_artifact(
+            progress=0.0, key="training-progress", description="Epochs completed"
+        )
+    except Exception as err:  # the UI nicety must never fail training
+        log.debug("no progress artifact: %s", err)
+        return None
+
+
+def _update_artifact(artifact_id: Any, progress: float) -> None:
+    if artifact_id is None:
+        return
+    from prefect.artifacts import update_progress_artifact
+
+    with contextlib.suppress(Exception):
+        update_progress_artifact(artifact_id=artifact_id, progress=min(progress, 100.0))
