@@ -643,6 +643,7 @@ class ShardedWindowDataset(IterableDataset):
     Modes:
     * `shuffle=True` (default for split "train"): pooled shuffling as described in the module
       docstring; memory is two pools (current + prefetched), independent of the data size.
+      Their two buffers stay with the dataset between epochs, so later epochs reuse them.
     * `shuffle=False` (default otherwise): every window of the split, in (date, symbol) order.
       All shards are read one by one and only the rows the split's windows need (its own rows
       plus up to T-1 days of history per symbol) are kept, so memory is proportional to the
@@ -949,6 +950,10 @@ class WindowLoader:
     On CUDA, batches are pinned and copied with non_blocking=True so the copy overlaps the
     gathering of the next batch. This object counts the batches it hands out and so owns the
     resume state when workers are used.
+
+    num_workers=0 is usually the right choice: gathering is memcpy-bound and pools are already
+    prefetched by a thread. Workers each hold their own two pools and pay torch's per-tensor
+    inter-process cost (12 tensors per batch, ~2 ms each measured on a 2-core box).
     """
 
     def __init__(
