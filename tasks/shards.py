@@ -37,8 +37,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 import model.data as data_format
 from model.data import (
@@ -55,8 +53,8 @@ from model.data import (
     shard_table,
     window_histograms,
 )
-from tasks.caching import stage_key
-from tasks.config import LoaderSection, ShardsSection
+from tasks.caching import StageRef, stage_dir, stage_key, stage_task
+from tasks.config import LoaderSection, PipelineConfig, ShardsSection
 from tasks.hashing import code_version, hash_frame, hash_json, sha256_file
 from tasks.storage import atomic_dir
 
@@ -430,9 +428,12 @@ def build_shards(
     cfg: ShardsSection,
     root: str | Path,
     source_hash: str,
+    key: str | None = None,
 ) -> Path:
     """Write the feature table as a shard set under `root`; return its directory.
 
+    The directory is `root/<key>`; without `key` it is the hash of the inputs' content (the
+    pipeline passes its stage key, built from the upstream stages' keys, to skip that hashing).
     An existing complete set with the same key is returned as is, without rewriting. Bad input
     raises ShardBuildError naming the column; nothing partial is ever left behind.
     """
@@ -440,15 +441,16 @@ def build_shards(
     frame, codes, symbols, days = _validated_frame(frame, feature_names)
     industry, index, industries, indices = _categories(instruments, symbols)
     vectors, has_text = _text_table(text, symbols)
-    key = shard_set_key(
-        frame,
-        feature_names,
-        stats,
-        split_dates,
-        instruments,
-        (symbols.astype(str), vectors, has_text),
-        cfg,
-    )
+    if key is None:
+        key = shard_set_key(
+            frame,
+            feature_names,
+            stats,
+            split_dates,
+            instruments,
+            (symbols.astype(str), vectors, has_text),
+            cfg,
+        )
     final = Path(root) / key
     if (final / MANIFEST_NAME).is_file():
         return final
@@ -504,6 +506,7 @@ def build_shards_from(
     cfg: ShardsSection,
     root: str | Path,
     source_hash: str,
+    key: str | None = None,
 ) -> Path:
     """`build_shards` for any object with frame / feature_names / stats / split_dates."""
     return build_shards(
@@ -516,20 +519,53 @@ def build_shards_from(
         cfg,
         root,
         source_hash,
+        key,
     )
 
 
-@task(name="build-shards", cache_policy=NO_CACHE, retries=1)
-def build_shards_task(
-    table: FeatureTableLike,
-    instruments: pd.DataFrame | None,
-    text: TextLike | None,
-    cfg: ShardsSection,
-    root: str,
-    source_hash: str,
-) -> str:
-    """Prefect wrapper; the content-addressed directory is the cache, so Prefect's own is off."""
-    return str(build_shards_from(table, instruments, text, cfg, root, source_hash))
+def shards_location(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> tuple[str, Path]:
+    """The shards stage's key: the features' and text's keys + shards section + code version.
+
+    The market is a parameter only for its instruments and source hash, which those two keys
+    already cover.
+    """
+    modules = (sys.modules[__name__], data_format)
+    key = stage_key(
+        "shards", [features.key, text.key], cfg.shards, modules, extra=f"schema{SCHEMA_VERSION}"
+    )
+    return key, stage_dir(cfg.work_dir, "shards", key)
+
+
+def run_shards_stage(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> StageRef:
+    """Write the shard set of a feature table under `<work_dir>/shards/<key>` (reused if there)."""
+    from tasks.features import load_feature_table
+    from tasks.text import load_text_vectors
+
+    key, out = shards_location(features, text, market, cfg)
+    if not (out / MANIFEST_NAME).is_file():
+        meta = json.loads((market.dir / "meta.json").read_text())
+        build_shards_from(
+            load_feature_table(features.dir),
+            pd.read_parquet(market.dir / "instruments.parquet"),
+            load_text_vectors(text.dir),
+            cfg.shards,
+            out.parent,
+            meta["source_hash"],
+            key=key,
+        )
+    return StageRef(stage="shards", key=key, path=str(out))
+
+
+@stage_task("shards", shards_location)
+def shards_task(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> StageRef:
+    """Prefect task: cached on the upstream keys, the shards section and the code."""
+    return run_shards_stage(features, text, market, cfg)
 
 
 def open_loader(
