@@ -195,6 +195,7 @@ class TrainSection(Section):
     max_batches_per_epoch: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1)
     checkpoint_every_batches: int | None = Field(None, ge=1, description="also mid-epoch")
+    progress_every_batches: int = Field(10, ge=1, description="progress callback cadence")
 
 
 class EvaluateSection(Section):

@@ -204,7 +204,7 @@ def fingerprint(cfg: PipelineConfig, shard_dir: str | Path) -> str:
         name: getattr(cfg, name).model_dump(mode="json")
         for name in ("model", "loss", "loader", "train")
     }
-    for volatile in ("device", "num_threads", "checkpoint_every_batches"):
+    for volatile in ("device", "num_threads", "checkpoint_every_batches", "progress_every_batches"):
         sections["train"].pop(volatile, None)  # resuming on another device is fine
     sections["loader"].pop("num_workers", None)
     sections["loader"].pop("prefetch", None)
@@ -363,8 +363,12 @@ def _join_context(model: nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> dict[str, float]:
-    """Forward (bf16 autocast on CUDA), loss in float32, backward, clip, step."""
+def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> torch.Tensor:
+    """Forward (bf16 autocast on CUDA), loss in float32, backward, clip, step.
+
+    Returns the detached loss terms [3] on the device: reading them would force a GPU sync
+    per step, which stops the loader's CPU work from overlapping the GPU's.
+    """
     model, optimizer = parts["model"], parts["optimizer"]
     with _autocast(parts["device"]):
         logits = model(batch)
@@ -374,17 +378,21 @@ def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> dic
     if cfg.train.grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
-    return {key: float(terms[key].detach()) for key in LOSS_TERMS}
+    return torch.stack([terms[key].detach() for key in LOSS_TERMS])
 
 
 def train_epoch(
     parts: dict[str, Any],
     state: _State,
     cfg: PipelineConfig,
-    on_batch: Callable[[], None],
+    on_batch: Callable[[Callable[[], None]], None],
     progress: ProgressFn | None,
 ) -> dict[str, float]:
-    """Train `state.epoch` from batch `state.batch` on; returns sample-weighted mean losses."""
+    """Train `state.epoch` from batch `state.batch` on; returns sample-weighted mean losses.
+
+    Loss sums accumulate on the device and are folded into `state` (`flush`) only before a
+    checkpoint and at the end, so the loop never waits for the GPU.
+    """
     loader = parts["loader"]
     if state.batch == 0:
         loader.set_epoch(state.epoch)
@@ -393,6 +401,14 @@ def train_epoch(
     parts["model"].train()
     parts["loss"].train()
     limit = cfg.train.max_batches_per_epoch
+    every = cfg.train.progress_every_batches
+    acc = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=parts["device"])
+
+    def flush() -> None:
+        for key, value in zip(LOSS_TERMS, acc.tolist(), strict=True):
+            state.sums[key] += value
+        acc.zero_()
+
     stream = iter(loader)
     try:
         with _join_context(parts["model"]):
@@ -402,20 +418,20 @@ def train_epoch(
                     break
                 terms = _train_step(parts, batch, cfg)
                 rows = int(batch["label"].shape[0])
+                acc += terms.double() * rows
                 state.seen += rows
-                for key in LOSS_TERMS:
-                    state.sums[key] += terms[key] * rows
                 state.batch += 1
-                on_batch()
-                if progress is not None:
-                    event = TrainProgress(
-                        "batch", state.epoch, cfg.train.epochs, state.batch, terms
+                on_batch(flush)
+                if progress is not None and state.batch % every == 0:
+                    metrics = dict(zip(LOSS_TERMS, terms.tolist(), strict=True))
+                    progress(
+                        TrainProgress("batch", state.epoch, cfg.train.epochs, state.batch, metrics)
                     )
-                    progress(event)
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()  # stops the prefetch thread of a half-consumed pool
+    flush()
     if state.seen == 0:
         raise RuntimeError(f"epoch {state.epoch}: the training loader yielded no batch")
     return {key: state.sums[key] / state.seen for key in LOSS_TERMS}
@@ -476,19 +492,22 @@ def train_model(
     resumed_at = (state.epoch, state.batch) if resumed else None
     every = cfg.train.checkpoint_every_batches
 
-    def on_batch() -> None:
+    def on_batch(flush: Callable[[], None]) -> None:
         if rank == 0 and every is not None and state.batch % every == 0:
+            flush()
             save_checkpoint(ckpt_path, state, parts, fp)
 
     while not state.finished:
         started = time.perf_counter()
         train_terms = train_epoch(parts, state, cfg, on_batch, progress)
+        trained = time.perf_counter()
         lr = parts["optimizer"].param_groups[0]["lr"]
         parts["scheduler"].step()
         if rank == 0:
             val = validate(_unwrap(parts["model"]), shard_dir, cfg, device)
             epoch = state.epoch
             row = _close_epoch(state, train_terms, val, lr, parts["model"], cfg)
+            row["train_seconds"] = trained - started
             row["epoch_seconds"] = time.perf_counter() - started
             save_checkpoint(ckpt_path, state, parts, fp)
             _report_epoch(cfg, run_id, epoch, row, progress)
@@ -524,8 +543,9 @@ def _result(
         model.load_state_dict(state.best_state)
     model.eval()
     best_path = checkpoint_dir / BEST_STATE_NAME
-    with atomic_file(best_path) as tmp:
-        torch.save(_cpu_state(model), tmp)
+    if dist_info()[0] == 0:
+        with atomic_file(best_path) as tmp:
+            torch.save(_cpu_state(model), tmp)
     info = parts["info"]
     return TrainResult(
         model=model,

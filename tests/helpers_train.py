@@ -22,6 +22,7 @@ TINY_OVERRIDES = [
     "train.epochs=3",
     "train.patience=3",
     "train.max_batches_per_epoch=12",
+    "train.progress_every_batches=1",
 ]
 
 
