@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from model.batch import NUM_CLASSES, Batch, move_batch
 from tasks.config import EvaluateSection, PipelineConfig
@@ -449,7 +450,7 @@ def evaluate_and_log(
     return flat
 
 
-@task(name="evaluate", retries=1, timeout_seconds=3600, persist_result=False)
+@task(name="evaluate", retries=1, timeout_seconds=3600, persist_result=False, cache_policy=NO_CACHE)
 def evaluate_task(
     model: torch.nn.Module,
     shard_dir: str,

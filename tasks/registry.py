@@ -21,6 +21,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks import tracking
 from tasks.config import PipelineConfig
@@ -201,7 +202,13 @@ def register_and_promote(
     return promote_if_better(cfg, run_id, version, result.best_val_rank_ic, scorer)
 
 
-@task(name="register-model", retries=1, timeout_seconds=1800, persist_result=False)
+@task(
+    name="register-model",
+    retries=1,
+    timeout_seconds=1800,
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
 def register_task(
     cfg: PipelineConfig, run_id: str, result: TrainResult, shard_dir: str
 ) -> PromotionDecision | None:

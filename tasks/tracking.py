@@ -40,7 +40,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from tasks.config import PipelineConfig
-from tasks.hashing import sha256_file
+from tasks.hashing import code_version, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ TAG_CODE_VERSION = "alphaloom.code_version"
 TAG_TRIGGER = "alphaloom.trigger"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_SHARD_DIR = "alphaloom.shard_dir"
+TAG_SHARD_KEY = "alphaloom.shard_key"
 _MAX_PARAM_CHARS = 6000
 _BATCH_LIMIT = 900
 _READY_STORES: set[str] = set()
@@ -179,6 +180,37 @@ def git_commit(root: Path = REPO_ROOT) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None
+
+
+def model_code_version() -> str:
+    """Hash of the code that turns a shard set into a model (training through registry)."""
+    import importlib
+
+    names = (
+        "model.network",
+        "model.losses",
+        "model.data",
+        "tasks.train",
+        "tasks.evaluate",
+        "tasks.tracking",
+        "tasks.registry",
+    )
+    return code_version(*(importlib.import_module(name) for name in names))
+
+
+def run_tags(shards: Any) -> dict[str, str]:
+    """Run tags for a shard set (a `StageRef` or a directory): data hash, shard key, code.
+
+    The data hash is the source-data hash recorded in the shard manifest; the code version
+    covers the model-side modules (the data side is in the shard key).
+    """
+    shard_dir = Path(getattr(shards, "path", shards))
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    return {
+        TAG_DATA_HASH: str(manifest.get("source_hash", "")),
+        TAG_SHARD_KEY: str(getattr(shards, "key", shard_dir.name)),
+        TAG_CODE_VERSION: model_code_version(),
+    }
 
 
 def start_run(

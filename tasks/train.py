@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from model.batch import Batch
@@ -564,7 +565,20 @@ def _result(
 # Prefect wrapper
 
 
-@task(name="train-model", retries=2, retry_delay_seconds=5, timeout_seconds=12 * 3600)
+def checkpoint_dir_for(cfg: PipelineConfig, run_id: str) -> Path:
+    """`<work_dir>/checkpoints/<run id>`: a retried task of this run resumes there; another run
+    starts fresh (its checkpoint would be for other data or settings anyway)."""
+    return Path(cfg.work_dir) / "checkpoints" / run_id
+
+
+@task(
+    name="train-model",
+    retries=2,
+    retry_delay_seconds=5,
+    timeout_seconds=12 * 3600,
+    cache_policy=NO_CACHE,  # side effects (MLflow metrics); the checkpoint is the cache
+    persist_result=False,  # the result holds a live nn.Module
+)
 def train_task(
     shard_dir: str, cfg: PipelineConfig, checkpoint_dir: str, run_id: str | None = None
 ) -> TrainResult:

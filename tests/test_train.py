@@ -19,6 +19,7 @@ from tasks.train import (
     _close_epoch,
     _State,
     build_model,
+    checkpoint_dir_for,
     load_checkpoint,
     select_device,
     train_model,
@@ -119,12 +120,17 @@ def test_a_checkpoint_for_other_settings_is_not_resumed(tiny: TinyData, tmp_path
 def test_epoch_metrics_reach_mlflow_with_the_epoch_as_step(
     tiny: TinyData, tmp_path: Path, mlflow_uri: str
 ) -> None:
-    cfg = tiny_config("train.epochs=2", "train.max_batches_per_epoch=2")
+    cfg = tiny_config("train.epochs=2", "train.max_batches_per_epoch=2", f"work_dir={tmp_path}")
     cfg.tracking.tracking_uri = mlflow_uri
     events: list[TrainProgress] = []
-    with tracking.tracked_run(cfg) as run_id:
-        result = train_model(tiny.shard_dir, cfg, tmp_path, run_id=run_id, progress=events.append)
+    with tracking.tracked_run(cfg, tracking.run_tags(tiny.shard_dir)) as run_id:
+        ckpt = checkpoint_dir_for(cfg, run_id)
+        result = train_model(tiny.shard_dir, cfg, ckpt, run_id=run_id, progress=events.append)
     client = mlflow.MlflowClient(mlflow_uri)
+    tags = client.get_run(run_id).data.tags
+    assert tags[tracking.TAG_DATA_HASH] == "tiny"  # the source hash the shards were built with
+    assert tags[tracking.TAG_CODE_VERSION] == tracking.model_code_version()
+    assert (ckpt / CHECKPOINT_NAME).is_file() and run_id in str(ckpt)
     for key in ("train/loss", "train/focal", "train/distance", "val/ic", "val/rank_ic", "lr"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [0, 1], key
