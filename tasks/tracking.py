@@ -325,7 +325,7 @@ def log_shard_dataset(
     cfg: PipelineConfig, run_id: str, shard_dir: str | Path, context: str = "training"
 ) -> None:
     """Record the shard set as the run's dataset input (digest = sha256 of its manifest)."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     manifest_path = Path(shard_dir) / "manifest.json"
@@ -334,8 +334,9 @@ def log_shard_dataset(
     manifest = json.loads(manifest_path.read_text())
     features = manifest.get("feature_names") or []
     schema = Schema([ColSpec("double", str(name)) for name in features]) if features else None
+    local = [s for s in get_registered_sources() if s._get_source_type() == "local"][:1]
     dataset = MetaDataset(
-        source=resolve_dataset_source(str(Path(shard_dir).resolve())),
+        source=resolve_dataset_source(str(Path(shard_dir).resolve()), candidate_sources=local),
         name=f"shards-{Path(shard_dir).name}",
         digest=sha256_file(manifest_path)[:20],
         schema=schema,
@@ -444,7 +445,17 @@ def log_ranker(
     `feature_names` are recorded so the registry can tell whether a later shard set still fits.
     Returns (model URI, registered version or None).
     """
-    client_for(cfg)
+    client = client_for(cfg)
+    run = client.get_run(run_id)
+    # Created here so the model lives in the run's experiment: Model.log would otherwise put it
+    # in the fluent "current" experiment (Default, artifacts under ./mlruns) in this thread.
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name="model",
+        source_run_id=run_id,
+        params=dict(run.data.params),
+        model_type="alphaloom-ranker",
+    )
     spec = {
         "model": cfg.model.model_dump(mode="json"),
         "dims": {k: int(v) for k, v in dims.items()},
@@ -474,6 +485,7 @@ def log_ranker(
             input_example=dict(example) if with_example else None,
             registered_model_name=cfg.tracking.registered_model if register else None,
             await_registration_for=0,
+            model_id=logged.model_id,
         )
     version = info.registered_model_version
     log.info("logged model %s (version %s)", info.model_uri, version)

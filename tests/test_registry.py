@@ -158,6 +158,12 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
     with tracking.tracked_run(run_cfg) as run_id:
         first = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
     assert first.promoted
+    client = tracking.client_for(run_cfg)
+    version = client.get_model_version(cfg.tracking.registered_model, first.new_version)
+    run = client.get_run(run_id)
+    (output,) = run.outputs.model_outputs  # the run's logged model, in the run's experiment
+    assert client.get_logged_model(output.model_id).experiment_id == run.info.experiment_id
+    assert version.source == f"models:/{output.model_id}" and version.run_id == run_id
 
     batch = next(iter(eval_dataset(tiny.shard_dir, "test", run_cfg)))
     inputs = tmp_path / "batch.npz"

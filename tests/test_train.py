@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from model.data import ShardSetInfo
 from tasks import tracking
 from tasks.evaluate import evaluate_and_log, ic_metrics, predict
+from tasks.hashing import sha256_file
 from tasks.train import (
     CHECKPOINT_NAME,
     TrainProgress,
@@ -124,6 +126,7 @@ def test_epoch_metrics_reach_mlflow_with_the_epoch_as_step(
     cfg.tracking.tracking_uri = mlflow_uri
     events: list[TrainProgress] = []
     with tracking.tracked_run(cfg, tracking.run_tags(tiny.shard_dir)) as run_id:
+        tracking.log_shard_dataset(cfg, run_id, tiny.shard_dir)
         ckpt = checkpoint_dir_for(cfg, run_id)
         result = train_model(tiny.shard_dir, cfg, ckpt, run_id=run_id, progress=events.append)
     client = mlflow.MlflowClient(mlflow_uri)
@@ -131,6 +134,9 @@ def test_epoch_metrics_reach_mlflow_with_the_epoch_as_step(
     assert tags[tracking.TAG_DATA_HASH] == "tiny"  # the source hash the shards were built with
     assert tags[tracking.TAG_CODE_VERSION] == tracking.model_code_version()
     assert (ckpt / CHECKPOINT_NAME).is_file() and run_id in str(ckpt)
+    (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.digest == sha256_file(tiny.shard_dir / "manifest.json")[:20]
+    assert json.loads(dataset_input.dataset.schema)["mlflow_colspec"][0]["name"] == "KMID"
     for key in ("train/loss", "train/focal", "train/distance", "val/ic", "val/rank_ic", "lr"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [0, 1], key
