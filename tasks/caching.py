@@ -55,14 +55,22 @@ def stage_dir(work_dir: str | Path, stage: str, key: str) -> Path:
 def existing_output_cache_key(
     key_and_dir: Callable[[dict[str, Any]], tuple[str, Path]],
 ) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect `cache_key_fn`: stage key + output location while it exists, else a fresh key."""
+    """A Prefect `cache_key_fn`: the stage key + output location, unless the output vanished.
 
-    def cache_key_fn(_context: Any, parameters: dict[str, Any]) -> str:
+    A cached record whose output directory was deleted would hand downstream tasks a dangling
+    path, so in that case (and only then) the key is made unique and the task reruns.
+    """
+
+    def cache_key_fn(context: Any, parameters: dict[str, Any]) -> str:
         key, out_dir = key_and_dir(parameters)
+        cache_key = combine(key, str(out_dir.resolve()))
         if out_dir.is_dir():
-            return combine(key, str(out_dir.resolve()))
-        log.debug("no output at %s: forcing a rebuild of %s", out_dir, key)
-        return f"{key}-rebuild-{uuid.uuid4().hex}"
+            return cache_key
+        store = getattr(context, "result_store", None)
+        if store is not None and store.exists(cache_key):
+            log.info("output %s was deleted: rebuilding it", out_dir)
+            return f"{cache_key}-rebuild-{uuid.uuid4().hex}"
+        return cache_key
 
     return cache_key_fn
 
