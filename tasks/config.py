@@ -217,6 +217,22 @@ class TrackingSection(Section):
     ui_port: int = Field(5000, ge=1, le=65535)
 
 
+class RunnerSection(Section):
+    """Which Prefect task runner executes fanned-out stage tasks (docs/scaling.md)."""
+
+    kind: Literal["thread", "process", "dask"] = "thread"
+    workers: int = Field(2, ge=1, description="threads, processes or local Dask workers")
+    partitions: int = Field(1, ge=1, description="symbol partitions of features; 1 = one task")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler; None: local")
+    dask_processes: bool = Field(True, description="local Dask workers as processes, else threads")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunnerSection:
+        if self.dask_address and self.kind != "dask":
+            raise ValueError(f"runner.dask_address is set but runner.kind is {self.kind!r}")
+        return self
+
+
 class PipelineConfig(Section):
     """The whole pipeline's configuration; the flows take it as their one parameter."""
 
@@ -231,6 +247,7 @@ class PipelineConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    runner: RunnerSection = Field(default_factory=RunnerSection)
 
     @model_validator(mode="after")
     def _windows_fit(self) -> PipelineConfig:
