@@ -1,0 +1,68 @@
+"""Baselines and ablations side by side: every variant on the same shards, one MLflow parent run.
+
+Composition only: the data stages are the pipeline's (cached), each (variant, seed) is one
+`variant_task` inside its own child run, and the table is built and logged by tasks/compare.py.
+A failed variant fails its task and child run; the loop goes on and its row says failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline import data_stages, resolve_config
+from tasks.compare import (
+    DEFAULT_VARIANTS,
+    REFERENCE,
+    Variant,
+    check_variants,
+    log_comparison,
+    log_plan,
+    outcome_from_state,
+    parent_tags,
+    publish_comparison,
+    seed_list,
+    skipped_variants,
+    variant_task,
+)
+from tasks.config import PipelineConfig
+from tasks.ingest import load_saved_oracle
+from tasks.tracking import log_shard_dataset, run_tags, tracked_run
+
+
+@flow(name="compare-models", log_prints=True)
+def compare_models(
+    config: PipelineConfig | None = None,
+    config_path: str | None = None,
+    seeds: int = 3,
+    variants: Sequence[Variant] | None = None,
+    reference: str = REFERENCE,
+) -> dict[str, Any]:
+    """Train and evaluate every variant with `seeds` seeds; log the comparison to one parent run."""
+    cfg = resolve_config(config, config_path)
+    chosen = check_variants(variants or DEFAULT_VARIANTS)
+    seed_values = seed_list(cfg, seeds)
+    skipped = skipped_variants(chosen)
+    market, shards = data_stages(cfg)
+    oracle = load_saved_oracle(market)
+    shard_tags = run_tags(shards)
+    with tracked_run(cfg, parent_tags(shard_tags, seed_values), "compare") as parent_id:
+        log_shard_dataset(cfg, parent_id, shards.path)
+        log_plan(cfg, parent_id, chosen, seed_values)
+        outcomes = []
+        for variant in chosen:
+            if variant.name in skipped:
+                print(f"skipping {variant.name}: {skipped[variant.name]}")
+                continue
+            for seed in seed_values:
+                state = variant_task(
+                    cfg, variant, seed, parent_id, shards.path, oracle, shard_tags,
+                    return_state=True,
+                )  # fmt: skip
+                outcomes.append(outcome_from_state(state, variant, seed))
+        summary = log_comparison(cfg, parent_id, chosen, outcomes, seed_values, skipped, reference)
+    publish_comparison(summary)
+    print(summary["markdown"])
+    return summary
