@@ -89,6 +89,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_ddp(args: argparse.Namespace) -> int:
+    """Run the training pipeline with training under DDP (torchrun on this machine)."""
+    from flows.pipeline import train_pipeline_ddp
+
+    cfg = _config(args)
+    summary = train_pipeline_ddp(cfg, nproc_per_node=args.nproc_per_node, backend=args.backend)
+    _print_summary(summary)
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every symbol on the latest date with the champion model."""
     from flows.score import score_latest
@@ -107,6 +117,28 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     _print_summary(nightly_retrain(cfg))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train the full model, its ablations and the LightGBM baseline; compare them in MLflow."""
+    from flows.compare import compare_models
+    from tasks.baselines import INSTALL_HINT, lightgbm_available
+    from tasks.compare import DEFAULT_VARIANTS, CompareError, load_variants
+
+    cfg = _config(args)
+    try:
+        variants = load_variants(args.variants) if args.variants else list(DEFAULT_VARIANTS)
+    except CompareError as err:
+        print(f"alphaloom: {err}", file=sys.stderr)
+        return 2
+    if not lightgbm_available() and any(v.kind == "lightgbm" for v in variants):
+        print(f"LightGBM is not installed, so its baseline is skipped; install: {INSTALL_HINT}")
+    summary = compare_models(cfg, seeds=args.seeds, variants=variants)
+    print(f"\nMLflow parent run: {summary['parent_run_id']} ({summary['experiment']})")
+    if summary["failed"]:
+        print(f"failed variants: {', '.join(summary['failed'])}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -174,6 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         _add_config_arguments(command, "configs/default.yaml")
         command.set_defaults(func=func)
+
+    compare = sub.add_parser("compare", help="compare the model, its ablations and LightGBM")
+    _add_config_arguments(compare, "configs/default.yaml")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    compare.add_argument("--variants", default=None, help="YAML list of variants")
+    compare.set_defaults(func=cmd_compare)
+
+    ddp = sub.add_parser("train-ddp", help="run the training pipeline with DDP training")
+    _add_config_arguments(ddp, "configs/default.yaml")
+    ddp.add_argument(
+        "--nproc-per-node", type=int, default=2, help="training processes (one per GPU on CUDA)"
+    )
+    ddp.add_argument(
+        "--backend", choices=["auto", "gloo", "nccl"], default="auto", help="auto: NCCL on CUDA"
+    )
+    ddp.set_defaults(func=cmd_train_ddp)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     _add_config_arguments(ui, "configs/default.yaml")
