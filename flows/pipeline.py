@@ -7,21 +7,30 @@ skips them (Prefect logs `Cached`) and a change rebuilds exactly what depends on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 
 from tasks.caching import StageRef
 from tasks.config import PipelineConfig, load_config
+from tasks.distributed import Backend, train_ddp_task
 from tasks.evaluate import evaluate_task
 from tasks.features import features_task
 from tasks.ingest import ingest_task, load_saved_oracle
+from tasks.partitions import (
+    assemble_features_task,
+    plan_partitions_task,
+    raw_factors_task,
+    task_runner_for,
+)
 from tasks.registry import register_task
 from tasks.report import publish_summary, run_summary
 from tasks.shards import shards_task
 from tasks.text import text_task
 from tasks.tracking import log_shard_dataset, run_tags, tracked_run
-from tasks.train import checkpoint_dir_for, train_task
+from tasks.train import TrainResult, checkpoint_dir_for, train_task
 
 
 def resolve_config(config: PipelineConfig | None, config_path: str | None) -> PipelineConfig:
@@ -34,17 +43,38 @@ def resolve_config(config: PipelineConfig | None, config_path: str | None) -> Pi
 def data_stages(cfg: PipelineConfig) -> tuple[StageRef, StageRef]:
     """Run (or reuse) the data stages; return the market and the shard set."""
     market = ingest_task(cfg)
-    features = features_task(market, cfg)
+    features = features_stage(market, cfg)
     text = text_task(market, cfg)
     shards = shards_task(features, text, market, cfg)
     return market, shards
 
 
-def model_stages(cfg: PipelineConfig, market: StageRef, shards: StageRef) -> dict[str, Any]:
-    """Train, evaluate and register inside one MLflow run (FAILED if any stage fails)."""
+def features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """One features task, or with `runner.partitions` > 1 the fan-out on the configured runner."""
+    if cfg.runner.partitions == 1:
+        return features_task(market, cfg)
+    return features_fanout.with_options(task_runner=task_runner_for(cfg.runner))(market, cfg)
+
+
+@flow(name="features-fanout")
+def features_fanout(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """Per-partition factors mapped on the task runner, then the cross-sectional part once."""
+    partitions = plan_partitions_task(market, cfg)
+    raw = raw_factors_task.map(partitions, unmapped(cfg))
+    return assemble_features_task(market, raw, cfg)
+
+
+def model_stages(
+    cfg: PipelineConfig,
+    market: StageRef,
+    shards: StageRef,
+    train: Callable[..., TrainResult] = train_task,
+) -> dict[str, Any]:
+    """Train (`train_task`, or e.g. the DDP launcher), evaluate and register inside one MLflow
+    run (FAILED if any stage fails)."""
     with tracked_run(cfg, run_tags(shards)) as run_id:
         log_shard_dataset(cfg, run_id, shards.path)
-        result = train_task(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
+        result = train(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
         metrics = evaluate_task(result.model, shards.path, cfg, run_id, load_saved_oracle(market))
         decision = register_task(cfg, run_id, result, shards.path)
     summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch)
@@ -60,3 +90,17 @@ def train_pipeline(
     cfg = resolve_config(config, config_path)
     market, shards = data_stages(cfg)
     return model_stages(cfg, market, shards)
+
+
+@flow(name="train-pipeline-ddp", log_prints=True)
+def train_pipeline_ddp(
+    config: PipelineConfig | None = None,
+    config_path: str | None = None,
+    nproc_per_node: int = 2,
+    backend: Backend = "auto",
+) -> dict[str, Any]:
+    """The training pipeline with training run by torchrun (DDP) on this machine."""
+    cfg = resolve_config(config, config_path)
+    market, shards = data_stages(cfg)
+    train = partial(train_ddp_task, nproc_per_node=nproc_per_node, backend=backend)
+    return model_stages(cfg, market, shards, train)

@@ -1,0 +1,408 @@
+"""Training under torch.distributed (DDP): process group, torchrun entry point and launcher.
+
+Why torchrun: it is PyTorch's own launcher (rendezvous, per-worker RANK/WORLD_SIZE/LOCAL_RANK,
+elastic restarts), so nothing here re-implements process management. Two ways in:
+
+* `alphaloom train-ddp --nproc-per-node N` runs the whole pipeline with the training task
+  launched as `torchrun ... -m tasks.distributed` on this machine (bound to 127.0.0.1); the
+  parent then evaluates and registers the model rank 0 wrote.
+* `torchrun --nnodes M --nproc-per-node N ... -m tasks.distributed --config C --shards S`
+  runs the training step on any cluster torchrun can reach (the shard set and the checkpoint
+  directory must be on a filesystem every node sees).
+
+The training loop itself is tasks/train.py's `train_model`, which is rank-aware: the loader takes
+(rank, world size) from the process group, rank 0 validates, checkpoints and logs to MLflow, and
+every rank resumes from rank 0's checkpoint. Backend: NCCL when training on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import PipelineConfig, load_config
+from tasks.storage import write_text_atomic
+from tasks.train import (
+    BEST_STATE_NAME,
+    CHECKPOINT_NAME,
+    TrainResult,
+    build_model,
+    load_checkpoint,
+    model_dims,
+    select_device,
+    train_model,
+)
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "gloo", "nccl"]
+RESULT_NAME = "ddp_result.json"
+CONFIG_NAME = "ddp_config.yaml"
+LOCALHOST = "127.0.0.1"
+# The torchrun environment a worker needs; its absence means "not launched by torchrun".
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedLaunchError(RuntimeError):
+    """torchrun or a worker failed; the message says which command and where the logs are."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job: global rank, world size, local rank, its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+
+# ----------------------------------------------------------------------------------------------
+# process group
+
+
+def resolve_backend(requested: Backend, device: torch.device) -> str:
+    """NCCL for CUDA training, gloo otherwise; an explicit choice that cannot work is an error."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise ValueError(
+            f"backend 'nccl' needs CUDA but train.device resolves to {device.type!r}; "
+            "use --backend gloo (or auto) on CPU"
+        )
+    if requested == "gloo" and device.type == "cuda":
+        log.warning("gloo on CUDA works but is slower than NCCL")
+    return requested
+
+
+def worker_device(cfg: PipelineConfig, local_rank: int) -> torch.device:
+    """This worker's device: its own GPU (`cuda:<local rank>`) when training on CUDA."""
+    device = select_device(cfg.train.device)
+    if device.type == "cuda":
+        n_gpus = torch.cuda.device_count()
+        if local_rank >= n_gpus:
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU: this node has {n_gpus}; "
+                "start at most that many processes per node (--nproc-per-node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # so a bare "cuda" in train.py means this worker's GPU
+    return device
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment carries a torchrun (or spawn helper) rendezvous."""
+    return all(name in os.environ for name in _TORCHRUN_ENV)
+
+
+@contextlib.contextmanager
+def process_group(
+    cfg: PipelineConfig, backend: Backend = "auto", timeout_minutes: float = 30.0
+) -> Iterator[DistContext]:
+    """Join the job described by torchrun's environment variables; leave it on exit."""
+    missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"environment variable(s) {missing} are not set: start this under torchrun "
+            "(`torchrun --nproc-per-node N -m tasks.distributed ...`) or `alphaloom train-ddp`"
+        )
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = worker_device(cfg, local_rank)
+    chosen = resolve_backend(backend, device)
+    dist.init_process_group(
+        chosen,
+        init_method="env://",
+        rank=rank,
+        world_size=world,
+        timeout=dt.timedelta(minutes=timeout_minutes),
+        **({"device_id": device} if chosen == "nccl" else {}),
+    )
+    try:
+        yield DistContext(rank, world, local_rank, chosen, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port that is free on `host` right now (the OS picks it; bound to `host` only)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn_local(
+    fn: Callable[..., None], nprocs: int, args: tuple[Any, ...] = (), port: int | None = None
+) -> None:
+    """Run `fn(rank, *args)` in `nprocs` fresh processes with a localhost rendezvous set up.
+
+    torch.multiprocessing.spawn with the env:// variables torchrun would set (MASTER_ADDR is
+    127.0.0.1, so nothing listens beyond this machine). Tests and benchmarks use it to run
+    collectives without a subprocess CLI; a failure in any rank is raised here.
+    """
+    import torch.multiprocessing as mp
+
+    env = {
+        "MASTER_ADDR": LOCALHOST,
+        "MASTER_PORT": str(port or free_port()),
+        "WORLD_SIZE": str(nprocs),
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        mp.spawn(_spawned, args=(fn, args), nprocs=nprocs, join=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _spawned(rank: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
+    fn(rank, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker (what torchrun runs)
+
+
+def train_rank(
+    ctx: DistContext,
+    shard_dir: str,
+    cfg: PipelineConfig,
+    checkpoint_dir: str,
+    run_id: str | None = None,
+) -> TrainResult:
+    """Train as one rank of a joined job; rank 0 also writes `ddp_result.json` for the launcher."""
+    log.info(
+        "rank %d/%d (local %d) on %s with %s",
+        ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.backend,
+    )  # fmt: skip
+    result = train_model(shard_dir, cfg, checkpoint_dir, run_id)
+    if ctx.rank == 0:
+        write_result(result, Path(checkpoint_dir), ctx)
+    dist.barrier()  # nobody tears the group down before rank 0 has written
+    return result
+
+
+def write_result(result: TrainResult, checkpoint_dir: Path, ctx: DistContext) -> Path:
+    """What the launcher needs besides the weights: best epoch, history, where it resumed."""
+    payload = {
+        "best_epoch": result.best_epoch,
+        "best_val_rank_ic": result.best_val_rank_ic,
+        "history": result.history,
+        "resumed_at": list(result.resumed_at) if result.resumed_at else None,
+        "world_size": ctx.world_size,
+        "backend": ctx.backend,
+        "device": result.device,
+    }
+    path = checkpoint_dir / RESULT_NAME
+    write_text_atomic(path, json.dumps(payload, indent=1))
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `python -m tasks.distributed` (what torchrun starts on every rank)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.distributed",
+        description="One DDP training rank; start it with torchrun.",
+    )
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--shards",
+        default=None,
+        help="shard-set directory (default: rank 0 builds or reuses it from the config first)",
+    )
+    parser.add_argument("--checkpoint-dir", required=True, help="shared by all ranks")
+    parser.add_argument("--run-id", default=None, help="MLflow run that rank 0 logs metrics to")
+    parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    return parser
+
+
+def build_data(cfg: PipelineConfig) -> str:
+    """The shard set of a config, built (or reused: content-addressed) without Prefect."""
+    from tasks.features import run_features_stage
+    from tasks.ingest import run_ingest_stage
+    from tasks.shards import run_shards_stage
+    from tasks.text import run_text_stage
+
+    market = run_ingest_stage(cfg)
+    features = run_features_stage(market, cfg)
+    text = run_text_stage(market, cfg)
+    return run_shards_stage(features, text, market, cfg).path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """torchrun entry point: `torchrun --nproc-per-node N -m tasks.distributed --config ...`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s rank{os.environ.get('RANK', '?')} %(levelname)s %(name)s: %(message)s",
+        force=True,  # importing Prefect configured logging for flows; this is a plain worker
+    )
+    cfg = load_config(args.config, args.overrides)
+    with process_group(cfg, args.backend) as ctx:
+        shard_dir = args.shards or shards_from_rank0(ctx, cfg)
+        train_rank(ctx, shard_dir, cfg, args.checkpoint_dir, args.run_id)
+    return 0
+
+
+def shards_from_rank0(ctx: DistContext, cfg: PipelineConfig) -> str:
+    """Rank 0 builds (or reuses) the data stages; the others wait for the path: one writer."""
+    box = [build_data(cfg) if ctx.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# the launcher (what `alphaloom train-ddp` runs)
+
+
+def torchrun_command(
+    nproc_per_node: int,
+    worker_args: Sequence[str],
+    port: int,
+    max_restarts: int = 0,
+) -> list[str]:
+    """`python -m torch.distributed.run ...` for one node, rendezvous on 127.0.0.1:`port`."""
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc_per_node}",
+        f"--master-addr={LOCALHOST}",
+        f"--master-port={port}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "tasks.distributed",
+        *worker_args,
+    ]
+
+
+def launch_training(
+    shard_dir: str,
+    cfg: PipelineConfig,
+    checkpoint_dir: str,
+    run_id: str | None = None,
+    *,
+    nproc_per_node: int = 2,
+    backend: Backend = "auto",
+    max_restarts: int = 0,
+) -> TrainResult:
+    """Train with torchrun on this machine and return rank 0's best model, loaded here.
+
+    The resolved config is written next to the checkpoint so every rank trains on exactly the
+    same settings. A worker crash fails the launch (after `max_restarts` elastic restarts, each
+    of which resumes from the checkpoint); a retried launch resumes the same way.
+    """
+    ckpt = Path(checkpoint_dir)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    config_path = ckpt / CONFIG_NAME
+    write_text_atomic(config_path, cfg.to_yaml())
+    (ckpt / RESULT_NAME).unlink(missing_ok=True)
+    worker_args = [
+        "--config", str(config_path),
+        "--shards", str(shard_dir),
+        "--checkpoint-dir", str(ckpt),
+        "--backend", backend,
+        *(["--run-id", run_id] if run_id else []),
+    ]  # fmt: skip
+    command = torchrun_command(nproc_per_node, worker_args, free_port(), max_restarts)
+    log.info("launching: %s", " ".join(command))
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    completed = subprocess.run(command, env=env, check=False)
+    if completed.returncode != 0:
+        raise DistributedLaunchError(
+            f"torchrun exited with status {completed.returncode}: {' '.join(command)} "
+            "(each rank's traceback is printed above)"
+        )
+    return load_result(shard_dir, cfg, ckpt)
+
+
+def _pythonpath() -> str:
+    """The repository root first, so `-m tasks.distributed` imports this checkout's code."""
+    root = str(Path(__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH")
+    return root if not rest else f"{root}{os.pathsep}{rest}"
+
+
+def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Path) -> TrainResult:
+    """Rebuild the TrainResult of a finished DDP job from rank 0's files (weights_only loads)."""
+    from model.data import ShardSetInfo
+
+    result_path = checkpoint_dir / RESULT_NAME
+    if not result_path.is_file():
+        raise DistributedLaunchError(f"{result_path} is missing: rank 0 did not finish")
+    meta = json.loads(result_path.read_text())
+    info = ShardSetInfo.open(shard_dir)
+    model = build_model(info, cfg)
+    best_path = checkpoint_dir / BEST_STATE_NAME
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    model.eval()
+    resumed = meta.get("resumed_at")
+    return TrainResult(
+        model=model,
+        best_epoch=int(meta["best_epoch"]),
+        best_val_rank_ic=float(meta["best_val_rank_ic"]),
+        history=list(meta["history"]),
+        model_state_path=best_path,
+        dims=model_dims(info),
+        feature_names=list(info.feature_names),
+        device="cpu",
+        resumed_at=(int(resumed[0]), int(resumed[1])) if resumed else None,
+    )
+
+
+def last_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """The loop state of the checkpoint in `checkpoint_dir` (epoch, batch, history...), or None."""
+    ckpt = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
+    return None if ckpt is None else ckpt["state"]
+
+
+@task(
+    name="train-model-ddp",
+    retries=1,
+    retry_delay_seconds=5,
+    timeout_seconds=12 * 3600,
+    cache_policy=NO_CACHE,  # side effects (MLflow metrics); the checkpoint is the cache
+    persist_result=False,  # the result holds a live nn.Module
+)
+def train_ddp_task(
+    shard_dir: str,
+    cfg: PipelineConfig,
+    checkpoint_dir: str,
+    run_id: str | None = None,
+    nproc_per_node: int = 2,
+    backend: Backend = "auto",
+) -> TrainResult:
+    """Prefect task: torchrun on this machine; a retry resumes from the checkpoint."""
+    return launch_training(
+        shard_dir, cfg, checkpoint_dir, run_id, nproc_per_node=nproc_per_node, backend=backend
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

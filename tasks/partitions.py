@@ -1,0 +1,266 @@
+"""The features stage fanned out over symbol partitions, and the Prefect task runner that runs it.
+
+Why this split: Alpha158 factors are a pure per-symbol function (tasks/alpha158.py), so they can
+be computed for disjoint sets of symbols anywhere (threads, processes, a Dask cluster) and
+cached per partition. Labels (per-day quantiles across symbols), date splits and the train-only
+normalisation are cross-sectional: they run once, on the stitched raw factors of all symbols,
+exactly as `tasks.features.build_feature_table` does, so the table is identical to the
+single-task one (tests/test_fanout.py checks it bit for bit) and keeps the features stage's key.
+
+* `plan_partitions`: symbols -> `runner.partitions` groups by a stable hash of the symbol name
+  (adding a symbol changes one partition, not all); each partition's key is the hash of its own
+  bars, so new data for some symbols recomputes only their partitions.
+* `run_raw_factors`: one partition's raw factors -> `<work_dir>/raw_factors/<key>/raw.parquet`.
+* `assemble_features`: stitch, label, split, normalise -> the features stage's usual output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks import alpha158
+from tasks.alpha158 import compute_alpha158, select_factors, validate_bars
+from tasks.caching import StageRef, stage_dir, stage_key, stage_task
+from tasks.config import FeaturesSection, PipelineConfig, RunnerSection
+from tasks.features import (
+    META_FILE,
+    SPLIT_CODES,
+    FeatureTable,
+    apply_normalizer,
+    assign_splits,
+    compute_labels,
+    features_location,
+    fit_normalizer,
+    save_feature_table,
+)
+from tasks.hashing import hash_frame
+from tasks.storage import atomic_dir
+
+log = logging.getLogger(__name__)
+
+RAW_FILE = "raw.parquet"
+BARS_FILE = "bars.parquet"
+
+
+class PartitionError(ValueError):
+    """Partition outputs do not fit the market they are stitched into; names the file."""
+
+
+class Partition(BaseModel):
+    """One group of symbols of a saved market, keyed by the content of their bars."""
+
+    market_path: str
+    number: int
+    symbols: list[str]
+    key: str
+
+
+# ----------------------------------------------------------------------------------------------
+# planning
+
+
+def partition_of(symbol: str, n_partitions: int) -> int:
+    """A symbol's partition: sha256 of its name mod n (stable across runs and machines)."""
+    digest = hashlib.sha256(symbol.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n_partitions
+
+
+def group_symbols(symbols: Sequence[str], n_partitions: int) -> list[list[str]]:
+    """Symbols grouped by `partition_of`, each group sorted, empty groups dropped."""
+    if n_partitions < 1:
+        raise ValueError(f"runner.partitions must be >= 1, got {n_partitions}")
+    groups: list[list[str]] = [[] for _ in range(n_partitions)]
+    for symbol in sorted(set(symbols)):
+        groups[partition_of(symbol, n_partitions)].append(symbol)
+    return [group for group in groups if group]
+
+
+def partitions_of_bars(bars: pd.DataFrame, market_path: str, n_partitions: int) -> list[Partition]:
+    """The partitions of a bars table, each keyed by the hash of its own rows."""
+    ordered = bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
+    out = []
+    for number, symbols in enumerate(group_symbols(ordered["symbol"].tolist(), n_partitions)):
+        rows = ordered[ordered["symbol"].isin(symbols)]
+        out.append(Partition(market_path=market_path, number=number, symbols=symbols,
+                             key=hash_frame(rows)[:20]))  # fmt: skip
+    return out
+
+
+def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
+    """Partitions still to compute: none when the features output already exists."""
+    from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
+
+    _, out = features_location(market, cfg)
+    if (out / META_FILE).is_file():
+        log.info("features already built at %s: no partition to compute", out)
+        return []
+    bars = load_saved_market(market.dir).bars
+    return partitions_of_bars(bars, market.path, cfg.runner.partitions)
+
+
+# ----------------------------------------------------------------------------------------------
+# one partition
+
+
+def raw_location(partition: Partition, cfg: PipelineConfig) -> tuple[str, Path]:
+    """Key: the partition's bars + the selected factor names + the factor code. Labels, splits
+    and normalisation are not in it: changing them reuses every partition."""
+    names = select_factors(cfg.features.factors, cfg.features.windows)
+    key = stage_key(
+        "raw_factors", [partition.key], {"factors": names}, (alpha158, sys.modules[__name__])
+    )
+    return key, stage_dir(cfg.work_dir, "raw_factors", key)
+
+
+def partition_bars(partition: Partition) -> pd.DataFrame:
+    """The partition's rows of the saved market's bars (only those symbols are decoded)."""
+    path = Path(partition.market_path) / BARS_FILE
+    bars = pd.read_parquet(path, filters=[("symbol", "in", partition.symbols)])
+    found = set(bars["symbol"].unique())
+    if found != set(partition.symbols):
+        missing = sorted(set(partition.symbols) - found)[:5]
+        raise PartitionError(f"{path}: partition {partition.number} lacks symbols {missing}")
+    return bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
+
+
+def run_raw_factors(partition: Partition, cfg: PipelineConfig) -> StageRef:
+    """Raw Alpha158 factors of one partition under `<work_dir>/raw_factors/<key>` (reused)."""
+    key, out = raw_location(partition, cfg)
+    if not (out / RAW_FILE).is_file():
+        names = select_factors(cfg.features.factors, cfg.features.windows)
+        raw = compute_alpha158(partition_bars(partition), names)
+        with atomic_dir(out) as tmp:
+            raw.to_parquet(tmp / RAW_FILE, index=False)
+    return StageRef(stage="raw_factors", key=key, path=str(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# the cross-sectional part, once
+
+
+def stitch_raw(bars: pd.DataFrame, parts: Sequence[pd.DataFrame], names: list[str]) -> pd.DataFrame:
+    """Raw factors of (symbol, date)-sorted `bars` from partition tables, as compute_alpha158
+    would return them for all of `bars`; every row must come from exactly one partition."""
+    n = len(bars)
+    block = np.empty((len(names), n), dtype=np.float32)
+    filled = np.zeros(n, dtype=bool)
+    symbols = bars["symbol"].to_numpy()
+    dates = bars["date"].to_numpy("datetime64[ns]")
+    for number, part in enumerate(parts):
+        rows = np.flatnonzero(np.isin(symbols, part["symbol"].unique()))
+        same = len(rows) == len(part) and np.array_equal(
+            dates[rows], part["date"].to_numpy("datetime64[ns]")
+        )
+        if not same or not np.array_equal(symbols[rows], part["symbol"].to_numpy()):
+            raise PartitionError(
+                f"raw factors of partition {number} do not match the market's bars of its "
+                "symbols (stale or foreign partition output); delete raw_factors/ and rerun"
+            )
+        if filled[rows].any():
+            raise PartitionError(f"partition {number} repeats symbols of another partition")
+        missing = [name for name in names if name not in part.columns]
+        if missing:
+            raise PartitionError(f"raw factors of partition {number} lack columns {missing}")
+        for row, name in zip(block, names, strict=True):
+            row[rows] = part[name].to_numpy(np.float32)
+        filled[rows] = True
+    if not filled.all():
+        absent = sorted(set(symbols[~filled]))[:5]
+        raise PartitionError(f"no partition holds the raw factors of symbols {absent}")
+    frame = pd.DataFrame(block.T, columns=names, index=bars.index, copy=False)
+    frame.insert(0, "date", bars["date"].astype("datetime64[ns]"))
+    frame.insert(0, "symbol", bars["symbol"])
+    return frame
+
+
+def table_from_partitions(
+    bars: pd.DataFrame, parts: Sequence[pd.DataFrame], cfg: FeaturesSection
+) -> FeatureTable:
+    """`build_feature_table` with the per-symbol factors taken from partition outputs.
+
+    The cross-sectional steps are the same calls in the same order as build_feature_table's
+    (labels' per-day quantiles, splits, train-only statistics), on all symbols at once.
+    """
+    validate_bars(bars)
+    bars = bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
+    names = select_factors(cfg.factors, cfg.windows)
+    split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
+    raw = stitch_raw(bars, parts, names)
+    stats = fit_normalizer(raw, names, split == SPLIT_CODES["train"], clip=cfg.clip)
+    labels = compute_labels(bars, cfg.label)
+    targets = labels[["label", "fwd_return"]].assign(split=split)
+    frame = pd.concat([apply_normalizer(raw, names, stats), targets], axis=1)
+    return FeatureTable(frame, names, stats, split_dates)
+
+
+def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineConfig) -> StageRef:
+    """The features stage's output (same key and directory) from the partitions' raw factors."""
+    from tasks.ingest import load_saved_market
+
+    key, out = features_location(market, cfg)
+    if (out / META_FILE).is_file():
+        log.info("features %s already built at %s", key, out)
+    else:
+        bars = load_saved_market(market.dir).bars
+        parts = [pd.read_parquet(Path(ref.path) / RAW_FILE) for ref in raw]
+        save_feature_table(table_from_partitions(bars, parts, cfg.features), out)
+    return StageRef(stage="features", key=key, path=str(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefect tasks and the runner
+
+
+@task(name="plan-partitions", cache_policy=NO_CACHE, persist_result=False, retries=2)
+def plan_partitions_task(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
+    """Prefect task: cheap (reads the bars and hashes each partition), so never cached."""
+    return plan_partitions(market, cfg)
+
+
+@stage_task("raw-factors", raw_location)
+def raw_factors_task(partition: Partition, cfg: PipelineConfig) -> StageRef:
+    """Prefect task: cached on the partition's content, the factor list and the factor code."""
+    return run_raw_factors(partition, cfg)
+
+
+@stage_task("assemble-features", lambda market, raw, cfg: features_location(market, cfg))
+def assemble_features_task(market: StageRef, raw: list[StageRef], cfg: PipelineConfig) -> StageRef:
+    """Prefect task: cached on the features stage's key (the same output as `features_task`)."""
+    return assemble_features(market, raw, cfg)
+
+
+def task_runner_for(runner: RunnerSection) -> Any:
+    """The Prefect task runner the `runner` section names (prefect-dask only imported for dask)."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    if runner.kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=runner.workers)
+    if runner.kind == "process":
+        return ProcessPoolTaskRunner(max_workers=runner.workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise RuntimeError(
+            "runner.kind is 'dask' but prefect-dask is not installed: pip install 'alphaloom[dask]'"
+        ) from None
+    if runner.dask_address:
+        return DaskTaskRunner(address=runner.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": runner.workers,
+            "threads_per_worker": 1,
+            "processes": runner.dask_processes,
+            "dashboard_address": None,
+        }
+    )
