@@ -313,6 +313,21 @@ def _restore(ckpt: dict[str, Any], parts: dict[str, Any]) -> _State:
     return _State(**ckpt["state"])
 
 
+def _check_same_start(state: _State, ckpt_path: Path) -> None:
+    """Under DDP every rank must start where rank 0 does; a checkpoint directory that only some
+    ranks can see (not on a shared filesystem) would otherwise train them from different weights."""
+    _, world = dist_info()
+    if world == 1:
+        return
+    starts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(starts, (state.epoch, state.batch))
+    if len(set(starts)) > 1:
+        raise RuntimeError(
+            f"DDP ranks would start from different points (epoch, batch) {starts}: the "
+            f"checkpoint {ckpt_path} must be on a filesystem every rank sees"
+        )
+
+
 def _resume_or_fresh(ckpt_path: Path, fp: str, parts: dict[str, Any]) -> tuple[_State, bool]:
     ckpt = load_checkpoint(ckpt_path)
     if ckpt is None:
@@ -490,6 +505,7 @@ def train_model(
     parts = _setup(shard_dir, cfg, device)
     fp = fingerprint(cfg, shard_dir)
     state, resumed = _resume_or_fresh(ckpt_path, fp, parts)
+    _check_same_start(state, ckpt_path)
     resumed_at = (state.epoch, state.batch) if resumed else None
     every = cfg.train.checkpoint_every_batches
 
