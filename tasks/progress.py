@@ -30,17 +30,20 @@ class ProgressReporter:
         self.batch_bar = tqdm(
             total=batches_per_epoch, desc="batches", unit="batch", leave=False, disable=disable
         )
+        self.batches_done = 0
         self.artifact_id: Any = None
         if artifact:
             self.artifact_id = _create_artifact()
 
     def __call__(self, event: TrainProgress) -> None:
         if event.phase == "batch":
-            self.batch_bar.update(1)
+            self.batch_bar.update(max(event.batch - self.batches_done, 0))
+            self.batches_done = event.batch
             if event.metrics.get("loss") is not None:
                 self.batch_bar.set_postfix(loss=f"{event.metrics['loss']:.4f}", refresh=False)
             return
         self.batch_bar.reset(total=self.batches_per_epoch)
+        self.batches_done = 0
         self.epoch_bar.update(1)
         val = event.metrics.get("val/rank_ic")
         if val is not None:

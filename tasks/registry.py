@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.evaluate import eval_dataset, ic_metrics, predict_with
+from tasks.evaluate import ScoreFn, eval_dataset, ic_metrics, predict_with
 from tasks.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -85,32 +85,50 @@ def current_champion(client: mlflow.MlflowClient, name: str) -> str | None:
     return None if version is None else str(version)
 
 
-def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> ChampionScorer:
-    """A scorer that loads a registered model and returns its Rank IC on `shard_dir`'s valid split.
+def champion_uri(cfg: PipelineConfig) -> str:
+    """`models:/<name>@champion`, or a clear error when nothing has been promoted yet."""
+    client = tracking.client_for(cfg)
+    name = cfg.tracking.registered_model
+    if current_champion(client, name) is None:
+        raise LookupError(
+            f"registered model {name!r} has no '{CHAMPION}' alias yet in "
+            f"{tracking.resolve_tracking_uri(cfg)}: run `alphaloom run` first"
+        )
+    return f"models:/{name}@{CHAMPION}"
 
-    Raises IncompatibleChampion when the model's recorded feature names differ from the
-    manifest's (scoring it would silently feed it the wrong columns).
+
+def registered_score_fn(model_uri: str, feature_names: list[str]) -> ScoreFn:
+    """Load a logged ranker through MLflow and score batches with it.
+
+    Raises IncompatibleChampion when the model's recorded feature names differ from
+    `feature_names` (scoring it would silently feed it the wrong columns).
     """
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    spec = getattr(loaded.unwrap_python_model(), "spec", {})
+    old, new = list(spec.get("feature_names", [])), list(feature_names)
+    if old != new:
+        diff = sorted(set(old) ^ set(new))[:8]
+        raise IncompatibleChampion(
+            f"its feature set differs from the shard set's ({len(old)} vs {len(new)} "
+            f"features; e.g. {diff or 'same names, different order'})"
+        )
+    keys = list(spec["input_keys"])
+
+    def score_batch(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        out = loaded.predict({k: batch[k].cpu().numpy() for k in keys})
+        return out["score"].to_numpy(), out[["p0", "p1", "p2", "p3"]].to_numpy()
+
+    return score_batch
+
+
+def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> ChampionScorer:
+    """A scorer: load a registered model, return its Rank IC on `shard_dir`'s valid split."""
     from model.data import read_manifest
 
-    manifest = read_manifest(shard_dir)
+    feature_names = list(read_manifest(shard_dir)["feature_names"])
 
     def score(model_uri: str) -> float:
-        loaded = mlflow.pyfunc.load_model(model_uri)
-        spec = getattr(loaded.unwrap_python_model(), "spec", {})
-        old, new = list(spec.get("feature_names", [])), list(manifest["feature_names"])
-        if old != new:
-            diff = sorted(set(old) ^ set(new))[:8]
-            raise IncompatibleChampion(
-                f"its feature set differs from the new shard set ({len(old)} vs {len(new)} "
-                f"features; e.g. {diff or 'same names, different order'})"
-            )
-        keys = list(spec["input_keys"])
-
-        def score_batch(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-            out = loaded.predict({k: batch[k].cpu().numpy() for k in keys})
-            return out["score"].to_numpy(), out[["p0", "p1", "p2", "p3"]].to_numpy()
-
+        score_batch = registered_score_fn(model_uri, feature_names)
         preds = predict_with(score_batch, shard_dir, "valid", cfg)
         return float(ic_metrics(preds)["rank_ic"])
 

@@ -209,6 +209,7 @@ def run_tags(shards: Any) -> dict[str, str]:
     return {
         TAG_DATA_HASH: str(manifest.get("source_hash", "")),
         TAG_SHARD_KEY: str(getattr(shards, "key", shard_dir.name)),
+        TAG_SHARD_DIR: str(shard_dir.resolve()),
         TAG_CODE_VERSION: model_code_version(),
     }
 

@@ -598,5 +598,25 @@ def checkpoint_dir_for(cfg: PipelineConfig, run_id: str) -> Path:
 def train_task(
     shard_dir: str, cfg: PipelineConfig, checkpoint_dir: str, run_id: str | None = None
 ) -> TrainResult:
-    """Retries resume from the checkpoint in `checkpoint_dir` (see `train_model`)."""
-    return train_model(shard_dir, cfg, checkpoint_dir, run_id)
+    """Retries resume from the checkpoint in `checkpoint_dir` (see `train_model`).
+
+    Shows epoch/batch progress bars and a Prefect progress artifact while it runs.
+    """
+    from tasks.progress import ProgressReporter
+
+    reporter = ProgressReporter(cfg.train.epochs, batches_per_epoch(shard_dir, cfg))
+    try:
+        return train_model(shard_dir, cfg, checkpoint_dir, run_id, progress=reporter)
+    finally:
+        reporter.close()
+
+
+def batches_per_epoch(shard_dir: str | Path, cfg: PipelineConfig) -> int:
+    """Training batches of one epoch on this process (for progress bars)."""
+    from model.data import ShardSetInfo
+
+    _, world = dist_info()
+    windows = ShardSetInfo.open(shard_dir).window_count("train", cfg.loader.min_valid_days)
+    batches = math.ceil(windows / world / cfg.loader.batch_size)
+    cap = cfg.train.max_batches_per_epoch
+    return batches if cap is None else min(batches, cap)

@@ -1,0 +1,204 @@
+"""End-to-end Prefect flows on the smoke config: caching, retries, scoring, nightly, failures."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.nightly import nightly_retrain
+from flows.pipeline import train_pipeline
+from flows.score import score_latest
+from model.data import ShardSetInfo
+from tasks.config import PipelineConfig, load_config
+from tasks.synthetic import extend_market, generate_market, write_market
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_STAGES = ("ingest", "features", "text", "shards")
+FAST = [
+    "train.epochs=2",
+    "train.patience=2",
+    "train.device=cpu",
+    "train.num_threads=1",
+    "model.use_attention=false",
+]
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def smoke(work_dir: Path, *extra: str) -> PipelineConfig:
+    return load_config(REPO / "configs" / "smoke.yaml", [f"work_dir={work_dir}", *FAST, *extra])
+
+
+def run_with_states(flow, cfg: PipelineConfig) -> tuple[dict, dict[str, str]]:
+    """Run a flow; return its result and {task name: final state name} of its task runs."""
+    state = flow(config=cfg, return_state=True)
+    result = state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    states = {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+    return result, states
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, mlflow_store) -> tuple[PipelineConfig, dict, dict[str, str]]:
+    cfg = smoke(tmp_path_factory.mktemp("work"))
+    summary, states = run_with_states(train_pipeline, cfg)
+    return cfg, summary, states
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> str:
+    """One MLflow store for this module (creating one costs seconds)."""
+    import os
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def test_smoke_pipeline_end_to_end(first_run, mlflow_store) -> None:
+    cfg, summary, states = first_run
+    assert all(states[name] == "Completed" for name in (*DATA_STAGES, "train-model", "evaluate"))
+    run = mlflow.MlflowClient(mlflow_store).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert {"test/rank_ic", "test/oracle_rank_ic", "val/rank_ic"} <= set(run.data.metrics)
+    assert summary["metrics"]["test/oracle_rank_ic"] > 0
+    assert summary["promoted"] is True  # the first model is always the champion
+    client = mlflow.MlflowClient(mlflow_store)
+    champion = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
+    assert champion.run_id == summary["run_id"]
+
+
+def test_rerun_hits_the_cache_for_data_stages(first_run) -> None:
+    cfg, _, _ = first_run
+    _, states = run_with_states(train_pipeline, cfg)
+    assert {states[name] for name in DATA_STAGES} == {"Cached"}
+    assert states["train-model"] == "Completed"
+
+
+def test_train_config_change_keeps_data_stages_cached(first_run) -> None:
+    cfg, _, _ = first_run
+    changed = cfg.model_copy(deep=True)
+    changed.train.lr = cfg.train.lr * 2
+    changed.tracking.log_model = False
+    _, states = run_with_states(train_pipeline, changed)
+    assert {states[name] for name in DATA_STAGES} == {"Cached"}
+
+
+def test_feature_config_change_rebuilds_features_and_shards_only(first_run) -> None:
+    cfg, _, _ = first_run
+    changed = cfg.model_copy(deep=True)
+    changed.features.windows = [5, 10]
+    changed.tracking.log_model = False  # keep the module's champion on the original features
+    _, states = run_with_states(train_pipeline, changed)
+    assert states["ingest"] == "Cached" and states["text"] == "Cached"
+    assert states["features"] == "Completed" and states["shards"] == "Completed"
+
+
+def test_score_flow_writes_ranked_latest_date(first_run) -> None:
+    cfg, _, _ = first_run
+    result = score_latest(config=cfg)
+    ranked = pd.read_parquet(result["parquet"])
+    market = generate_market(cfg.data.synthetic)
+    last_day = market.bars["date"].max()
+    assert (ranked["date"] == last_day).all()
+    assert len(ranked) == market.bars.loc[market.bars["date"] == last_day, "symbol"].nunique()
+    assert ranked["score"].is_monotonic_decreasing
+    assert ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
+    assert Path(result["csv"]).is_file()
+
+
+def test_training_failure_is_retried_and_resumes(tmp_path, mlflow_store, monkeypatch) -> None:
+    import tasks.train as train
+
+    original = train.train_epoch
+    failures = []
+
+    def fail_once_in_second_epoch(parts, state, cfg, *args, **kwargs):
+        if state.epoch == 1 and not failures:
+            failures.append(state.epoch)
+            raise RuntimeError("injected crash in epoch 1")
+        return original(parts, state, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", fail_once_in_second_epoch)
+    summary, states = run_with_states(train_pipeline, smoke(tmp_path))
+    assert failures == [1] and states["train-model"] == "Completed"
+    history = mlflow.MlflowClient(mlflow_store).get_metric_history(summary["run_id"], "val/rank_ic")
+    # Resumed from the epoch-0 checkpoint: each epoch was validated once, none twice.
+    assert sorted(m.step for m in history) == [0, 1]
+
+
+def test_failing_flow_leaves_mlflow_run_failed(tmp_path, mlflow_store, monkeypatch) -> None:
+    import flows.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected evaluation failure")
+
+    monkeypatch.setattr(pipeline, "evaluate_task", broken)
+    cfg = smoke(tmp_path)
+    state = train_pipeline(config=cfg, return_state=True)
+    assert state.is_failed()
+    client = mlflow.MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    assert runs[0].info.status == "FAILED"
+
+
+def test_nightly_trains_on_new_days_and_promotes_only_when_better(tmp_path, mlflow_store) -> None:
+    base = smoke(tmp_path / "work", "tracking.registered_model=alphaloom-nightly")
+    market_dir = tmp_path / "market"
+    write_market(generate_market(base.data.synthetic), market_dir, base.data.synthetic)
+    cfg = smoke(
+        tmp_path / "work",
+        "tracking.registered_model=alphaloom-nightly",
+        "data.source=files",
+        f"data.bars_path={market_dir}",
+    )
+    first = train_pipeline(config=cfg)
+    assert first["promoted"] is True
+    extended = extend_market(market_dir, 15)
+    summary = nightly_retrain(config=cfg)
+
+    client = mlflow.MlflowClient(mlflow_store)
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["alphaloom.trigger"] == "nightly"
+    shard_dir = run.data.tags["alphaloom.shard_dir"]
+    assert pd.Timestamp(ShardSetInfo.open(shard_dir).last_date) == extended.bars["date"].max()
+    metrics = run.data.metrics
+    better = metrics["registry/new_val_rank_ic"] > metrics["registry/champion_val_rank_ic"]
+    assert summary["promoted"] is better
+    champion = client.get_model_version_by_alias("alphaloom-nightly", "champion")
+    assert (champion.run_id == summary["run_id"]) is better
+    assert Path(summary["scores"]["parquet"]).is_file()
+
+
+def test_prefect_yaml_parses_and_entrypoints_import() -> None:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = {d["name"]: d for d in spec["deployments"]}
+    assert {"nightly-retrain", "score-latest"} <= set(names)
+    schedule = names["nightly-retrain"]["schedules"][0]
+    assert schedule["cron"].split()[-1] == "1-5" and schedule["timezone"]
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, name)
+        assert flow.name == deployment["entrypoint"].split(":")[1].replace("_", "-")
+        load_config(REPO / deployment["parameters"]["config_path"])
