@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from numpy.lib.stride_tricks import as_strided
@@ -202,17 +203,34 @@ def _verified_key(path: Path) -> tuple[str, int, int]:
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def read_verified(path: Path, sha256: str, shard_dir: Path) -> pa.Buffer:
+def _read_remote(path: Path, filesystem: pafs.FileSystem) -> tuple[tuple[str, int, int], pa.Buffer]:
+    """(verification key, bytes) of a file on a pyarrow filesystem (s3, gcs, fsspec-wrapped)."""
+    info = filesystem.get_file_info(str(path))
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(str(path))
+    mtime = info.mtime_ns if info.mtime_ns is not None else -1
+    key = (f"{filesystem.type_name}:{path}", int(info.size or 0), int(mtime))
+    with filesystem.open_input_file(str(path)) as handle:
+        return key, handle.read_buffer()
+
+
+def read_verified(
+    path: Path, sha256: str, shard_dir: Path, filesystem: pafs.FileSystem | None = None
+) -> pa.Buffer:
     """Read a file into an Arrow buffer; check its sha256 unless this process already did.
 
     The hash covers exactly the bytes that are parsed next, so a truncated or altered shard can
     never be decoded silently. Success is cached per (path, size, mtime) for this process, so
     later epochs pay only the read. hashlib reads the buffer in place (no bytes copy).
+    `filesystem` (a pyarrow FileSystem) reads from object stores; None is the local disk.
     """
     try:
-        key = _verified_key(path)
-        with pa.OSFile(str(path)) as handle:
-            data = handle.read_buffer()
+        if filesystem is not None:
+            key, data = _read_remote(path, filesystem)
+        else:
+            key = _verified_key(path)
+            with pa.OSFile(str(path)) as handle:
+                data = handle.read_buffer()
     except FileNotFoundError:
         raise ShardSetError(
             f"shard-set file {path} is missing; {rebuild_hint(shard_dir)}"
@@ -231,9 +249,11 @@ def read_verified(path: Path, sha256: str, shard_dir: Path) -> pa.Buffer:
     return data
 
 
-def _read_parquet(path: Path, sha256: str, shard_dir: Path) -> pa.Table:
+def _read_parquet(
+    path: Path, sha256: str, shard_dir: Path, filesystem: pafs.FileSystem | None = None
+) -> pa.Table:
     """Read a parquet file of the shard set, verifying its checksum once per process."""
-    data = read_verified(path, sha256, shard_dir)
+    data = read_verified(path, sha256, shard_dir, filesystem)
     try:
         return pq.read_table(data)
     except (pa.ArrowInvalid, OSError) as err:
@@ -245,17 +265,40 @@ def _read_parquet(path: Path, sha256: str, shard_dir: Path) -> pa.Table:
 # ----------------------------------------------------------------------------- manifest
 
 
-def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+def resolve_location(
+    shard_dir: str | Path, filesystem: pafs.FileSystem | None = None
+) -> tuple[Path, pafs.FileSystem | None]:
+    """(path, filesystem) of a shard set: a URL that pyarrow knows (file://, s3://, gs://,
+    hdfs://) gets pyarrow's filesystem; a plain path with no `filesystem` is the local disk."""
+    text = str(shard_dir)
+    if filesystem is None and isinstance(shard_dir, str) and "://" in text:
+        try:
+            filesystem, text = pafs.FileSystem.from_uri(text)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise ShardSetError(
+                f"{shard_dir}: pyarrow has no filesystem for this URL ({err}); open it with "
+                "ShardSetInfo.open(path, filesystem=...) (tasks.storage.arrow_filesystem)"
+            ) from None
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            filesystem = None
+    return Path(text), filesystem
+
+
+def read_manifest(
+    shard_dir: str | Path, filesystem: pafs.FileSystem | None = None
+) -> dict[str, Any]:
     """Read and sanity-check a shard set's manifest (its presence is what marks completeness)."""
-    shard_dir = Path(shard_dir)
+    shard_dir, filesystem = resolve_location(shard_dir, filesystem)
     path = shard_dir / MANIFEST_NAME
-    if not path.is_file():
+    try:
+        raw = _read_text(path, filesystem)
+    except FileNotFoundError:
         raise ShardSetError(
             f"{shard_dir} is not a complete shard set (no {MANIFEST_NAME}); "
             f"{rebuild_hint(shard_dir)}"
-        )
+        ) from None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardSetError(
             f"{path} is not valid JSON ({err}); {rebuild_hint(shard_dir)}"
@@ -270,6 +313,18 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise ShardSetError(f"{path} lacks keys {missing}; {rebuild_hint(shard_dir)}")
     return manifest
+
+
+def _read_text(path: Path, filesystem: pafs.FileSystem | None) -> str:
+    """A small text file from the local disk or a pyarrow filesystem; FileNotFoundError if none."""
+    if filesystem is None:
+        if not path.is_file():
+            raise FileNotFoundError(str(path))
+        return path.read_text()
+    if filesystem.get_file_info(str(path)).type != pafs.FileType.File:
+        raise FileNotFoundError(str(path))
+    with filesystem.open_input_stream(str(path)) as handle:
+        return handle.read().decode()
 
 
 def dates_to_days(values: Iterable[Any] | np.ndarray) -> np.ndarray:
@@ -314,16 +369,23 @@ class ShardSetInfo:
     industries: list[str]  # id -> name, 0 = unknown ("")
     indices: list[str]  # id -> name, 0 = none ("")
     shards: list[ShardInfo] = field(default_factory=list)
+    filesystem: pafs.FileSystem | None = None  # None: the local disk
 
     @classmethod
-    def open(cls, shard_dir: str | Path) -> ShardSetInfo:
-        """Read the manifest and the (checksummed) side tables of a shard set."""
-        shard_dir = Path(shard_dir)
-        manifest = read_manifest(shard_dir)
+    def open(cls, shard_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> ShardSetInfo:
+        """Read the manifest and the (checksummed) side tables of a shard set.
+
+        `shard_dir` may be a URL pyarrow knows (file://, s3://, gs://, hdfs://); for any other
+        store pass its path and a pyarrow `filesystem` (e.g. an fsspec one wrapped with
+        pyarrow.fs.FSSpecHandler, as tasks.storage.arrow_filesystem does).
+        """
+        shard_dir, filesystem = resolve_location(shard_dir, filesystem)
+        manifest = read_manifest(shard_dir, filesystem)
         side = manifest["side_tables"]
-        symbols = _read_parquet(shard_dir / SYMBOLS_NAME, side[SYMBOLS_NAME], shard_dir)
-        names = _read_parquet(shard_dir / NAMES_NAME, side[NAMES_NAME], shard_dir)
-        text_bytes = read_verified(shard_dir / TEXT_NAME, side[TEXT_NAME], shard_dir)
+        fs = filesystem
+        symbols = _read_parquet(shard_dir / SYMBOLS_NAME, side[SYMBOLS_NAME], shard_dir, fs)
+        names = _read_parquet(shard_dir / NAMES_NAME, side[NAMES_NAME], shard_dir, fs)
+        text_bytes = read_verified(shard_dir / TEXT_NAME, side[TEXT_NAME], shard_dir, fs)
         text = np.load(io.BytesIO(text_bytes.to_pybytes()), allow_pickle=False)
         shards = [
             ShardInfo(
@@ -348,6 +410,7 @@ class ShardSetInfo:
             industries=[n for k, n in zip(kinds, name_list, strict=True) if k == "industry"],
             indices=[n for k, n in zip(kinds, name_list, strict=True) if k == "index"],
             shards=shards,
+            filesystem=filesystem,
         )
 
     @property
@@ -410,7 +473,7 @@ class ShardSetInfo:
         """Read one shard (checksum verified once per process) as numpy arrays."""
         meta = self.shards[shard]
         path = self.directory / meta.file
-        table = _read_parquet(path, meta.sha256, self.directory)
+        table = _read_parquet(path, meta.sha256, self.directory, self.filesystem)
         if table.num_rows != meta.rows or table.column_names != list(SHARD_COLUMNS):
             raise ShardSetError(
                 f"shard {path} has {table.num_rows} rows and columns {table.column_names}, the "

@@ -33,7 +33,18 @@ from tasks import synthetic
 from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import DataSection, PipelineConfig
 from tasks.hashing import combine, hash_frame, hash_json, sha256_file
-from tasks.storage import atomic_dir
+from tasks.storage import (
+    atomic_dir,
+    base_name,
+    child,
+    exists,
+    is_dir,
+    is_file,
+    list_dir,
+    local_or_url,
+    sha256_of,
+    url_filesystem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,47 +114,48 @@ def _strip_suffix(name: str) -> tuple[str, str]:
     return "", ""
 
 
-def _is_market_dir(path: Path) -> bool:
+def _is_market_dir(path: Path | str) -> bool:
     """A directory written by `write_market` or `save_market` (its bars live in bars.parquet)."""
-    marker = (path / "synthetic.json").is_file() or (path / "meta.json").is_file()
-    return marker and (path / "bars.parquet").is_file()
+    marker = is_file(child(path, "synthetic.json")) or is_file(child(path, "meta.json"))
+    return marker and is_file(child(path, "bars.parquet"))
 
 
-def bar_files(path: str | Path) -> list[Path]:
+def bar_files(path: str | Path) -> list[Path | str]:
     """The bar files `read_bars` reads for `path`: the file itself or a directory's data files.
 
-    In a directory, files named instruments.* / oracle.* and hidden files are not bars.
+    In a directory, files named instruments.* / oracle.* and hidden files are not bars. `path`
+    may be an fsspec URL (s3://, memory://, file://); remote files come back as URLs.
     """
-    path = Path(path)
-    if not path.exists():
+    path = local_or_url(path)
+    if not exists(path):
         raise DataValidationError(f"{path}: no such file or directory")
-    if path.is_file():
-        if not _strip_suffix(path.name)[1]:
+    if is_file(path):
+        if not _strip_suffix(base_name(path))[1]:
             raise DataValidationError(
                 f"{path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}"
             )
         return [path]
     if _is_market_dir(path):
-        return [path / "bars.parquet"]
+        return [child(path, "bars.parquet")]
     files = []
-    for child in sorted(path.iterdir()):
-        stem, suffix = _strip_suffix(child.name)
-        hidden = child.name.startswith((".", "_"))
-        if child.is_file() and suffix and not hidden and stem.lower() not in _NOT_BARS:
-            files.append(child)
+    for entry in list_dir(path):
+        stem, suffix = _strip_suffix(base_name(entry))
+        hidden = base_name(entry).startswith((".", "_"))
+        if suffix and not hidden and stem.lower() not in _NOT_BARS and is_file(entry):
+            files.append(entry)
     if not files:
         raise DataValidationError(f"{path}: empty input, no CSV or parquet bar files in it")
     return files
 
 
-def _companion(bars_path: str | Path, stems: Iterable[str]) -> Path | None:
+def _companion(bars_path: str | Path, stems: Iterable[str]) -> Path | str | None:
     """instruments.* / oracle.* next to the bars when `bars_path` is a directory."""
-    path = Path(bars_path)
-    if not path.is_dir():
+    path = local_or_url(bars_path)
+    if not is_dir(path):
         return None
     for stem in stems:
-        if (path / stem).is_file():
-            return path / stem
+        if is_file(child(path, stem)):
+            return child(path, stem)
     return None
 
 
@@ -192,11 +204,18 @@ def _resolve_columns(
     return mapping
 
 
-def _file_columns(path: Path) -> list[str]:
+def _parquet_schema(path: Path | str) -> list[str]:
+    if isinstance(path, Path):
+        return pq.read_schema(path).names
+    fs, inner = url_filesystem(path)
+    return pq.read_schema(inner, filesystem=fs).names
+
+
+def _file_columns(path: Path | str) -> list[str]:
     """Column names of a CSV header or a parquet schema, without reading the data."""
     try:
-        if _strip_suffix(path.name)[1] in (".parquet", ".pq"):
-            return [c for c in pq.read_schema(path).names if not c.startswith("__index_level_")]
+        if _strip_suffix(base_name(path))[1] in (".parquet", ".pq"):
+            return [c for c in _parquet_schema(path) if not c.startswith("__index_level_")]
         return [str(c) for c in pd.read_csv(path, nrows=0).columns]
     except pd.errors.EmptyDataError:
         raise DataValidationError(f"{path}: empty input (the file has no header or rows)") from None
@@ -204,10 +223,13 @@ def _file_columns(path: Path) -> list[str]:
         raise DataValidationError(f"{path}: cannot be read as CSV/parquet: {err}") from err
 
 
-def _read_table(path: Path, mapping: dict[str, str], text: tuple[str, ...]) -> pd.DataFrame:
-    """Read only the mapped columns, renamed to canonical names; `text` columns stay strings."""
+def _read_table(path: Path | str, mapping: dict[str, str], text: tuple[str, ...]) -> pd.DataFrame:
+    """Read only the mapped columns, renamed to canonical names; `text` columns stay strings.
+
+    pandas reads URLs through fsspec itself.
+    """
     try:
-        if _strip_suffix(path.name)[1] in (".parquet", ".pq"):
+        if _strip_suffix(base_name(path))[1] in (".parquet", ".pq"):
             frame = pd.read_parquet(path, columns=list(mapping))
         else:
             frame = pd.read_csv(
@@ -340,7 +362,7 @@ def _warn_inconsistent_ohlc(frame: pd.DataFrame, source: str) -> None:
         logger.warning("%s: %d row(s) have high/low outside open/close (kept as is)", source, bad)
 
 
-def _read_bar_file(path: Path, column_map: dict[str, str] | None) -> pd.DataFrame:
+def _read_bar_file(path: Path | str, column_map: dict[str, str] | None) -> pd.DataFrame:
     """One file -> validated canonical bars (not yet sorted across files)."""
     source = str(path)
     mapping = _resolve_columns(_file_columns(path), BAR_ALIASES, column_map)
@@ -357,7 +379,7 @@ def _read_bar_file(path: Path, column_map: dict[str, str] | None) -> pd.DataFram
     if "symbol" in frame:
         frame["symbol"] = _parse_symbols(frame["symbol"], source, labels["symbol"])
     else:
-        frame.insert(0, "symbol", _strip_suffix(path.name)[0])
+        frame.insert(0, "symbol", _strip_suffix(base_name(path))[0])
     frame["date"] = _parse_dates(frame["date"], source, labels["date"])
     for col in _NUMERIC:
         if col in frame:
@@ -420,9 +442,9 @@ def read_instruments(path: str | Path | None, symbols: Iterable[str]) -> pd.Data
     out = pd.DataFrame({"symbol": pd.Series(symbols, dtype=str)})
     if path is None:
         return out.assign(industry="", index="", description="").astype(str)
-    path = Path(path)
+    path = local_or_url(path)
     source = str(path)
-    if not path.is_file():
+    if not is_file(path):
         raise DataValidationError(f"{path}: instruments file not found")
     mapping = _resolve_columns(_file_columns(path), INSTRUMENT_ALIASES, None)
     if "symbol" not in mapping.values():
@@ -451,9 +473,9 @@ def read_instruments(path: str | Path | None, symbols: Iterable[str]) -> pd.Data
 
 def read_oracle(path: str | Path) -> pd.DataFrame:
     """An oracle.parquet written by `write_market`: symbol, date, expected_return."""
-    path = Path(path)
+    path = local_or_url(path)
     source = str(path)
-    if not path.is_file():
+    if not is_file(path):
         raise DataValidationError(f"{path}: oracle file not found")
     mapping = _resolve_columns(_file_columns(path), ORACLE_ALIASES, None)
     missing = [c for c in ORACLE_COLUMNS if c not in mapping.values()]
@@ -470,7 +492,9 @@ def read_oracle(path: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- market
 
 
-def _input_files(data: DataSection) -> tuple[list[Path], Path | None, Path | None]:
+def _input_files(
+    data: DataSection,
+) -> tuple[list[Path | str], Path | str | None, Path | str | None]:
     """(bar files, instruments file, oracle file) a files-source config reads."""
     assert data.bars_path is not None  # guaranteed by DataSection's validator
     instruments = data.instruments_path or _companion(
@@ -479,8 +503,8 @@ def _input_files(data: DataSection) -> tuple[list[Path], Path | None, Path | Non
     oracle = data.oracle_path or _companion(data.bars_path, ("oracle.parquet",))
     return (
         bar_files(data.bars_path),
-        Path(instruments) if instruments else None,
-        Path(oracle) if oracle else None,
+        local_or_url(instruments) if instruments else None,
+        local_or_url(oracle) if oracle else None,
     )
 
 
@@ -497,7 +521,7 @@ def source_fingerprint(data: DataSection) -> str:
     for role, files in (("bars", bars), ("instruments", [instruments]), ("oracle", [oracle])):
         for path in files:
             if path is not None:
-                parts += [role, path.name, sha256_file(path)]
+                parts += [role, base_name(path), sha256_of(path)]
     return combine(*parts)
 
 
