@@ -39,8 +39,12 @@ def compare_models(
     seeds: int = 3,
     variants: Sequence[Variant] | None = None,
     reference: str = REFERENCE,
+    figures: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate every variant with `seeds` seeds; log the comparison to one parent run."""
+    """Train and evaluate every variant with `seeds` seeds; log the comparison to one parent run.
+
+    `figures=False` skips each child's evaluation plots (the parent's chart is always drawn).
+    """
     cfg = resolve_config(config, config_path)
     chosen = check_variants(variants or DEFAULT_VARIANTS)
     seed_values = seed_list(cfg, seeds)
@@ -58,7 +62,7 @@ def compare_models(
                 continue
             for seed in seed_values:
                 state = variant_task(
-                    cfg, variant, seed, parent_id, shards.path, oracle, shard_tags,
+                    cfg, variant, seed, parent_id, shards.path, oracle, shard_tags, figures,
                     return_state=True,
                 )  # fmt: skip
                 outcomes.append(outcome_from_state(state, variant, seed))

@@ -3,10 +3,11 @@
 A variant is data: a name plus `section.key=value` overrides of the pipeline config (or
 `kind: lightgbm` plus LightGBM parameters), so the ablation list can be extended from YAML
 (`alphaloom compare --variants FILE`) without code. Every variant trains on the same shard set
-and splits, in its own checkpoint directory, and is scored by `tasks.evaluate` (the network's
-`evaluate_and_log`, the baseline's predictions through the same `evaluate_predictions`), so every
-child run carries the same `valid/*` and `test/*` metric keys and MLflow's compare view lines
-them up. Nothing is registered: a comparison never moves the `champion` alias.
+and splits, in its own checkpoint directory, and both kinds go through one scoring path
+(`score_and_log`: the prediction frame of each split into `tasks.evaluate.evaluate_predictions`,
+logged by `tasks.tracking.log_evaluation`), so every child run carries the same `valid/*` and
+`test/*` metric keys and MLflow's compare view lines them up. Nothing is registered: a
+comparison never moves the `champion` alias.
 
 Runs are created with explicit ids through `tasks.tracking.tracked_run` (child runs carry the
 `mlflow.parentRunId` tag), never through MLflow's thread-local active run. A variant that fails
@@ -24,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -227,52 +228,67 @@ def child_tags(
     }
 
 
-def _fit_network(
-    cfg: PipelineConfig, run_id: str, shard_dir: str, oracle: pd.DataFrame | None
+SplitPredictor = Callable[[str], pd.DataFrame]
+
+
+def score_and_log(
+    cfg: PipelineConfig,
+    run_id: str,
+    predict_split: SplitPredictor,
+    oracle: pd.DataFrame | None,
+    figures: bool,
 ) -> dict[str, float]:
-    """Train in this run's own checkpoint dir, then `evaluate_and_log` (no registration)."""
-    from tasks.evaluate import evaluate_and_log
+    """Score valid and test with `evaluate_predictions` and log `<split>/<metric>` (+ plots).
+
+    The one scoring path of every variant, network or LightGBM, so their metrics line up.
+    """
+    from tasks.evaluate import evaluate_predictions
+
+    flat: dict[str, float] = {}
+    for split in ("valid", "test"):
+        preds = predict_split(split)
+        metrics, plots = evaluate_predictions(preds, cfg.evaluate, oracle, with_figures=figures)
+        tracking.log_evaluation(cfg, run_id, split, metrics, plots)
+        flat.update({f"{split}/{key}": value for key, value in metrics.items()})
+    return flat
+
+
+def _fit_network(cfg: PipelineConfig, run_id: str, shard_dir: str) -> tuple[SplitPredictor, dict]:
+    """Train in this run's own checkpoint dir (a retried task resumes there); never register."""
+    from tasks.evaluate import predict
     from tasks.train import checkpoint_dir_for, train_model
 
     started = time.perf_counter()
     result = train_model(shard_dir, cfg, checkpoint_dir_for(cfg, run_id), run_id)
-    fit_seconds = time.perf_counter() - started
-    metrics = evaluate_and_log(result.model, shard_dir, cfg, run_id, oracle, device=result.device)
-    extra = {"fit_seconds": fit_seconds, "best_epoch": float(result.best_epoch)}
-    tracking.log_metrics(cfg, run_id, extra)
-    return {**metrics, **extra}
+    extra = {"fit_seconds": time.perf_counter() - started, "best_epoch": float(result.best_epoch)}
+
+    def predict_split(split: str) -> pd.DataFrame:
+        return predict(result.model, shard_dir, split, cfg, device=result.device)
+
+    return predict_split, extra
 
 
 def _fit_lightgbm(
-    cfg: PipelineConfig,
-    variant: Variant,
-    seed: int,
-    run_id: str,
-    shard_dir: str,
-    oracle: pd.DataFrame | None,
-) -> dict[str, float]:
-    """Fit the baseline, log its curve and params, score valid and test like the network."""
+    cfg: PipelineConfig, variant: Variant, seed: int, run_id: str, shard_dir: str
+) -> tuple[SplitPredictor, dict]:
+    """Fit the baseline; log its parameters and its validation Rank IC per boosting round."""
     from tasks.baselines import predict_lightgbm, train_lightgbm
-    from tasks.evaluate import evaluate_predictions
 
     fit = train_lightgbm(shard_dir, cfg, variant.params, seed=seed)
     tracking.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})
-    client = tracking.client_for(cfg)
     stamp = int(time.time() * 1000)
     curve = [
         Metric("val/rank_ic", float(v), stamp, step) for step, v in enumerate(fit.history, start=1)
     ]
+    client = tracking.client_for(cfg)
     for start in range(0, len(curve), 900):
         client.log_batch(run_id, metrics=curve[start : start + 900])
-    flat: dict[str, float] = {}
-    for split in ("valid", "test"):
-        preds = predict_lightgbm(fit, shard_dir, split, cfg)
-        metrics, figures = evaluate_predictions(preds, cfg.evaluate, oracle=oracle)
-        tracking.log_evaluation(cfg, run_id, split, metrics, figures)
-        flat.update({f"{split}/{key}": value for key, value in metrics.items()})
     extra = {"fit_seconds": fit.fit_seconds, "best_iteration": float(fit.best_iteration)}
-    tracking.log_metrics(cfg, run_id, extra)
-    return {**flat, **extra}
+
+    def predict_split(split: str) -> pd.DataFrame:
+        return predict_lightgbm(fit, shard_dir, split, cfg)
+
+    return predict_split, extra
 
 
 def run_variant(
@@ -283,11 +299,12 @@ def run_variant(
     shard_dir: str,
     oracle: pd.DataFrame | None = None,
     tags: Mapping[str, str] | None = None,
+    figures: bool = True,
 ) -> VariantOutcome:
     """Train and evaluate one variant with one seed inside its own child run.
 
     Raises VariantFailed (after the child run is marked FAILED) if anything goes wrong,
-    including an override the config rejects.
+    including an override the config rejects. `figures=False` skips the per-split plots.
     """
     try:
         vcfg, bad_config = variant_config(cfg, variant, seed), None
@@ -301,9 +318,11 @@ def run_variant(
             if bad_config is not None:
                 raise bad_config
             if variant.kind == "lightgbm":
-                metrics = _fit_lightgbm(vcfg, variant, seed, run_id, shard_dir, oracle)
+                predict_split, extra = _fit_lightgbm(vcfg, variant, seed, run_id, shard_dir)
             else:
-                metrics = _fit_network(vcfg, run_id, shard_dir, oracle)
+                predict_split, extra = _fit_network(vcfg, run_id, shard_dir)
+            tracking.log_metrics(vcfg, run_id, extra)
+            metrics = {**score_and_log(vcfg, run_id, predict_split, oracle, figures), **extra}
     except Exception as err:
         log.exception("variant %s seed %d failed", variant.name, seed)
         raise VariantFailed(variant.name, seed, run_id, f"{type(err).__name__}: {err}") from err
@@ -313,7 +332,7 @@ def run_variant(
 @task(
     name="compare-variant",
     task_run_name="{variant.name}-seed{seed}",
-    retries=0,  # a retry would open a second child run; training itself resumes from checkpoints
+    retries=0,  # a retry would open a second child run
     timeout_seconds=12 * 3600,
     cache_policy=NO_CACHE,
     persist_result=False,
@@ -326,9 +345,10 @@ def variant_task(
     shard_dir: str,
     oracle: pd.DataFrame | None = None,
     tags: dict[str, str] | None = None,
+    figures: bool = True,
 ) -> VariantOutcome:
     """Prefect wrapper of `run_variant` (a failed variant is a failed task run)."""
-    return run_variant(cfg, variant, seed, parent_run_id, shard_dir, oracle, tags)
+    return run_variant(cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures)
 
 
 def outcome_from_state(state: Any, variant: Variant, seed: int) -> VariantOutcome:

@@ -285,7 +285,7 @@ def test_compare_flow_children_table_and_failures(prefect_harness, mlflow_uri, w
         Variant(name="bad_override", overrides=("model.use_attention=maybe",)),
         Variant(name="bad_heads", overrides=("model.attention_heads=3",)),  # fails in training
     ]
-    summary = compare_models(cfg, seeds=1, variants=variants)
+    summary = compare_models(cfg, seeds=1, variants=variants, figures=False)  # plots cost ~1 s each
 
     client = mlflow.MlflowClient(mlflow_uri)
     parent = client.get_run(summary["parent_run_id"])
@@ -355,6 +355,8 @@ def test_cli_compare_runs_the_rest_without_lightgbm(
     )
     children = _children(client, parent)
     assert [run.data.tags["alphaloom.variant"] for run in children] == ["full"]
+    plots = {a.path for a in client.list_artifacts(children[0].info.run_id, "plots/test")}
+    assert "plots/test/rank_ic_over_time.png" in plots
     csv_path = client.download_artifacts(parent.info.run_id, "comparison.csv", str(tmp_path))
     rows = pd.read_csv(csv_path).set_index("variant")
     assert rows.loc["full", "status"] == "ok"
