@@ -40,10 +40,8 @@ from tasks.config import PipelineConfig, load_config
 from tasks.storage import write_text_atomic
 from tasks.train import (
     BEST_STATE_NAME,
-    CHECKPOINT_NAME,
     TrainResult,
     build_model,
-    load_checkpoint,
     model_dims,
     select_device,
     train_model,
@@ -105,11 +103,6 @@ def worker_device(cfg: PipelineConfig, local_rank: int) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # so a bare "cuda" in train.py means this worker's GPU
     return device
-
-
-def launched_by_torchrun() -> bool:
-    """True when the environment carries a torchrun (or spawn helper) rendezvous."""
-    return all(name in os.environ for name in _TORCHRUN_ENV)
 
 
 @contextlib.contextmanager
@@ -374,12 +367,6 @@ def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Path) -> Tr
         device="cpu",
         resumed_at=(int(resumed[0]), int(resumed[1])) if resumed else None,
     )
-
-
-def last_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any] | None:
-    """The loop state of the checkpoint in `checkpoint_dir` (epoch, batch, history...), or None."""
-    ckpt = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME)
-    return None if ckpt is None else ckpt["state"]
 
 
 @task(
