@@ -32,6 +32,7 @@ class ProgressReporter:
         )
         self.batches_done = 0
         self.artifact_id: Any = None
+        self.logger = _run_logger()
         if artifact:
             self.artifact_id = _create_artifact()
 
@@ -48,12 +49,30 @@ class ProgressReporter:
         val = event.metrics.get("val/rank_ic")
         if val is not None:
             self.epoch_bar.set_postfix(val_rank_ic=f"{val:.4f}")
+        self.logger.info(
+            "epoch %d/%d: train loss %.4f, val Rank IC %.4f (%.0f s)",
+            event.epoch + 1,
+            self.epochs,
+            event.metrics.get("train/loss", float("nan")),
+            event.metrics.get("val/rank_ic", float("nan")),
+            event.metrics.get("epoch_seconds", float("nan")),
+        )
         _update_artifact(self.artifact_id, 100.0 * (event.epoch + 1) / max(self.epochs, 1))
 
     def close(self) -> None:
         self.batch_bar.close()
         self.epoch_bar.close()
         _update_artifact(self.artifact_id, 100.0)
+
+
+def _run_logger() -> Any:
+    """Prefect's run logger inside a flow or task run (shown in its UI), else this module's."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return log
 
 
 def _create_artifact() -> Any:
