@@ -124,11 +124,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train the full model, its ablations and the LightGBM baseline; compare them in MLflow."""
     from flows.compare import compare_models
     from tasks.baselines import INSTALL_HINT, lightgbm_available
-    from tasks.compare import DEFAULT_VARIANTS, CompareError, load_variants
+    from tasks.compare import DEFAULT_VARIANTS, CompareError, load_variants, seed_list
 
     cfg = _config(args)
     try:
         variants = load_variants(args.variants) if args.variants else list(DEFAULT_VARIANTS)
+        seed_list(cfg, args.seeds)
     except CompareError as err:
         print(f"alphaloom: {err}", file=sys.stderr)
         return 2
