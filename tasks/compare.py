@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks import baselines, tracking
 from tasks.config import ConfigError, PipelineConfig, config_from_dict
@@ -74,6 +74,12 @@ class Variant(BaseModel):
     overrides: tuple[str, ...] = ()
     params: dict[str, Any] = Field(default_factory=dict, description="LightGBM parameters")
     description: str = ""
+
+    @model_validator(mode="after")
+    def _params_need_lightgbm(self) -> Variant:
+        if self.params and self.kind != "lightgbm":
+            raise ValueError(f"variant '{self.name}': params are for kind 'lightgbm' only")
+        return self
 
 
 # Inverse class frequencies of the default quantile labels (edges 0.3/0.6/0.9 -> shares

@@ -98,6 +98,21 @@ def test_load_variants_yaml(tmp_path):
         load_variants(typo)
     with pytest.raises(CompareError, match="not found"):
         load_variants(tmp_path / "missing.yaml")
+    stray = tmp_path / "stray.yaml"
+    stray.write_text("- name: net\n  params: {num_leaves: 3}\n")
+    with pytest.raises(CompareError, match="lightgbm"):
+        load_variants(stray)
+
+
+def test_cli_rejects_bad_seeds_and_variant_files_before_running(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["compare", "--config", str(SMOKE), "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: not-a-list\n")
+    assert main(["compare", "--config", str(SMOKE), "--variants", str(bad)]) == 2
+    assert "expected a non-empty list" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
