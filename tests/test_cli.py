@@ -86,7 +86,17 @@ def test_ui_binds_loopback_only() -> None:
 
 def test_every_documented_command_exists() -> None:
     parser = build_parser()
-    for command in ("synth", "features", "run", "score", "nightly", "ui", "serve"):
+    for command in (
+        "synth",
+        "features",
+        "run",
+        "score",
+        "nightly",
+        "ui",
+        "serve",
+        "compare",
+        "train-ddp",
+    ):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([command, "--help"])
         assert exit_info.value.code == 0
