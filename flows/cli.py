@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.ingest import DataValidationError
 
 # Prefect's temporary server needs longer than its default 20 s to start on small machines.
 _ENV_DEFAULTS = {
@@ -239,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `alphaloom` console script."""
-    _set_env_defaults()
+    _set_env_defaults()  # before anything imports Prefect, which reads its settings then
+    from tasks.ingest import DataValidationError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

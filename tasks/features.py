@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,13 +258,23 @@ class FeatureTable:
     split_dates: dict[str, list[str]]
 
 
-def build_feature_table(bars: pd.DataFrame, cfg: FeaturesSection) -> FeatureTable:
-    """Factors, labels and splits of canonical bars, normalised with train-split statistics."""
+RawFactors = Callable[[pd.DataFrame, list[str]], pd.DataFrame]
+
+
+def build_feature_table(
+    bars: pd.DataFrame, cfg: FeaturesSection, raw_factors: RawFactors = compute_alpha158
+) -> FeatureTable:
+    """Factors, labels and splits of canonical bars, normalised with train-split statistics.
+
+    `raw_factors(sorted_bars, names)` computes the per-symbol factors (the fan-out passes one
+    that stitches partition outputs); labels, splits and statistics are cross-sectional, so they
+    are always computed here, on every symbol at once.
+    """
     validate_bars(bars)
     bars = bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
     names = select_factors(cfg.factors, cfg.windows)
     split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
-    raw = compute_alpha158(bars, names)
+    raw = raw_factors(bars, names)
     stats = fit_normalizer(raw, names, split == SPLIT_CODES["train"], clip=cfg.clip)
     labels = compute_labels(bars, cfg.label)
     targets = labels[["label", "fwd_return"]].assign(split=split)

@@ -30,18 +30,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks import alpha158
-from tasks.alpha158 import compute_alpha158, select_factors, validate_bars
+from tasks.alpha158 import compute_alpha158, select_factors
 from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import FeaturesSection, PipelineConfig, RunnerSection
 from tasks.features import (
     META_FILE,
-    SPLIT_CODES,
     FeatureTable,
-    apply_normalizer,
-    assign_splits,
-    compute_labels,
+    build_feature_table,
     features_location,
-    fit_normalizer,
     save_feature_table,
 )
 from tasks.hashing import hash_frame
@@ -187,21 +183,10 @@ def stitch_raw(bars: pd.DataFrame, parts: Sequence[pd.DataFrame], names: list[st
 def table_from_partitions(
     bars: pd.DataFrame, parts: Sequence[pd.DataFrame], cfg: FeaturesSection
 ) -> FeatureTable:
-    """`build_feature_table` with the per-symbol factors taken from partition outputs.
-
-    The cross-sectional steps are the same calls in the same order as build_feature_table's
-    (labels' per-day quantiles, splits, train-only statistics), on all symbols at once.
-    """
-    validate_bars(bars)
-    bars = bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
-    names = select_factors(cfg.factors, cfg.windows)
-    split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
-    raw = stitch_raw(bars, parts, names)
-    stats = fit_normalizer(raw, names, split == SPLIT_CODES["train"], clip=cfg.clip)
-    labels = compute_labels(bars, cfg.label)
-    targets = labels[["label", "fwd_return"]].assign(split=split)
-    frame = pd.concat([apply_normalizer(raw, names, stats), targets], axis=1)
-    return FeatureTable(frame, names, stats, split_dates)
+    """`build_feature_table` with the per-symbol factors taken from partition outputs."""
+    return build_feature_table(
+        bars, cfg, lambda sorted_bars, names: stitch_raw(sorted_bars, parts, names)
+    )
 
 
 def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineConfig) -> StageRef:
