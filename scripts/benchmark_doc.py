@@ -72,8 +72,17 @@ def run_comparison(args: argparse.Namespace, cfg: PipelineConfig) -> tuple[str, 
 
 
 def shell_command(args: argparse.Namespace) -> str:
-    """The exact command line that produced the page (this script's own invocation)."""
-    return "nice -n 10 .venv/bin/python scripts/benchmark_doc.py " + shlex.join(args.raw_argv)
+    """The command line that ran the comparison (this script's invocation, minus `--note`s,
+    which only add text to the page)."""
+    argv, skip = [], False
+    for item in args.raw_argv:
+        if skip:
+            skip = False
+        elif item == "--note":
+            skip = True
+        elif not item.startswith("--note="):
+            argv.append(item)
+    return "nice -n 10 .venv/bin/python scripts/benchmark_doc.py " + shlex.join(argv)
 
 
 def machine() -> str:
@@ -104,7 +113,7 @@ def machine() -> str:
 def sizing(cfg: PipelineConfig) -> str:
     """The settings that decide how big and how long the run is."""
     syn = cfg.data.synthetic
-    factors = "all Alpha158" if cfg.features.factors == "all" else len(cfg.features.factors)
+    factors = "all Alpha158" if cfg.features.factors == "all" else ", ".join(cfg.features.factors)
     return (
         f"data: {cfg.data.source}"
         + (
@@ -112,7 +121,7 @@ def sizing(cfg: PipelineConfig) -> str:
             if cfg.data.source == "synthetic"
             else ""
         )
-        + f"; factors: {factors}, windows {cfg.features.windows}; window T={cfg.shards.window}; "
+        + f"; factors: {factors} over windows {cfg.features.windows}; T={cfg.shards.window}; "
         f"train: epochs={cfg.train.epochs}, patience={cfg.train.patience}, "
         f"max_batches_per_epoch={cfg.train.max_batches_per_epoch}, "
         f"batch={cfg.loader.batch_size}, device={cfg.train.device}"
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"comparison finished in {wall:.0f} s: parent run {run_id}")
     run, table, run_cfg = parent_run(cfg, run_id)
     write_text_atomic(args.out, render(run_cfg, run, table, args.note))
+    Path(args.out).chmod(0o644)  # a page in the repo, not a private temp file
     print(f"wrote {args.out}")
     return 0
 
