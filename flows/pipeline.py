@@ -27,6 +27,7 @@ from tasks.partitions import (
 )
 from tasks.registry import register_task
 from tasks.report import publish_summary, run_summary
+from tasks.shard_fanout import finish_shards_task, plan_shards_task, write_shard_task
 from tasks.shards import shards_task
 from tasks.text import text_task
 from tasks.tracking import log_shard_dataset, run_tags, tracked_run
@@ -45,7 +46,7 @@ def data_stages(cfg: PipelineConfig) -> tuple[StageRef, StageRef]:
     market = ingest_task(cfg)
     features = features_stage(market, cfg)
     text = text_task(market, cfg)
-    shards = shards_task(features, text, market, cfg)
+    shards = shards_stage(features, text, market, cfg)
     return market, shards
 
 
@@ -62,6 +63,26 @@ def features_fanout(market: StageRef, cfg: PipelineConfig) -> StageRef:
     partitions = plan_partitions_task(market, cfg)
     raw = raw_factors_task.map(partitions, unmapped(cfg))
     return assemble_features_task(market, raw, cfg)
+
+
+def shards_stage(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> StageRef:
+    """One shards task, or with `runner.partitions` > 1 one task per shard on the runner."""
+    if cfg.runner.partitions == 1:
+        return shards_task(features, text, market, cfg)
+    fanout = shards_fanout.with_options(task_runner=task_runner_for(cfg.runner))
+    return fanout(features, text, market, cfg)
+
+
+@flow(name="shards-fanout")
+def shards_fanout(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> StageRef:
+    """Plan from the symbol column, write each shard in its own task, then finish the set."""
+    jobs = plan_shards_task(features, text, market, cfg)
+    entries = write_shard_task.map(jobs, unmapped(features), unmapped(market), unmapped(cfg))
+    return finish_shards_task(features, text, market, entries, cfg)
 
 
 def model_stages(

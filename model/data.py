@@ -268,17 +268,17 @@ def _read_parquet(
 def resolve_location(
     shard_dir: str | Path, filesystem: pafs.FileSystem | None = None
 ) -> tuple[Path, pafs.FileSystem | None]:
-    """(path, filesystem) of a shard set: a URL that pyarrow knows (file://, s3://, gs://,
-    hdfs://) gets pyarrow's filesystem; a plain path with no `filesystem` is the local disk."""
+    """(path, filesystem) of a shard set: a URL gets pyarrow's filesystem (file://, s3://, gs://,
+    hdfs://) or, for other fsspec schemes (memory://, ...), fsspec's wrapped for pyarrow; a plain
+    path with no `filesystem` is the local disk."""
     text = str(shard_dir)
     if filesystem is None and isinstance(shard_dir, str) and "://" in text:
+        from tasks.storage import arrow_filesystem  # only URL shard sets need fsspec
+
         try:
-            filesystem, text = pafs.FileSystem.from_uri(text)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-            raise ShardSetError(
-                f"{shard_dir}: pyarrow has no filesystem for this URL ({err}); open it with "
-                "ShardSetInfo.open(path, filesystem=...) (tasks.storage.arrow_filesystem)"
-            ) from None
+            filesystem, text = arrow_filesystem(text)
+        except ValueError as err:
+            raise ShardSetError(f"{err}; pass ShardSetInfo.open(path, filesystem=...)") from None
         if isinstance(filesystem, pafs.LocalFileSystem):
             filesystem = None
     return Path(text), filesystem

@@ -1,9 +1,10 @@
 """Content-addressed stage outputs and the Prefect cache keys built from them.
 
 A stage's key is the hash of (its upstream stages' keys, its own config section, its code version).
-Its output lives in `<work_dir>/<stage>/<key>`, written atomically, so an existing directory means
-the output is complete. Prefect's cache key is that same key while the directory exists; if someone
-deleted the output, the key is made unique so the task reruns instead of returning a dangling path.
+Its output lives in `<work_dir>/<stage>/<key>` (a local path or an fsspec URL), written
+atomically, so an existing directory (at a URL: one with its completion marker) means the output
+is complete. Prefect's cache key is that same key while the output exists; if someone deleted it,
+the key is made unique so the task reruns instead of returning a dangling path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.hashing import code_version, combine, hash_json
+from tasks.storage import (
+    Location,
+    child,
+    local_copy,
+    local_or_url,
+    location_id,
+    output_complete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +41,18 @@ class StageRef(BaseModel):
     path: str
 
     @property
+    def location(self) -> Location:
+        """Where the output lives: a local Path or a URL string (read directly by pyarrow)."""
+        return local_or_url(self.path)
+
+    def file(self, name: str) -> Location:
+        """One file of the output, read in place (small files: no local copy is made)."""
+        return child(self.location, name)
+
+    @property
     def dir(self) -> Path:
-        return Path(self.path)
+        """A local directory with the output: itself, or a verified local copy of a URL output."""
+        return local_copy(self.path)
 
 
 def stage_key(
@@ -47,13 +66,14 @@ def stage_key(
     return combine(stage, *upstream, hash_json(section), code_version(*modules), extra)[:KEY_LENGTH]
 
 
-def stage_dir(work_dir: str | Path, stage: str, key: str) -> Path:
-    """Where a stage output with this key lives."""
-    return Path(work_dir) / stage / key
+def stage_dir(work_dir: str | Path, stage: str, key: str) -> Location:
+    """Where a stage output with this key lives (a Path, or a URL when work_dir is one)."""
+    root = local_or_url(work_dir)
+    return root / stage / key if isinstance(root, Path) else f"{root.rstrip('/')}/{stage}/{key}"
 
 
 def existing_output_cache_key(
-    key_and_dir: Callable[[dict[str, Any]], tuple[str, Path]],
+    key_and_dir: Callable[[dict[str, Any]], tuple[str, Location]],
 ) -> Callable[[Any, dict[str, Any]], str]:
     """A Prefect `cache_key_fn`: the stage key + output location, unless the output vanished.
 
@@ -63,8 +83,8 @@ def existing_output_cache_key(
 
     def cache_key_fn(context: Any, parameters: dict[str, Any]) -> str:
         key, out_dir = key_and_dir(parameters)
-        cache_key = combine(key, str(out_dir.resolve()))
-        if out_dir.is_dir():
+        cache_key = combine(key, location_id(out_dir))
+        if output_complete(out_dir):
             return cache_key
         store = getattr(context, "result_store", None)
         if store is not None and store.exists(cache_key):
@@ -77,7 +97,7 @@ def existing_output_cache_key(
 
 def stage_task(
     name: str,
-    locate: Callable[..., tuple[str, Path]],
+    locate: Callable[..., tuple[str, Location]],
     *,
     retries: int = 2,
     timeout_seconds: float = 3600,
@@ -90,7 +110,7 @@ def stage_task(
     """
     from prefect import task
 
-    def key_and_dir(parameters: dict[str, Any]) -> tuple[str, Path]:
+    def key_and_dir(parameters: dict[str, Any]) -> tuple[str, Location]:
         return locate(**parameters)
 
     def decorate(func: Callable[..., StageRef]) -> Any:

@@ -307,13 +307,16 @@ def config_from_dict(
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
-    """Load a YAML config (defaults when `path` is None) and apply `section.key=value` overrides."""
+    """Load a YAML config (a path or URL; defaults when `path` is None) and apply
+    `section.key=value` overrides."""
+    from tasks.storage import read_text  # pyarrow/fsspec only when a file is read
+
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = read_text(path)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         try:

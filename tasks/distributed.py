@@ -37,11 +37,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import PipelineConfig, load_config
-from tasks.storage import write_text_atomic
+from tasks.storage import (
+    Location,
+    child,
+    is_file,
+    local_or_url,
+    read_text,
+    remove_file,
+    write_text_atomic,
+)
 from tasks.train import (
     BEST_STATE_NAME,
     TrainResult,
     build_model,
+    load_weights,
     model_dims,
     select_device,
     train_model,
@@ -192,12 +201,12 @@ def train_rank(
     )  # fmt: skip
     result = train_model(shard_dir, cfg, checkpoint_dir, run_id)
     if ctx.rank == 0:
-        write_result(result, Path(checkpoint_dir), ctx)
+        write_result(result, local_or_url(checkpoint_dir), ctx)
     dist.barrier()  # nobody tears the group down before rank 0 has written
     return result
 
 
-def write_result(result: TrainResult, checkpoint_dir: Path, ctx: DistContext) -> Path:
+def write_result(result: TrainResult, checkpoint_dir: Location, ctx: DistContext) -> Location:
     """What the launcher needs besides the weights: best epoch, history, where it resumed."""
     payload = {
         "best_epoch": result.best_epoch,
@@ -208,7 +217,7 @@ def write_result(result: TrainResult, checkpoint_dir: Path, ctx: DistContext) ->
         "backend": ctx.backend,
         "device": result.device,
     }
-    path = checkpoint_dir / RESULT_NAME
+    path = child(checkpoint_dir, RESULT_NAME)
     write_text_atomic(path, json.dumps(payload, indent=1))
     return path
 
@@ -311,11 +320,12 @@ def launch_training(
     same settings. A worker crash fails the launch (after `max_restarts` elastic restarts, each
     of which resumes from the checkpoint); a retried launch resumes the same way.
     """
-    ckpt = Path(checkpoint_dir)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    config_path = ckpt / CONFIG_NAME
+    ckpt = local_or_url(checkpoint_dir)
+    if isinstance(ckpt, Path):
+        ckpt.mkdir(parents=True, exist_ok=True)
+    config_path = child(ckpt, CONFIG_NAME)
     write_text_atomic(config_path, cfg.to_yaml())
-    (ckpt / RESULT_NAME).unlink(missing_ok=True)
+    remove_file(child(ckpt, RESULT_NAME))
     worker_args = [
         "--config", str(config_path),
         "--shards", str(shard_dir),
@@ -342,18 +352,18 @@ def _pythonpath() -> str:
     return root if not rest else f"{root}{os.pathsep}{rest}"
 
 
-def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Path) -> TrainResult:
+def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -> TrainResult:
     """Rebuild the TrainResult of a finished DDP job from rank 0's files (weights_only loads)."""
     from model.data import ShardSetInfo
 
-    result_path = checkpoint_dir / RESULT_NAME
-    if not result_path.is_file():
+    result_path = child(checkpoint_dir, RESULT_NAME)
+    if not is_file(result_path):
         raise DistributedLaunchError(f"{result_path} is missing: rank 0 did not finish")
-    meta = json.loads(result_path.read_text())
+    meta = json.loads(read_text(result_path))
     info = ShardSetInfo.open(shard_dir)
     model = build_model(info, cfg)
-    best_path = checkpoint_dir / BEST_STATE_NAME
-    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    best_path = child(checkpoint_dir, BEST_STATE_NAME)
+    model.load_state_dict(load_weights(best_path))
     model.eval()
     resumed = meta.get("resumed_at")
     return TrainResult(

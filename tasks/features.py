@@ -30,7 +30,15 @@ from tasks.alpha158 import (
 )
 from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import FeaturesSection, LabelSection, PipelineConfig, SplitSection
-from tasks.storage import atomic_dir
+from tasks.storage import (
+    Location,
+    atomic_dir,
+    child,
+    is_file,
+    local_or_url,
+    output_complete,
+    read_text,
+)
 
 __all__ = [
     "ALPHA158_NAMES",
@@ -282,13 +290,13 @@ def build_feature_table(
     return FeatureTable(frame, names, stats, split_dates)
 
 
-def save_feature_table(table: FeatureTable, out_dir: str | Path) -> Path:
+def save_feature_table(table: FeatureTable, out_dir: str | Path) -> Location:
     """Write `features.parquet` + `features.json` atomically; an existing `out_dir` is kept.
 
     Callers name `out_dir` by the content key of the inputs, so an existing directory already
     holds this table (see tasks/storage.atomic_dir).
     """
-    out_dir = Path(out_dir)
+    out_dir = local_or_url(out_dir)
     _require_columns(table.frame, [*_KEY_COLUMNS, *table.feature_names, *_TARGET_COLUMNS], "table")
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -308,11 +316,11 @@ _META_KEYS = ("schema_version", "feature_names", "stats", "split_dates")
 _TARGET_COLUMNS = ("label", "fwd_return", "split")
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def _read_meta(path: Location) -> dict[str, Any]:
+    if not is_file(path):
         raise FileNotFoundError(f"feature table metadata not found: {path}")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from None
     missing = [k for k in _META_KEYS if k not in meta]
@@ -325,17 +333,19 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_feature_table(out_dir: str | Path) -> FeatureTable:
-    """Read a table written by `save_feature_table`, checking its columns against its metadata."""
-    out_dir = Path(out_dir)
-    meta = _read_meta(out_dir / META_FILE)
-    data_path = out_dir / FEATURES_FILE
-    if not data_path.is_file():
+def load_feature_table(out_dir: str | Path, symbols: list[str] | None = None) -> FeatureTable:
+    """Read a table written by `save_feature_table` (a path or URL), checking its columns against
+    its metadata; with `symbols`, only their rows are read (a parquet filter: fanned-out tasks)."""
+    out_dir = local_or_url(out_dir)
+    meta = _read_meta(child(out_dir, META_FILE))
+    data_path = child(out_dir, FEATURES_FILE)
+    if not is_file(data_path):
         raise FileNotFoundError(f"feature table data not found: {data_path}")
-    frame = pd.read_parquet(data_path)
+    filters = None if symbols is None else [("symbol", "in", list(symbols))]
+    frame = pd.read_parquet(data_path, filters=filters)
     names = list(meta["feature_names"])
     _require_columns(frame, [*_KEY_COLUMNS, *names, *_TARGET_COLUMNS], str(data_path))
-    if "n_rows" in meta and len(frame) != meta["n_rows"]:
+    if symbols is None and "n_rows" in meta and len(frame) != meta["n_rows"]:
         raise ValueError(f"{data_path}: {len(frame)} rows, metadata says {meta['n_rows']}")
     frame["date"] = frame["date"].astype("datetime64[ns]")
     frame = frame.astype(
@@ -348,7 +358,7 @@ def load_feature_table(out_dir: str | Path) -> FeatureTable:
 # The stage
 
 
-def features_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Path]:
+def features_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Location]:
     """The features stage's key (market key + features section + code) and directory."""
     key = stage_key("features", [market.key], cfg.features, (sys.modules[__name__], alpha158))
     return key, stage_dir(cfg.work_dir, "features", key)
@@ -362,7 +372,7 @@ def run_features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
     from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
 
     key, out = features_location(market, cfg)
-    if (out / META_FILE).is_file():
+    if output_complete(out):
         logger.info("features %s already built at %s", key, out)
     else:
         bars = load_saved_market(market.dir).bars

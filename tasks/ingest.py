@@ -34,6 +34,7 @@ from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import DataSection, PipelineConfig
 from tasks.hashing import combine, hash_frame, hash_json, sha256_file
 from tasks.storage import (
+    Location,
     atomic_dir,
     base_name,
     child,
@@ -41,7 +42,10 @@ from tasks.storage import (
     is_dir,
     is_file,
     list_dir,
+    local_copy,
     local_or_url,
+    output_complete,
+    read_text,
     sha256_of,
     url_filesystem,
 )
@@ -562,9 +566,10 @@ def save_market(market: MarketData, out_dir: str | Path) -> Path:
     `out_dir` is meant to be content-addressed (named by `source_hash`): if it already holds the
     same market it is kept; if it holds a different one that is an error, never an overwrite.
     """
-    out = Path(out_dir)
-    if out.exists():
-        meta = _read_meta(out) if (out / "meta.json").is_file() else None
+    out = local_or_url(out_dir)
+    present = out.exists() if isinstance(out, Path) else output_complete(out)
+    if present:
+        meta = _read_meta(out) if is_file(child(out, "meta.json")) else None
         if meta is not None and meta.get("source_hash") == market.source_hash:
             return out
         raise FileExistsError(
@@ -592,11 +597,11 @@ def save_market(market: MarketData, out_dir: str | Path) -> Path:
     return out
 
 
-def _read_meta(out: Path) -> dict:
-    """meta.json of a saved market, or a clear error."""
-    path = out / "meta.json"
+def _read_meta(out: Location) -> dict:
+    """meta.json of a saved market (a path or URL), or a clear error."""
+    path = child(out, "meta.json")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except FileNotFoundError:
         raise DataValidationError(f"{path}: not found; {out} is not a saved market") from None
     except json.JSONDecodeError as err:
@@ -604,8 +609,9 @@ def _read_meta(out: Path) -> dict:
 
 
 def load_saved_market(out_dir: str | Path) -> MarketData:
-    """Read a market written by `save_market`, verifying every file's checksum first."""
-    out = Path(out_dir)
+    """Read a market written by `save_market`, verifying every file's checksum first (a URL
+    market is read through its verified local copy)."""
+    out = local_copy(out_dir)
     meta = _read_meta(out)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataValidationError(
@@ -630,7 +636,7 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
 
 def load_saved_oracle(market: StageRef) -> pd.DataFrame | None:
     """The generator's true expected returns of a saved market, or None for real data."""
-    meta = _read_meta(market.dir)
+    meta = _read_meta(market.location)
     return pd.read_parquet(market.dir / "oracle.parquet") if meta["has_oracle"] else None
 
 
@@ -639,7 +645,7 @@ def min_history_for(cfg: PipelineConfig) -> int:
     return cfg.shards.window + cfg.features.label.horizon
 
 
-def ingest_location(cfg: PipelineConfig) -> tuple[str, Path]:
+def ingest_location(cfg: PipelineConfig) -> tuple[str, Location]:
     """The market stage's key and directory.
 
     The key hashes the input files' bytes (or the synthetic section), the data section, the
@@ -658,7 +664,7 @@ def ingest_location(cfg: PipelineConfig) -> tuple[str, Path]:
 def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
     """Load, validate and save the market under `<work_dir>/market/<key>`, reusing it if there."""
     key, out = ingest_location(cfg)
-    if (out / "meta.json").is_file():
+    if output_complete(out) and is_file(child(out, "meta.json")):
         logger.info("market %s already ingested at %s", key, out)
     else:
         save_market(load_market(cfg.data, min_history_for(cfg)), out)

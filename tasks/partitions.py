@@ -20,7 +20,6 @@ import hashlib
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,14 +33,13 @@ from tasks.alpha158 import compute_alpha158, select_factors
 from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import FeaturesSection, PipelineConfig, RunnerSection
 from tasks.features import (
-    META_FILE,
     FeatureTable,
     build_feature_table,
     features_location,
     save_feature_table,
 )
 from tasks.hashing import hash_frame
-from tasks.storage import atomic_dir
+from tasks.storage import Location, atomic_dir, child, local_or_url, output_complete
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
     from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
 
     _, out = features_location(market, cfg)
-    if (out / META_FILE).is_file():
+    if output_complete(out):
         log.info("features already built at %s: no partition to compute", out)
         return []
     bars = load_saved_market(market.dir).bars
@@ -109,7 +107,7 @@ def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
 # one partition
 
 
-def raw_location(partition: Partition, cfg: PipelineConfig) -> tuple[str, Path]:
+def raw_location(partition: Partition, cfg: PipelineConfig) -> tuple[str, Location]:
     """Key: the partition's bars + the selected factor names + the factor code. Labels, splits
     and normalisation are not in it: changing them reuses every partition."""
     names = select_factors(cfg.features.factors, cfg.features.windows)
@@ -121,7 +119,7 @@ def raw_location(partition: Partition, cfg: PipelineConfig) -> tuple[str, Path]:
 
 def partition_bars(partition: Partition) -> pd.DataFrame:
     """The partition's rows of the saved market's bars (only those symbols are decoded)."""
-    path = Path(partition.market_path) / BARS_FILE
+    path = child(local_or_url(partition.market_path), BARS_FILE)
     bars = pd.read_parquet(path, filters=[("symbol", "in", partition.symbols)])
     found = set(bars["symbol"].unique())
     if found != set(partition.symbols):
@@ -133,7 +131,7 @@ def partition_bars(partition: Partition) -> pd.DataFrame:
 def run_raw_factors(partition: Partition, cfg: PipelineConfig) -> StageRef:
     """Raw Alpha158 factors of one partition under `<work_dir>/raw_factors/<key>` (reused)."""
     key, out = raw_location(partition, cfg)
-    if not (out / RAW_FILE).is_file():
+    if not output_complete(out):
         names = select_factors(cfg.features.factors, cfg.features.windows)
         raw = compute_alpha158(partition_bars(partition), names)
         with atomic_dir(out) as tmp:
@@ -194,11 +192,11 @@ def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineCo
     from tasks.ingest import load_saved_market
 
     key, out = features_location(market, cfg)
-    if (out / META_FILE).is_file():
+    if output_complete(out):
         log.info("features %s already built at %s", key, out)
     else:
         bars = load_saved_market(market.dir).bars
-        parts = [pd.read_parquet(Path(ref.path) / RAW_FILE) for ref in raw]
+        parts = [pd.read_parquet(ref.file(RAW_FILE)) for ref in raw]
         save_feature_table(table_from_partitions(bars, parts, cfg.features), out)
     return StageRef(stage="features", key=key, path=str(out))
 

@@ -14,10 +14,11 @@ import pandas as pd
 from prefect import task
 
 from model.data import ShardSetInfo
+from tasks.caching import stage_dir
 from tasks.config import PipelineConfig
 from tasks.evaluate import predict_with
 from tasks.registry import CHAMPION, champion_uri, registered_score_fn
-from tasks.storage import atomic_file
+from tasks.storage import atomic_file, child
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def score_latest_date(
     score_fn = registered_score_fn(model_uri, info.feature_names)
     preds = predict_with(score_fn, shard_dir, None, cfg, dates=[latest])
     ranked = rank_scores(preds)
-    out_dir = Path(cfg.work_dir) / "scores"
+    out_dir = stage_dir(cfg.work_dir, "scores", "")
     stem = f"scores_{latest:%Y-%m-%d}"
-    parquet, csv = out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"
+    parquet, csv = child(out_dir, f"{stem}.parquet"), child(out_dir, f"{stem}.csv")
     with atomic_file(parquet) as tmp:
         ranked.to_parquet(tmp, index=False)
     with atomic_file(csv) as tmp:

@@ -56,7 +56,15 @@ from model.data import (
 from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import LoaderSection, PipelineConfig, ShardsSection
 from tasks.hashing import code_version, hash_frame, hash_json, sha256_file
-from tasks.storage import atomic_dir
+from tasks.storage import (
+    Location,
+    atomic_dir,
+    child,
+    is_file,
+    local_or_url,
+    output_complete,
+    read_text,
+)
 
 REQUIRED_COLUMNS = ("symbol", "date", "label", "fwd_return", "split")
 INSTRUMENT_COLUMNS = ("symbol", "industry", "index")
@@ -389,6 +397,25 @@ def summarize_windows(entries: list[dict[str, Any]], window: int) -> dict[str, l
     }
 
 
+def shard_columns(
+    frame: pd.DataFrame,
+    codes: np.ndarray,
+    days: np.ndarray,
+    industry: np.ndarray,
+    index: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The non-factor columns of sorted `frame` rows, with symbol ids `codes` of the whole set."""
+    return {
+        "symbol": codes.astype(np.int32),
+        "date": days.astype(np.int32),
+        "split": frame["split"].to_numpy(np.int8),
+        "label": frame["label"].to_numpy(np.int8),
+        "fwd_return": frame["fwd_return"].to_numpy(np.float32, na_value=np.nan),
+        "industry": industry[codes],
+        "index": index[codes],
+    }
+
+
 def _shard_arrays(
     frame: pd.DataFrame,
     rows: np.ndarray,
@@ -429,7 +456,7 @@ def build_shards(
     root: str | Path,
     source_hash: str,
     key: str | None = None,
-) -> Path:
+) -> Location:
     """Write the feature table as a shard set under `root`; return its directory.
 
     The directory is `root/<key>`; without `key` it is the hash of the inputs' content (the
@@ -451,23 +478,15 @@ def build_shards(
             (symbols.astype(str), vectors, has_text),
             cfg,
         )
-    final = Path(root) / key
-    if (final / MANIFEST_NAME).is_file():
+    final = child(local_or_url(root), key)
+    if is_file(child(final, MANIFEST_NAME)) and output_complete(final):
         return final
-    if final.exists():
+    if isinstance(final, Path) and final.exists():
         raise ShardBuildError(
             f"{final} exists but has no {MANIFEST_NAME} (not written by this code); "
             "delete it and rerun"
         )
-    columns = {
-        "symbol": codes.astype(np.int32),
-        "date": days.astype(np.int32),
-        "split": frame["split"].to_numpy(np.int8),
-        "label": frame["label"].to_numpy(np.int8),
-        "fwd_return": frame["fwd_return"].to_numpy(np.float32, na_value=np.nan),
-        "industry": industry[codes],
-        "index": index[codes],
-    }
+    columns = shard_columns(frame, codes, days, industry, index)
     rows_per_symbol = np.bincount(codes, minlength=len(symbols))
     offsets = np.r_[0, np.cumsum(rows_per_symbol)]
     positions = [frame.columns.get_loc(name) for name in feature_names]
@@ -507,7 +526,7 @@ def build_shards_from(
     root: str | Path,
     source_hash: str,
     key: str | None = None,
-) -> Path:
+) -> Location:
     """`build_shards` for any object with frame / feature_names / stats / split_dates."""
     return build_shards(
         table.frame,
@@ -525,7 +544,7 @@ def build_shards_from(
 
 def shards_location(
     features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
-) -> tuple[str, Path]:
+) -> tuple[str, Location]:
     """The shards stage's key: the features' and text's keys + shards section + code version.
 
     The market is a parameter only for its instruments and source hash, which those two keys
@@ -546,14 +565,14 @@ def run_shards_stage(
     from tasks.text import load_text_vectors
 
     key, out = shards_location(features, text, market, cfg)
-    if not (out / MANIFEST_NAME).is_file():
-        meta = json.loads((market.dir / "meta.json").read_text())
+    if not output_complete(out):
+        meta = json.loads(read_text(market.file("meta.json")))
         build_shards_from(
             load_feature_table(features.dir),
-            pd.read_parquet(market.dir / "instruments.parquet"),
+            pd.read_parquet(market.file("instruments.parquet")),
             load_text_vectors(text.dir),
             cfg.shards,
-            out.parent,
+            stage_dir(cfg.work_dir, "shards", ""),
             meta["source_hash"],
             key=key,
         )

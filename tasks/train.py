@@ -15,6 +15,7 @@ validates, checkpoints and logs, and the stop decision is broadcast.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import random
@@ -32,10 +33,11 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from model.batch import Batch
+from tasks.caching import stage_dir
 from tasks.config import PipelineConfig
 from tasks.evaluate import ic_metrics, predict
-from tasks.hashing import hash_json, sha256_file
-from tasks.storage import atomic_file
+from tasks.hashing import hash_json
+from tasks.storage import Location, atomic_file, child, is_file, local_or_url, read_bytes, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class TrainResult:
     best_epoch: int
     best_val_rank_ic: float
     history: list[dict[str, float]]
-    model_state_path: Path
+    model_state_path: Location
     dims: dict[str, int]
     feature_names: list[str]
     device: str
@@ -209,7 +211,7 @@ def fingerprint(cfg: PipelineConfig, shard_dir: str | Path) -> str:
         sections["train"].pop(volatile, None)  # resuming on another device is fine
     sections["loader"].pop("num_workers", None)
     sections["loader"].pop("prefetch", None)
-    manifest_hash = sha256_file(Path(shard_dir) / "manifest.json")
+    manifest_hash = sha256_of(child(local_or_url(shard_dir), "manifest.json"))
     return hash_json({"sections": sections, "manifest": manifest_hash})
 
 
@@ -274,7 +276,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def save_checkpoint(path: Path, state: _State, parts: dict[str, Any], fp: str) -> None:
+def save_checkpoint(path: Location, state: _State, parts: dict[str, Any], fp: str) -> None:
     """Write the checkpoint atomically (temp file + rename): a crash leaves the previous one."""
     payload = {
         "version": CHECKPOINT_VERSION,
@@ -291,12 +293,19 @@ def save_checkpoint(path: Path, state: _State, parts: dict[str, Any], fp: str) -
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path` (weights_only: no code runs while loading), or None."""
-    if not path.is_file():
+def load_weights(path: Location) -> Any:
+    """`torch.load(..., weights_only=True)` of a local file or of a URL's bytes: no code runs."""
+    source = path if isinstance(path, Path) else io.BytesIO(read_bytes(path))
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: Location) -> dict[str, Any] | None:
+    """The checkpoint at `path`, a file or URL (weights_only: no code runs while loading), or
+    None."""
+    if not is_file(path):
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights(path)
     except Exception as err:
         raise RuntimeError(
             f"checkpoint {path} is unreadable ({err}); delete it to restart"
@@ -313,7 +322,7 @@ def _restore(ckpt: dict[str, Any], parts: dict[str, Any]) -> _State:
     return _State(**ckpt["state"])
 
 
-def _check_same_start(state: _State, ckpt_path: Path) -> None:
+def _check_same_start(state: _State, ckpt_path: Location) -> None:
     """Under DDP every rank must start where rank 0 does; a checkpoint directory that only some
     ranks can see (not on a shared filesystem) would otherwise train them from different weights."""
     _, world = dist_info()
@@ -328,7 +337,7 @@ def _check_same_start(state: _State, ckpt_path: Path) -> None:
         )
 
 
-def _resume_or_fresh(ckpt_path: Path, fp: str, parts: dict[str, Any]) -> tuple[_State, bool]:
+def _resume_or_fresh(ckpt_path: Location, fp: str, parts: dict[str, Any]) -> tuple[_State, bool]:
     ckpt = load_checkpoint(ckpt_path)
     if ckpt is None:
         return _State(), False
@@ -501,7 +510,7 @@ def train_model(
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
     rank, _ = dist_info()
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    ckpt_path = child(local_or_url(checkpoint_dir), CHECKPOINT_NAME)
     parts = _setup(shard_dir, cfg, device)
     fp = fingerprint(cfg, shard_dir)
     state, resumed = _resume_or_fresh(ckpt_path, fp, parts)
@@ -532,7 +541,7 @@ def train_model(
             state.epoch, state.batch, state.seen = state.epoch + 1, 0, 0
             state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
         state.finished = _broadcast(state.finished)
-    return _result(state, parts, Path(checkpoint_dir), resumed_at)
+    return _result(state, parts, local_or_url(checkpoint_dir), resumed_at)
 
 
 def _report_epoch(
@@ -553,13 +562,16 @@ def _report_epoch(
 
 
 def _result(
-    state: _State, parts: dict[str, Any], checkpoint_dir: Path, resumed_at: tuple[int, int] | None
+    state: _State,
+    parts: dict[str, Any],
+    checkpoint_dir: Location,
+    resumed_at: tuple[int, int] | None,
 ) -> TrainResult:
     model = _unwrap(parts["model"])
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()
-    best_path = checkpoint_dir / BEST_STATE_NAME
+    best_path = child(checkpoint_dir, BEST_STATE_NAME)
     if dist_info()[0] == 0:
         with atomic_file(best_path) as tmp:
             torch.save(_cpu_state(model), tmp)
@@ -581,10 +593,10 @@ def _result(
 # Prefect wrapper
 
 
-def checkpoint_dir_for(cfg: PipelineConfig, run_id: str) -> Path:
-    """`<work_dir>/checkpoints/<run id>`: a retried task of this run resumes there; another run
-    starts fresh (its checkpoint would be for other data or settings anyway)."""
-    return Path(cfg.work_dir) / "checkpoints" / run_id
+def checkpoint_dir_for(cfg: PipelineConfig, run_id: str) -> Location:
+    """`<work_dir>/checkpoints/<run id>` (a path or URL): a retried task of this run resumes
+    there; another run starts fresh (its checkpoint would be for other data or settings)."""
+    return stage_dir(cfg.work_dir, "checkpoints", run_id)
 
 
 @task(

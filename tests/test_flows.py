@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -10,7 +11,11 @@ import pandas as pd
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
 
 from flows.nightly import nightly_retrain
 from flows.pipeline import train_pipeline
@@ -37,13 +42,20 @@ def smoke(work_dir: Path, *extra: str) -> PipelineConfig:
 
 
 def run_with_states(flow, cfg: PipelineConfig) -> tuple[dict, dict[str, str]]:
-    """Run a flow; return its result and {task name: final state name} of its task runs."""
+    """Run a flow; return its result and {task name: final state name} of its task runs and
+    of its subflows' (the fan-outs)."""
     state = flow(config=cfg, return_state=True)
     result = state.result()
+    root = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[root])
+            )
+        )
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                id=FlowRunFilterId(any_=[root, *(child.id for child in children)])
             )
         )
     states = {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
@@ -188,6 +200,43 @@ def test_nightly_trains_on_new_days_and_promotes_only_when_better(tmp_path, mlfl
     champion = client.get_model_version_by_alias("alphaloom-nightly", "champion")
     assert (champion.run_id == summary["run_id"]) is better
     assert Path(summary["scores"]["parquet"]).is_file()
+
+
+def test_pipeline_and_scoring_with_every_output_at_a_url(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """work_dir=memory://...: stages (fanned out), checkpoints and scores all land at the URL."""
+    import fsspec
+
+    from tasks.storage import CACHE_DIR_ENV, COMPLETE_MARKER
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    root = f"/alphaloom-flow-{uuid.uuid4().hex[:8]}"
+    overrides = ("tracking.registered_model=alphaloom-url", "runner.partitions=2")
+    cfg = smoke(f"memory://{root}", *overrides)  # type: ignore[arg-type]
+    memory = fsspec.filesystem("memory")
+    try:
+        summary, states = run_with_states(train_pipeline, cfg)
+        assert states["ingest"] == states["text"] == "Completed"
+        assert states["assemble-features"] == states["finish-shards"] == "Completed"
+        for stage in ("market", "features", "text", "shards", "raw_factors"):
+            markers = memory.glob(f"{root}/{stage}/*/{COMPLETE_MARKER}")
+            assert len(markers) == (2 if stage == "raw_factors" else 1), stage
+        assert memory.isfile(f"{root}/checkpoints/{summary['run_id']}/checkpoint.pt")
+        run = mlflow.MlflowClient(mlflow_store).get_run(summary["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["alphaloom.shard_dir"].startswith(f"memory://{root}/shards/")
+
+        scores = score_latest(config=cfg)
+        assert scores["parquet"].startswith(f"memory://{root}/scores/")
+        assert pd.read_parquet(scores["parquet"])["score"].is_monotonic_decreasing
+
+        _, again = run_with_states(train_pipeline, cfg)
+        assert {again[name] for name in ("ingest", "text", "assemble-features")} == {"Cached"}
+        assert again["finish-shards"] == "Cached"
+    finally:
+        if memory.exists(root):
+            memory.rm(root, recursive=True)
 
 
 def test_prefect_yaml_parses_and_entrypoints_import() -> None:

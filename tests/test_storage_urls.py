@@ -138,5 +138,7 @@ def test_a_corrupt_remote_shard_is_caught_by_its_checksum(tiny_shards: Path, mem
     filesystem, path = arrow_filesystem(memory_root)
     with pytest.raises(ShardSetError, match="corrupt or truncated"):
         batches(loader(ShardSetInfo.open(path, filesystem=filesystem)))
+    with pytest.raises(ShardSetError, match="corrupt or truncated"):
+        batches(loader(memory_root))  # the URL alone: fsspec's memory filesystem, wrapped
     with pytest.raises(ShardSetError, match="no filesystem for this URL"):
-        ShardSetInfo.open(memory_root)  # pyarrow alone does not know memory://
+        ShardSetInfo.open("nosuchscheme://bucket/shards")

@@ -1,0 +1,240 @@
+"""The shards stage fanned out: one task per shard, mapped on the configured task runner.
+
+The single-task stage (`tasks.shards.run_shards_stage`) reads the whole feature table into one
+process. Here a cheap planning task reads only the table's `symbol` column and makes the same
+seeded, size-balanced plan (`plan_shards`); each mapped task reads only its symbols' rows (a
+parquet filter), writes its one shard file and returns the manifest entry; a last task writes the
+side tables and the manifest and marks the set complete. The shard files and side tables are
+byte-identical to the single task's, under the same key and directory, so either path reuses the
+other's output (only the manifest's `created` time differs).
+
+Where the parts go while the set is unfinished:
+* local `work_dir`: `<work_dir>/shards/.<key>.parts/`, renamed to `<key>/` by the last task
+  (workers must share that filesystem: a local Dask cluster, or a shared mount);
+* URL `work_dir`: straight into `<work_dir>/shards/<key>/`, which counts as absent until the last
+  task writes its completion marker (see tasks.storage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from model.data import MANIFEST_NAME
+from tasks.caching import StageRef, stage_task
+from tasks.config import PipelineConfig
+from tasks.features import FEATURES_FILE, META_FILE, load_feature_table
+from tasks.hashing import sha256_file
+from tasks.shards import (
+    ShardBuildError,
+    _categories,
+    _shard_arrays,
+    _text_table,
+    _validated_frame,
+    plan_shards,
+    shard_columns,
+    shards_location,
+    write_manifest,
+    write_shard,
+    write_side_tables,
+)
+from tasks.storage import (
+    Location,
+    atomic_file,
+    child,
+    list_dir,
+    local_or_url,
+    mark_complete,
+    output_complete,
+    promote_dir,
+    read_text,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ShardJob(BaseModel):
+    """One shard to write: its number, its symbols, every symbol of the set (ids are positions
+    in that sorted list) and where the unfinished set's files go."""
+
+    number: int
+    symbols: list[str]
+    all_symbols: list[str]
+    parts: str
+
+    @property
+    def file(self) -> str:
+        return f"shard-{self.number:05d}.parquet"
+
+
+def parts_location(final: Location) -> Location:
+    """Where the files of the set at `final` are written before it is complete."""
+    if isinstance(final, Path):
+        return final.parent / f".{final.name}.parts"
+    return final
+
+
+def plan_shard_jobs(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> list[ShardJob]:
+    """`build_shards`' plan from the table's symbol column alone; [] if the set exists."""
+    _, final = shards_location(features, text, market, cfg)
+    if output_complete(final):
+        log.info("shards already built at %s: no shard to write", final)
+        return []
+    symbols = pd.read_parquet(features.file(FEATURES_FILE), columns=["symbol"])["symbol"].astype(
+        str
+    )
+    codes, names = pd.factorize(symbols, sort=True)
+    n_features = len(json.loads(read_text(features.file(META_FILE)))["feature_names"])
+    plan = plan_shards(np.bincount(codes, minlength=len(names)), n_features, cfg.shards)
+    parts = parts_location(final)
+    if isinstance(parts, Path):
+        parts.mkdir(parents=True, exist_ok=True)
+    everyone = [str(name) for name in names]
+    return [
+        ShardJob(
+            number=n, symbols=[everyone[i] for i in ids], all_symbols=everyone, parts=str(parts)
+        )
+        for n, ids in enumerate(plan)
+    ]
+
+
+def write_shard_job(
+    job: ShardJob, features: StageRef, market: StageRef, cfg: PipelineConfig
+) -> dict[str, Any]:
+    """Write one shard of the plan from its symbols' rows; return its manifest entry."""
+    table = load_feature_table(features.location, symbols=job.symbols)
+    frame, local_codes, local_symbols, days = _validated_frame(table.frame, table.feature_names)
+    found = [str(s) for s in local_symbols]
+    if found != sorted(job.symbols):
+        missing = sorted(set(job.symbols) - set(found))[:5]
+        raise ShardBuildError(
+            f"{features.path}: no rows for symbols {missing} of shard {job.number}"
+        )
+    everyone = np.asarray(job.all_symbols, dtype=object)
+    codes = np.searchsorted(everyone, np.asarray(found, dtype=object))[local_codes]
+    industry, index, _, _ = _categories(
+        pd.read_parquet(market.file("instruments.parquet")), everyone
+    )
+    columns = shard_columns(frame, codes, days, industry, index)
+    positions = [frame.columns.get_loc(name) for name in table.feature_names]
+    arrays = _shard_arrays(frame, np.arange(len(frame)), columns, positions, table.feature_names)
+    with atomic_file(child(local_or_url(job.parts), job.file)) as tmp:
+        entry = write_shard(tmp, arrays, cfg.shards.window, cfg.shards.compression)
+    return {**entry, "file": job.file}
+
+
+def finish_shard_set(
+    features: StageRef,
+    text: StageRef,
+    market: StageRef,
+    entries: list[dict[str, Any]],
+    cfg: PipelineConfig,
+) -> StageRef:
+    """Side tables and manifest (last) next to the written shards, then mark the set complete."""
+    from tasks.text import load_text_vectors
+
+    key, final = shards_location(features, text, market, cfg)
+    if output_complete(final):
+        return StageRef(stage="shards", key=key, path=str(final))
+    if not entries:
+        raise ShardBuildError(f"{final}: no shard was written")
+    entries = sorted(entries, key=lambda entry: entry["file"])
+    everyone = np.asarray(sorted(s for e in entries for s in e["symbol_names"]), dtype=object)
+    entries = [{k: v for k, v in e.items() if k != "symbol_names"} for e in entries]
+    table_meta = json.loads(read_text(features.file(META_FILE)))
+    industry, index, industries, indices = _categories(
+        pd.read_parquet(market.file("instruments.parquet")), everyone
+    )
+    vectors, has_text = _text_table(load_text_vectors(text.dir), everyone)
+    parts = parts_location(final)
+    with tempfile.TemporaryDirectory(prefix="alphaloom-shards-") as staging:
+        local = Path(staging)
+        side_tables = write_side_tables(
+            local, everyone, industry, index, industries, indices, vectors, has_text
+        )
+        write_manifest(
+            local,
+            key=key,
+            cfg=cfg.shards,
+            feature_names=list(table_meta["feature_names"]),
+            entries=entries,
+            side_tables=side_tables,
+            text_dim=int(vectors.shape[1]),
+            n_symbols=len(everyone),
+            n_industries=len(industries),
+            n_indices=len(indices),
+            split_dates=table_meta["split_dates"],
+            stats=table_meta["stats"],
+            source_hash=json.loads(read_text(market.file("meta.json")))["source_hash"],
+        )
+        checksums = {entry["file"]: entry["sha256"] for entry in entries}
+        for name in [*side_tables, MANIFEST_NAME]:  # the manifest last
+            with atomic_file(child(parts, name)) as tmp:
+                tmp.write_bytes((local / name).read_bytes())
+            checksums[name] = sha256_file(local / name)
+    _complete(parts, final, checksums)
+    return StageRef(stage="shards", key=key, path=str(final))
+
+
+def _complete(parts: Location, final: Location, checksums: dict[str, str]) -> None:
+    """Make the finished parts the shard set: a rename locally, the marker at a URL."""
+    if isinstance(final, Path):
+        promote_dir(Path(parts), final)
+        return
+    present = {str(path).rsplit("/", 1)[-1] for path in list_dir(final)}
+    absent = sorted(set(checksums) - present)
+    if absent:
+        raise ShardBuildError(f"{final}: files missing before completion: {absent[:5]}")
+    mark_complete(str(final), checksums)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefect tasks
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE, persist_result=False, retries=2)
+def plan_shards_task(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> list[ShardJob]:
+    """Prefect task: reads one column, so never cached."""
+    return plan_shard_jobs(features, text, market, cfg)
+
+
+@task(
+    name="write-shard",
+    cache_policy=NO_CACHE,  # the finished set is the cache (finish-shards)
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+)
+def write_shard_task(
+    job: ShardJob, features: StageRef, market: StageRef, cfg: PipelineConfig
+) -> dict[str, Any]:
+    """Prefect task: one shard file (a retry rewrites it: same content, written atomically)."""
+    return {**write_shard_job(job, features, market, cfg), "symbol_names": job.symbols}
+
+
+@stage_task(
+    "finish-shards",
+    lambda features, text, market, entries, cfg: shards_location(features, text, market, cfg),
+)
+def finish_shards_task(
+    features: StageRef,
+    text: StageRef,
+    market: StageRef,
+    entries: list[dict[str, Any]],
+    cfg: PipelineConfig,
+) -> StageRef:
+    """Prefect task: cached on the shards stage's key (the same output as `shards_task`)."""
+    return finish_shard_set(features, text, market, entries, cfg)

@@ -1,0 +1,137 @@
+"""The shards stage fanned out, one task per shard: the same set as the single task, anywhere."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from model.data import MANIFEST_NAME, ShardSetInfo
+from tasks import shard_fanout, storage
+from tasks.caching import StageRef
+from tasks.config import PipelineConfig, load_config
+from tasks.features import run_features_stage
+from tasks.ingest import run_ingest_stage
+from tasks.shard_fanout import finish_shard_set, plan_shard_jobs, write_shard_job
+from tasks.shards import ShardBuildError, run_shards_stage
+from tasks.text import run_text_stage
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["data.synthetic.n_symbols=24", "text.enabled=false"]
+
+
+def smoke(work_dir: Path | str, *extra: str) -> PipelineConfig:
+    return load_config(REPO / "configs" / "smoke.yaml", [f"work_dir={work_dir}", *SMALL, *extra])
+
+
+@pytest.fixture(autouse=True)
+def local_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(storage.CACHE_DIR_ENV, str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    root = f"/alphaloom-shards-{uuid.uuid4().hex[:8]}"
+    yield f"memory://{root}"
+    memory = fsspec.filesystem("memory")
+    if memory.exists(root):
+        memory.rm(root, recursive=True)
+
+
+def upstream(cfg: PipelineConfig) -> tuple[StageRef, StageRef, StageRef]:
+    market = run_ingest_stage(cfg)
+    return run_features_stage(market, cfg), run_text_stage(market, cfg), market
+
+
+def fan_out_by_hand(cfg: PipelineConfig) -> StageRef:
+    """The fan-out's three steps as plain calls (the flow maps the middle one)."""
+    features, text, market = upstream(cfg)
+    jobs = plan_shard_jobs(features, text, market, cfg)
+    entries = [
+        {**write_shard_job(job, features, market, cfg), "symbol_names": job.symbols}
+        for job in reversed(jobs)  # completion order must not matter
+    ]
+    return finish_shard_set(features, text, market, entries, cfg)
+
+
+def contents(ref: StageRef) -> tuple[dict[str, str], dict]:
+    """(sha256 of every file, manifest without its creation time) of a shard set."""
+    local = ref.dir
+    files = {
+        p.name: storage.sha256_of(p)
+        for p in sorted(local.iterdir())
+        if p.name not in (MANIFEST_NAME, storage.COMPLETE_MARKER)
+    }
+    manifest = json.loads((local / MANIFEST_NAME).read_text())
+    manifest.pop("created")
+    return files, manifest
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[StageRef, tuple[dict[str, str], dict]]:
+    cfg = smoke(tmp_path_factory.mktemp("single"))
+    ref = run_shards_stage(*upstream(cfg), cfg)
+    return ref, contents(ref)
+
+
+def test_fanned_out_shards_are_the_single_tasks_set_file_for_file(single, tmp_path) -> None:
+    baseline, (files, manifest) = single
+    ref = fan_out_by_hand(smoke(tmp_path))
+    assert ref.key == baseline.key
+    assert len([f for f in files if f.startswith("shard-")]) >= 3
+    assert contents(ref) == (files, manifest)
+    assert not list((tmp_path / "shards").glob(".*"))  # the parts directory became the set
+
+
+def test_fanned_out_shards_at_a_url_match_and_are_marked_complete(single, memory_root) -> None:
+    baseline, expected = single
+    ref = fan_out_by_hand(smoke(memory_root))
+    assert ref.path == f"{memory_root}/shards/{baseline.key}"
+    assert storage.output_complete(ref.path)
+    assert contents(ref) == expected
+    assert ShardSetInfo.open(ref.path).window_count("train", 10) > 0
+
+
+def test_a_failed_shard_leaves_no_complete_set_and_a_rerun_finishes(single, tmp_path) -> None:
+    cfg = smoke(tmp_path)
+    features, text, market = upstream(cfg)
+    jobs = plan_shard_jobs(features, text, market, cfg)
+    entries = [write_shard_job(job, features, market, cfg) for job in jobs[:-1]]
+    assert not storage.output_complete(tmp_path / "shards" / single[0].key)
+    with pytest.raises(ShardBuildError, match="no shard was written"):
+        finish_shard_set(features, text, market, [], cfg)
+    assert len(entries) == len(jobs) - 1
+    ref = fan_out_by_hand(cfg)  # the rerun rewrites every shard and completes the set
+    assert contents(ref) == single[1]
+
+
+def test_a_shard_job_names_the_symbols_it_cannot_find(tmp_path) -> None:
+    cfg = smoke(tmp_path)
+    features, text, market = upstream(cfg)
+    job = plan_shard_jobs(features, text, market, cfg)[0]
+    ghost = job.model_copy(update={"symbols": [*job.symbols, "NOPE"]})
+    with pytest.raises(ShardBuildError, match=r"no rows for symbols \['NOPE'\]"):
+        write_shard_job(ghost, features, market, cfg)
+
+
+def test_an_existing_set_plans_no_jobs(single) -> None:
+    baseline, _ = single
+    cfg = smoke(Path(baseline.path).parent.parent)
+    assert plan_shard_jobs(*upstream(cfg), cfg) == []
+
+
+def test_the_shards_stage_on_a_local_dask_cluster_matches_the_single_task(
+    prefect_harness, single, tmp_path
+) -> None:
+    from flows.pipeline import shards_stage
+
+    baseline, expected = single
+    dask = ("runner.kind=dask", "runner.workers=2", "runner.dask_processes=false")
+    cfg = smoke(tmp_path, *dask, "runner.partitions=2")
+    ref = shards_stage(*upstream(cfg), cfg)
+    assert ref.key == baseline.key and contents(ref) == expected
+    assert shard_fanout.parts_location(Path(ref.path)).exists() is False
