@@ -240,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `alphaloom` console script."""
     _set_env_defaults()  # before anything imports Prefect, which reads its settings then
     from tasks.ingest import DataValidationError
+    from tasks.storage import StorageError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -253,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DataValidationError as err:
         print(f"alphaloom: bad input data:\n{err}", file=sys.stderr)
+        return 2
+    except StorageError as err:
+        print(f"alphaloom: bad stored output:\n{err}", file=sys.stderr)
         return 2
 
 

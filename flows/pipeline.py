@@ -81,8 +81,8 @@ def shards_fanout(
 ) -> StageRef:
     """Plan from the symbol column, write each shard in its own task, then finish the set."""
     jobs = plan_shards_task(features, text, market, cfg)
-    entries = write_shard_task.map(jobs, unmapped(features), unmapped(market), unmapped(cfg))
-    return finish_shards_task(features, text, market, entries, cfg)
+    written = write_shard_task.map(jobs, unmapped(features), unmapped(market), unmapped(cfg))
+    return finish_shards_task(features, text, market, written, cfg)
 
 
 def model_stages(

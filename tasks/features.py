@@ -372,7 +372,7 @@ def run_features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
     from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
 
     key, out = features_location(market, cfg)
-    if output_complete(out):
+    if output_complete(out, META_FILE):
         logger.info("features %s already built at %s", key, out)
     else:
         bars = load_saved_market(market.dir).bars

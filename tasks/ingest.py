@@ -637,7 +637,7 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
 def load_saved_oracle(market: StageRef) -> pd.DataFrame | None:
     """The generator's true expected returns of a saved market, or None for real data."""
     meta = _read_meta(market.location)
-    return pd.read_parquet(market.dir / "oracle.parquet") if meta["has_oracle"] else None
+    return pd.read_parquet(market.file("oracle.parquet")) if meta["has_oracle"] else None
 
 
 def min_history_for(cfg: PipelineConfig) -> int:
@@ -664,7 +664,7 @@ def ingest_location(cfg: PipelineConfig) -> tuple[str, Location]:
 def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
     """Load, validate and save the market under `<work_dir>/market/<key>`, reusing it if there."""
     key, out = ingest_location(cfg)
-    if output_complete(out) and is_file(child(out, "meta.json")):
+    if output_complete(out, "meta.json"):
         logger.info("market %s already ingested at %s", key, out)
     else:
         save_market(load_market(cfg.data, min_history_for(cfg)), out)

@@ -33,6 +33,7 @@ from tasks.alpha158 import compute_alpha158, select_factors
 from tasks.caching import StageRef, stage_dir, stage_key, stage_task
 from tasks.config import FeaturesSection, PipelineConfig, RunnerSection
 from tasks.features import (
+    META_FILE,
     FeatureTable,
     build_feature_table,
     features_location,
@@ -96,7 +97,7 @@ def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
     from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
 
     _, out = features_location(market, cfg)
-    if output_complete(out):
+    if output_complete(out, META_FILE):
         log.info("features already built at %s: no partition to compute", out)
         return []
     bars = load_saved_market(market.dir).bars
@@ -131,7 +132,7 @@ def partition_bars(partition: Partition) -> pd.DataFrame:
 def run_raw_factors(partition: Partition, cfg: PipelineConfig) -> StageRef:
     """Raw Alpha158 factors of one partition under `<work_dir>/raw_factors/<key>` (reused)."""
     key, out = raw_location(partition, cfg)
-    if not output_complete(out):
+    if not output_complete(out, RAW_FILE):
         names = select_factors(cfg.features.factors, cfg.features.windows)
         raw = compute_alpha158(partition_bars(partition), names)
         with atomic_dir(out) as tmp:
@@ -192,7 +193,7 @@ def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineCo
     from tasks.ingest import load_saved_market
 
     key, out = features_location(market, cfg)
-    if output_complete(out):
+    if output_complete(out, META_FILE):
         log.info("features %s already built at %s", key, out)
     else:
         bars = load_saved_market(market.dir).bars

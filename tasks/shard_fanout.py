@@ -9,8 +9,9 @@ byte-identical to the single task's, under the same key and directory, so either
 other's output (only the manifest's `created` time differs).
 
 Where the parts go while the set is unfinished:
-* local `work_dir`: `<work_dir>/shards/.<key>.parts/`, renamed to `<key>/` by the last task
-  (workers must share that filesystem: a local Dask cluster, or a shared mount);
+* local `work_dir`: `<work_dir>/shards/.<key>.parts-<token>/`, one per planning (so overlapping
+  runs cannot mix their files), renamed to `<key>/` by the last task (workers must share that
+  filesystem: a local Dask cluster, or a shared mount);
 * URL `work_dir`: straight into `<work_dir>/shards/<key>/`, which counts as absent until the last
   task writes its completion marker (see tasks.storage).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +78,19 @@ class ShardJob(BaseModel):
         return f"shard-{self.number:05d}.parquet"
 
 
+class WrittenShard(BaseModel):
+    """What a shard task hands the last task: the manifest entry, its symbols, where it is."""
+
+    entry: dict[str, Any]
+    symbols: list[str]
+    parts: str
+
+
 def parts_location(final: Location) -> Location:
-    """Where the files of the set at `final` are written before it is complete."""
+    """Where the files of the set at `final` are written before it is complete: a fresh hidden
+    sibling directory locally, the set's own URL otherwise (absent until marked complete)."""
     if isinstance(final, Path):
-        return final.parent / f".{final.name}.parts"
+        return final.parent / f".{final.name}.parts-{uuid.uuid4().hex[:8]}"
     return final
 
 
@@ -88,7 +99,7 @@ def plan_shard_jobs(
 ) -> list[ShardJob]:
     """`build_shards`' plan from the table's symbol column alone; [] if the set exists."""
     _, final = shards_location(features, text, market, cfg)
-    if output_complete(final):
+    if output_complete(final, MANIFEST_NAME):
         log.info("shards already built at %s: no shard to write", final)
         return []
     symbols = pd.read_parquet(features.file(FEATURES_FILE), columns=["symbol"])["symbol"].astype(
@@ -111,7 +122,7 @@ def plan_shard_jobs(
 
 def write_shard_job(
     job: ShardJob, features: StageRef, market: StageRef, cfg: PipelineConfig
-) -> dict[str, Any]:
+) -> WrittenShard:
     """Write one shard of the plan from its symbols' rows; return its manifest entry."""
     table = load_feature_table(features.location, symbols=job.symbols)
     frame, local_codes, local_symbols, days = _validated_frame(table.frame, table.feature_names)
@@ -131,33 +142,34 @@ def write_shard_job(
     arrays = _shard_arrays(frame, np.arange(len(frame)), columns, positions, table.feature_names)
     with atomic_file(child(local_or_url(job.parts), job.file)) as tmp:
         entry = write_shard(tmp, arrays, cfg.shards.window, cfg.shards.compression)
-    return {**entry, "file": job.file}
+    return WrittenShard(entry={**entry, "file": job.file}, symbols=job.symbols, parts=job.parts)
 
 
 def finish_shard_set(
     features: StageRef,
     text: StageRef,
     market: StageRef,
-    entries: list[dict[str, Any]],
+    written: list[WrittenShard],
     cfg: PipelineConfig,
 ) -> StageRef:
     """Side tables and manifest (last) next to the written shards, then mark the set complete."""
     from tasks.text import load_text_vectors
 
     key, final = shards_location(features, text, market, cfg)
-    if output_complete(final):
+    if output_complete(final, MANIFEST_NAME):
         return StageRef(stage="shards", key=key, path=str(final))
-    if not entries:
+    if not written:
         raise ShardBuildError(f"{final}: no shard was written")
-    entries = sorted(entries, key=lambda entry: entry["file"])
-    everyone = np.asarray(sorted(s for e in entries for s in e["symbol_names"]), dtype=object)
-    entries = [{k: v for k, v in e.items() if k != "symbol_names"} for e in entries]
+    if len({shard.parts for shard in written}) != 1:
+        raise ShardBuildError(f"{final}: shards of different plans cannot make one set")
+    entries = sorted((shard.entry for shard in written), key=lambda entry: entry["file"])
+    everyone = np.asarray(sorted(s for shard in written for s in shard.symbols), dtype=object)
     table_meta = json.loads(read_text(features.file(META_FILE)))
     industry, index, industries, indices = _categories(
         pd.read_parquet(market.file("instruments.parquet")), everyone
     )
     vectors, has_text = _text_table(load_text_vectors(text.dir), everyone)
-    parts = parts_location(final)
+    parts = local_or_url(written[0].parts)
     with tempfile.TemporaryDirectory(prefix="alphaloom-shards-") as staging:
         local = Path(staging)
         side_tables = write_side_tables(
@@ -190,7 +202,11 @@ def finish_shard_set(
 def _complete(parts: Location, final: Location, checksums: dict[str, str]) -> None:
     """Make the finished parts the shard set: a rename locally, the marker at a URL."""
     if isinstance(final, Path):
-        promote_dir(Path(parts), final)
+        parts = Path(parts)
+        for stray in parts.iterdir():  # temp files of a worker killed mid-write
+            if stray.name not in checksums:
+                stray.unlink()
+        promote_dir(parts, final)
         return
     present = {str(path).rsplit("/", 1)[-1] for path in list_dir(final)}
     absent = sorted(set(checksums) - present)
@@ -220,21 +236,21 @@ def plan_shards_task(
 )
 def write_shard_task(
     job: ShardJob, features: StageRef, market: StageRef, cfg: PipelineConfig
-) -> dict[str, Any]:
+) -> WrittenShard:
     """Prefect task: one shard file (a retry rewrites it: same content, written atomically)."""
-    return {**write_shard_job(job, features, market, cfg), "symbol_names": job.symbols}
+    return write_shard_job(job, features, market, cfg)
 
 
 @stage_task(
     "finish-shards",
-    lambda features, text, market, entries, cfg: shards_location(features, text, market, cfg),
+    lambda features, text, market, written, cfg: shards_location(features, text, market, cfg),
 )
 def finish_shards_task(
     features: StageRef,
     text: StageRef,
     market: StageRef,
-    entries: list[dict[str, Any]],
+    written: list[WrittenShard],
     cfg: PipelineConfig,
 ) -> StageRef:
     """Prefect task: cached on the shards stage's key (the same output as `shards_task`)."""
-    return finish_shard_set(features, text, market, entries, cfg)
+    return finish_shard_set(features, text, market, written, cfg)

@@ -60,7 +60,6 @@ from tasks.storage import (
     Location,
     atomic_dir,
     child,
-    is_file,
     local_or_url,
     output_complete,
     read_text,
@@ -479,7 +478,7 @@ def build_shards(
             cfg,
         )
     final = child(local_or_url(root), key)
-    if is_file(child(final, MANIFEST_NAME)) and output_complete(final):
+    if output_complete(final, MANIFEST_NAME):
         return final
     if isinstance(final, Path) and final.exists():
         raise ShardBuildError(
@@ -565,10 +564,10 @@ def run_shards_stage(
     from tasks.text import load_text_vectors
 
     key, out = shards_location(features, text, market, cfg)
-    if not output_complete(out):
+    if not output_complete(out, MANIFEST_NAME):
         meta = json.loads(read_text(market.file("meta.json")))
         build_shards_from(
-            load_feature_table(features.dir),
+            load_feature_table(features.location),
             pd.read_parquet(market.file("instruments.parquet")),
             load_text_vectors(text.dir),
             cfg.shards,

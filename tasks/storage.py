@@ -199,29 +199,46 @@ def location_id(location: str | Path) -> str:
     return str(location.resolve()) if isinstance(location, Path) else location.rstrip("/")
 
 
-def output_complete(location: str | Path) -> bool:
-    """Whether an output directory written by `atomic_dir` is there (complete) at `location`."""
+class StorageError(ValueError):
+    """A URL output is incomplete or corrupt; the message names the URL and the file."""
+
+
+def output_complete(location: str | Path, required: str | None = None) -> bool:
+    """Whether an output directory written by `atomic_dir` is there (complete) at `location`,
+    and holds the file `required` if one is named (a directory someone made by hand does not)."""
     location = local_or_url(location)
     if isinstance(location, Path):
-        return location.is_dir()
-    return is_file(child(location, COMPLETE_MARKER))
+        done = location.is_dir()
+    else:
+        done = is_file(child(location, COMPLETE_MARKER))
+    return done and (required is None or is_file(child(location, required)))
+
+
+def upload_order(local: Path) -> list[Path]:
+    """The files of a finished directory, data first and the JSON metadata (manifest.json,
+    meta.json, ...) after: a reader that finds the metadata at a URL finds the data too."""
+    files = [path for path in local.rglob("*") if path.is_file()]
+    return sorted(files, key=lambda path: (path.suffix == ".json", path.as_posix()))
 
 
 def publish_dir(local: Path, url: str) -> None:
     """Upload the finished directory `local` to `url`, the completion marker last.
 
     A directory already complete at `url` is kept (outputs are content-addressed, so it holds the
-    same content). If the upload fails, what was uploaded is removed (best effort); without the
+    same content); that is checked again before the metadata goes up, so a writer that loses a
+    race does not overwrite the winner's metadata. If the upload fails, what was uploaded is
+    removed (best effort) unless another writer completed the output meanwhile; without the
     marker it would be treated as absent anyway, and the next run overwrites it.
     """
     if output_complete(url):
         return
     fs, inner = url_filesystem(url)
-    files = sorted(path for path in local.rglob("*") if path.is_file())
     checksums: dict[str, str] = {}
     uploaded: list[str] = []
     try:
-        for path in files:
+        for path in upload_order(local):
+            if path.suffix == ".json" and output_complete(url):
+                return  # another writer finished the same content first
             relative = path.relative_to(local).as_posix()
             target = f"{inner.rstrip('/')}/{relative}"
             fs.makedirs(posixpath.dirname(target), exist_ok=True)
@@ -230,9 +247,10 @@ def publish_dir(local: Path, url: str) -> None:
             checksums[relative] = sha256_file(path)
         mark_complete(url, checksums)
     except BaseException:
-        for target in uploaded:
-            with contextlib.suppress(Exception):
-                fs.rm_file(target)
+        if not output_complete(url):
+            for target in uploaded:
+                with contextlib.suppress(Exception):
+                    fs.rm_file(target)
         raise
 
 
@@ -310,8 +328,9 @@ def local_copy(location: str | Path) -> Path:
         return location
     marker_url = child(location, COMPLETE_MARKER)
     if not is_file(marker_url):
-        raise FileNotFoundError(
-            f"{location}: no complete output there (its {COMPLETE_MARKER} is missing)"
+        raise StorageError(
+            f"{location}: no complete output there (its {COMPLETE_MARKER} is missing); "
+            "rerun the stage that writes it"
         )
     marker = read_text(marker_url)
     digest = hashlib.sha256(location_id(location).encode()).hexdigest()[:24]
@@ -325,9 +344,14 @@ def local_copy(location: str | Path) -> Path:
         for relative, expected in json.loads(marker)["files"].items():
             local = tmp / relative
             local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{inner.rstrip('/')}/{relative}", str(local))
+            try:
+                fs.get_file(f"{inner.rstrip('/')}/{relative}", str(local))
+            except FileNotFoundError:
+                raise StorageError(
+                    f"{child(location, relative)}: listed in {COMPLETE_MARKER} but missing"
+                ) from None
             if sha256_file(local) != expected:
-                raise ValueError(
+                raise StorageError(
                     f"{child(location, relative)}: checksum does not match {COMPLETE_MARKER} "
                     "(corrupt or partially overwritten output)"
                 )

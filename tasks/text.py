@@ -362,7 +362,7 @@ def text_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Location]
 def run_text_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
     """Embed the market's descriptions into `<work_dir>/text/<key>` (vectors cached by text)."""
     key, out = text_location(market, cfg)
-    if not output_complete(out):
+    if not output_complete(out, VECTORS_FILE):
         instruments = pd.read_parquet(market.file("instruments.parquet"))
         vectors = embed_descriptions(
             instruments, cfg.text, local_work_dir(cfg.work_dir, "text_cache")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -38,3 +39,16 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient(uri).search_experiments()
     return uri
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    """A fresh memory:// folder, removed afterwards (the memory filesystem is global to the
+    process, like a bucket every test shares)."""
+    import fsspec
+
+    root = f"/alphaloom-{uuid.uuid4().hex[:8]}"
+    yield f"memory://{root}"
+    memory = fsspec.filesystem("memory")
+    if memory.exists(root):
+        memory.rm(root, recursive=True)

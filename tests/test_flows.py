@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -203,7 +202,7 @@ def test_nightly_trains_on_new_days_and_promotes_only_when_better(tmp_path, mlfl
 
 
 def test_pipeline_and_scoring_with_every_output_at_a_url(
-    tmp_path, mlflow_store, monkeypatch
+    tmp_path, mlflow_store, memory_root, monkeypatch
 ) -> None:
     """work_dir=memory://...: stages (fanned out), checkpoints and scores all land at the URL."""
     import fsspec
@@ -211,32 +210,27 @@ def test_pipeline_and_scoring_with_every_output_at_a_url(
     from tasks.storage import CACHE_DIR_ENV, COMPLETE_MARKER
 
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
-    root = f"/alphaloom-flow-{uuid.uuid4().hex[:8]}"
     overrides = ("tracking.registered_model=alphaloom-url", "runner.partitions=2")
-    cfg = smoke(f"memory://{root}", *overrides)  # type: ignore[arg-type]
-    memory = fsspec.filesystem("memory")
-    try:
-        summary, states = run_with_states(train_pipeline, cfg)
-        assert states["ingest"] == states["text"] == "Completed"
-        assert states["assemble-features"] == states["finish-shards"] == "Completed"
-        for stage in ("market", "features", "text", "shards", "raw_factors"):
-            markers = memory.glob(f"{root}/{stage}/*/{COMPLETE_MARKER}")
-            assert len(markers) == (2 if stage == "raw_factors" else 1), stage
-        assert memory.isfile(f"{root}/checkpoints/{summary['run_id']}/checkpoint.pt")
-        run = mlflow.MlflowClient(mlflow_store).get_run(summary["run_id"])
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["alphaloom.shard_dir"].startswith(f"memory://{root}/shards/")
+    cfg = smoke(memory_root, *overrides)  # type: ignore[arg-type]
+    memory, root = fsspec.core.url_to_fs(memory_root)
+    summary, states = run_with_states(train_pipeline, cfg)
+    assert states["ingest"] == states["text"] == "Completed"
+    assert states["assemble-features"] == states["finish-shards"] == "Completed"
+    for stage in ("market", "features", "text", "shards", "raw_factors"):
+        markers = memory.glob(f"{root}/{stage}/*/{COMPLETE_MARKER}")
+        assert len(markers) == (2 if stage == "raw_factors" else 1), stage
+    assert memory.isfile(f"{root}/checkpoints/{summary['run_id']}/checkpoint.pt")
+    run = mlflow.MlflowClient(mlflow_store).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["alphaloom.shard_dir"].startswith(f"{memory_root}/shards/")
 
-        scores = score_latest(config=cfg)
-        assert scores["parquet"].startswith(f"memory://{root}/scores/")
-        assert pd.read_parquet(scores["parquet"])["score"].is_monotonic_decreasing
+    scores = score_latest(config=cfg)
+    assert scores["parquet"].startswith(f"{memory_root}/scores/")
+    assert pd.read_parquet(scores["parquet"])["score"].is_monotonic_decreasing
 
-        _, again = run_with_states(train_pipeline, cfg)
-        assert {again[name] for name in ("ingest", "text", "assemble-features")} == {"Cached"}
-        assert again["finish-shards"] == "Cached"
-    finally:
-        if memory.exists(root):
-            memory.rm(root, recursive=True)
+    _, again = run_with_states(train_pipeline, cfg)
+    assert {again[name] for name in ("ingest", "text", "assemble-features")} == {"Cached"}
+    assert again["finish-shards"] == "Cached"
 
 
 def test_prefect_yaml_parses_and_entrypoints_import() -> None:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import fsspec
 import pytest
 
 from model.data import MANIFEST_NAME, ShardSetInfo
-from tasks import shard_fanout, storage
+from tasks import storage
 from tasks.caching import StageRef
 from tasks.config import PipelineConfig, load_config
 from tasks.features import run_features_stage
@@ -33,15 +30,6 @@ def local_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(storage.CACHE_DIR_ENV, str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def memory_root() -> Iterator[str]:
-    root = f"/alphaloom-shards-{uuid.uuid4().hex[:8]}"
-    yield f"memory://{root}"
-    memory = fsspec.filesystem("memory")
-    if memory.exists(root):
-        memory.rm(root, recursive=True)
-
-
 def upstream(cfg: PipelineConfig) -> tuple[StageRef, StageRef, StageRef]:
     market = run_ingest_stage(cfg)
     return run_features_stage(market, cfg), run_text_stage(market, cfg), market
@@ -51,11 +39,8 @@ def fan_out_by_hand(cfg: PipelineConfig) -> StageRef:
     """The fan-out's three steps as plain calls (the flow maps the middle one)."""
     features, text, market = upstream(cfg)
     jobs = plan_shard_jobs(features, text, market, cfg)
-    entries = [
-        {**write_shard_job(job, features, market, cfg), "symbol_names": job.symbols}
-        for job in reversed(jobs)  # completion order must not matter
-    ]
-    return finish_shard_set(features, text, market, entries, cfg)
+    written = [write_shard_job(job, features, market, cfg) for job in reversed(jobs)]
+    return finish_shard_set(features, text, market, written, cfg)  # any completion order
 
 
 def contents(ref: StageRef) -> tuple[dict[str, str], dict]:
@@ -109,6 +94,32 @@ def test_a_failed_shard_leaves_no_complete_set_and_a_rerun_finishes(single, tmp_
     assert contents(ref) == single[1]
 
 
+def test_overlapping_plans_write_apart_and_stray_temp_files_are_not_promoted(tmp_path) -> None:
+    cfg = smoke(tmp_path)
+    features, text, market = upstream(cfg)
+    first = plan_shard_jobs(features, text, market, cfg)
+    second = plan_shard_jobs(features, text, market, cfg)
+    assert first[0].parts != second[0].parts
+    written = [write_shard_job(job, features, market, cfg) for job in second]
+    stray = Path(second[0].parts) / ".shard-00000.parquet.tmp-killed"
+    stray.write_bytes(b"left by a killed worker")
+    ref = finish_shard_set(features, text, market, written, cfg)
+    assert not (ref.dir / stray.name).exists() and not stray.parent.exists()
+    mixed = [*written[:1], written[1].model_copy(update={"parts": first[0].parts})]
+    with pytest.raises(ShardBuildError, match="different plans"):
+        finish_shard_set(features, text, market, mixed, smoke(tmp_path / "other"))
+
+
+def test_a_local_directory_without_a_manifest_is_an_error_not_a_shard_set(tmp_path) -> None:
+    cfg = smoke(tmp_path)
+    features, text, market = upstream(cfg)
+    final = tmp_path / "shards" / run_shards_stage(features, text, market, cfg).key
+    (final / MANIFEST_NAME).unlink()
+    assert storage.output_complete(final) and not storage.output_complete(final, MANIFEST_NAME)
+    with pytest.raises(ShardBuildError, match=r"has no manifest\.json"):
+        run_shards_stage(features, text, market, cfg)
+
+
 def test_a_shard_job_names_the_symbols_it_cannot_find(tmp_path) -> None:
     cfg = smoke(tmp_path)
     features, text, market = upstream(cfg)
@@ -134,4 +145,4 @@ def test_the_shards_stage_on_a_local_dask_cluster_matches_the_single_task(
     cfg = smoke(tmp_path, *dask, "runner.partitions=2")
     ref = shards_stage(*upstream(cfg), cfg)
     assert ref.key == baseline.key and contents(ref) == expected
-    assert shard_fanout.parts_location(Path(ref.path)).exists() is False
+    assert not list(Path(ref.path).parent.glob(".*"))  # the parts directory became the set

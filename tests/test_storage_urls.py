@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -25,16 +23,6 @@ from tasks.synthetic import generate_market
 from tests.helpers_train import build_tiny_shards
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def memory_root() -> Iterator[str]:
-    """A fresh memory:// folder (the memory filesystem is global to the process)."""
-    root = f"/alphaloom-{uuid.uuid4().hex[:8]}"
-    yield f"memory://{root}"
-    memory = fsspec.filesystem("memory")
-    if memory.exists(root):
-        memory.rm(root, recursive=True)
 
 
 @pytest.fixture(scope="module")

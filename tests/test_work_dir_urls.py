@@ -8,8 +8,6 @@ written last, nothing that looks complete after a failure, and verified reads.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -28,16 +26,6 @@ from tasks.train import CHECKPOINT_NAME, load_weights, train_model
 from tests.helpers_train import tiny_config
 
 SMALL = ["data.synthetic.n_symbols=16", "data.synthetic.n_days=300", "text.enabled=false"]
-
-
-@pytest.fixture
-def memory_root() -> Iterator[str]:
-    """A fresh memory:// folder (the memory filesystem is global to the process)."""
-    root = f"/alphaloom-out-{uuid.uuid4().hex[:8]}"
-    yield f"memory://{root}"
-    memory = fsspec.filesystem("memory")
-    if memory.exists(root):
-        memory.rm(root, recursive=True)
 
 
 @pytest.fixture(autouse=True)
@@ -137,6 +125,47 @@ def test_a_failed_upload_removes_what_it_uploaded(memory_root, monkeypatch) -> N
     assert not output_complete(target) and files_under(target) == []
 
 
+def test_metadata_goes_up_after_the_data_and_the_marker_last(memory_root, monkeypatch) -> None:
+    memory = fsspec.filesystem("memory")
+    order: list[str] = []
+    real_put, real_pipe = memory.put_file, memory.pipe_file
+
+    def put(lpath: str, rpath: str, **kwargs) -> None:
+        order.append(rpath)
+        real_put(lpath, rpath)
+
+    def pipe(rpath: str, value: bytes, **kwargs) -> None:
+        order.append(rpath)
+        real_pipe(rpath, value)
+
+    monkeypatch.setattr(memory, "put_file", put)
+    monkeypatch.setattr(memory, "pipe_file", pipe)
+    with atomic_dir(f"{memory_root}/shards/abc") as tmp:
+        for name in ("manifest.json", "shard-00000.parquet", "text.npy", "zz.parquet"):
+            (tmp / name).write_bytes(name.encode())
+    names = [path.rsplit("/", 1)[-1] for path in order]
+    assert names[-2:] == ["manifest.json", COMPLETE_MARKER]
+
+
+def test_a_writer_that_fails_after_another_completed_leaves_the_output(
+    memory_root, monkeypatch
+) -> None:
+    target = f"{memory_root}/features/abc"
+    memory = fsspec.filesystem("memory")
+    real_put = memory.put_file
+
+    def other_writer_finishes_then_we_fail(lpath, rpath, **kwargs):
+        real_put(lpath, rpath)
+        storage.mark_complete(target, {"a.parquet": "x"})  # the winner's marker
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(memory, "put_file", other_writer_finishes_then_we_fail)
+    with pytest.raises(OSError, match="connection reset"), atomic_dir(target) as tmp:
+        (tmp / "a.parquet").write_bytes(b"a")
+    assert output_complete(target)
+    assert set(files_under(target)) == {"/a.parquet", f"/{COMPLETE_MARKER}"}
+
+
 def test_an_output_without_its_marker_is_rebuilt(memory_root) -> None:
     cfg, market, features, _, _ = data_stages(memory_root)
     fs, inner = fsspec.core.url_to_fs(features.path)
@@ -151,7 +180,7 @@ def test_a_corrupt_url_output_is_caught_when_copied(memory_root) -> None:
     market = run_ingest_stage(tiny_config(f"work_dir={memory_root}", *SMALL))  # no copy yet
     fs, inner = fsspec.core.url_to_fs(market.path)
     fs.pipe_file(f"{inner}/bars.parquet", fs.cat_file(f"{inner}/bars.parquet")[:-10])
-    with pytest.raises(ValueError, match=r"bars\.parquet: checksum does not match"):
+    with pytest.raises(storage.StorageError, match=r"bars\.parquet: checksum does not match"):
         local_copy(market.path)
 
 
