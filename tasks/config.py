@@ -258,6 +258,17 @@ class PipelineConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _memory_work_dir_stays_in_process(self) -> PipelineConfig:
+        fanned_out = self.runner.partitions > 1 and self.runner.kind != "thread"
+        if self.work_dir.startswith("memory://") and fanned_out:
+            raise ValueError(
+                f"work_dir {self.work_dir} lives in this process's memory, but runner.kind "
+                f"{self.runner.kind!r} runs tasks in other processes; use runner.kind=thread "
+                "or a shared store (a path, s3://, ...)"
+            )
+        return self
+
     def to_yaml(self) -> str:
         """The resolved config as YAML (logged to MLflow so a run can be reproduced)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

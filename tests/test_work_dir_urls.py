@@ -209,3 +209,11 @@ def test_training_checkpoints_at_a_url_and_returns_the_finished_run(memory_root)
     best = load_weights(first.model_state_path)  # the best weights, read back from the URL
     assert str(first.model_state_path).startswith(checkpoint_dir)
     assert all(torch.equal(best[k], v) for k, v in again.model.state_dict().items())
+
+
+def test_a_memory_work_dir_with_a_process_runner_is_a_config_error() -> None:
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"memory.*runner\.kind=thread"):
+        tiny_config("work_dir=memory:///x", "runner.kind=process", "runner.partitions=2")
+    assert tiny_config("work_dir=memory:///x", "runner.partitions=2").runner.kind == "thread"
