@@ -107,3 +107,20 @@ def test_stages_and_training_with_work_dir_in_an_s3_bucket(bucket, tmp_path) -> 
     weights = load_weights(result.model_state_path)
     assert set(weights) == set(result.model.state_dict())
     assert train_model(shards.path, remote_cfg, checkpoints).resumed_at == (1, 0)
+
+
+def test_a_ddp_launch_keeps_its_config_checkpoint_and_result_in_the_bucket(
+    bucket, tmp_path
+) -> None:
+    from tasks.distributed import CONFIG_NAME, RESULT_NAME, launch_training
+    from tests.helpers_train import build_tiny_shards
+
+    overrides = ("model.mlp_dropout=0.0", "train.epochs=1", "train.max_batches_per_epoch=2")
+    tiny = build_tiny_shards(tmp_path / "shards", *overrides)
+    checkpoints = f"{bucket}/checkpoints/ddp-run"
+    result = launch_training(str(tiny.shard_dir), tiny.cfg, checkpoints, nproc_per_node=2)
+    s3 = fsspec.filesystem("s3", skip_instance_cache=True)
+    assert storage.read_text(f"{checkpoints}/{CONFIG_NAME}") == tiny.cfg.to_yaml()
+    assert s3.isfile(f"{checkpoints}/{CHECKPOINT_NAME}")
+    assert s3.isfile(f"{checkpoints}/{RESULT_NAME}")
+    assert len(result.history) == 1 and not result.model.training
