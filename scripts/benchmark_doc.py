@@ -82,7 +82,9 @@ def shell_command(args: argparse.Namespace) -> str:
             skip = True
         elif not item.startswith("--note="):
             argv.append(item)
-    return "nice -n 10 .venv/bin/python scripts/benchmark_doc.py " + shlex.join(argv)
+    niceness = os.nice(0)  # how this process was started, so the page repeats it exactly
+    prefix = f"nice -n {niceness} " if niceness else ""
+    return f"{prefix}.venv/bin/python scripts/benchmark_doc.py " + shlex.join(argv)
 
 
 def machine() -> str:
@@ -171,7 +173,7 @@ def render(cfg: PipelineConfig, run: Any, table: str, notes: list[str]) -> str:
             f"- Oracle (the generator's true expected return) test Rank IC: {oracle:.4f}, "
             "the ceiling any model can reach on these rows"
         )
-    lines += ["", *(f"> {note}" for note in notes)] if notes else []
+    lines += ["", "\n>\n".join(f"> {note}" for note in notes)] if notes else []
     lines += ["", "## Comparison", "", table.rstrip(), ""]
     return "\n".join(lines) + "\n"
 
