@@ -44,6 +44,7 @@ from numpy.lib.stride_tricks import as_strided
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model.batch import Batch, move_batch
+from model.filesystems import arrow_filesystem
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -273,8 +274,6 @@ def resolve_location(
     path with no `filesystem` is the local disk."""
     text = str(shard_dir)
     if filesystem is None and isinstance(shard_dir, str) and "://" in text:
-        from tasks.storage import arrow_filesystem  # only URL shard sets need fsspec
-
         try:
             filesystem, text = arrow_filesystem(text)
         except ValueError as err:
@@ -375,9 +374,9 @@ class ShardSetInfo:
     def open(cls, shard_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> ShardSetInfo:
         """Read the manifest and the (checksummed) side tables of a shard set.
 
-        `shard_dir` may be a URL pyarrow knows (file://, s3://, gs://, hdfs://); for any other
-        store pass its path and a pyarrow `filesystem` (e.g. an fsspec one wrapped with
-        pyarrow.fs.FSSpecHandler, as tasks.storage.arrow_filesystem does).
+        `shard_dir` may be a path or any fsspec URL (pyarrow's own filesystem where it has one,
+        else fsspec's wrapped for pyarrow: model.filesystems.arrow_filesystem); or pass its path
+        and a pyarrow `filesystem`.
         """
         shard_dir, filesystem = resolve_location(shard_dir, filesystem)
         manifest = read_manifest(shard_dir, filesystem)

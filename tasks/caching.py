@@ -68,8 +68,7 @@ def stage_key(
 
 def stage_dir(work_dir: str | Path, stage: str, key: str) -> Location:
     """Where a stage output with this key lives (a Path, or a URL when work_dir is one)."""
-    root = local_or_url(work_dir)
-    return root / stage / key if isinstance(root, Path) else f"{root.rstrip('/')}/{stage}/{key}"
+    return child(child(local_or_url(work_dir), stage), key)
 
 
 def existing_output_cache_key(

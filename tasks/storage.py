@@ -22,12 +22,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-import pyarrow as pa
-
+from model.filesystems import is_url, url_filesystem
 from tasks.hashing import sha256_file
 
 
@@ -97,11 +95,6 @@ COMPLETE_MARKER = "_COMPLETE.json"
 CACHE_DIR_ENV = "ALPHALOOM_CACHE_DIR"
 
 
-def is_url(path: str | Path) -> bool:
-    """True for `scheme://...` (a Path never is one: pathlib collapses the double slash)."""
-    return isinstance(path, str) and "://" in path
-
-
 def local_or_url(path: str | Path) -> Path | str:
     """A plain path or a file:// URL as a Path; any other URL unchanged (read through fsspec)."""
     if isinstance(path, str) and path.startswith("file://"):
@@ -110,16 +103,6 @@ def local_or_url(path: str | Path) -> Path | str:
             raise ValueError(f"{path}: a file:// URL must name a local path (file:///...)")
         return Path(url2pathname(parsed.path))
     return path if is_url(path) else Path(path)
-
-
-def url_filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) of a URL; an unknown scheme names the URL."""
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:
-        raise ValueError(f"{url}: no filesystem for this URL ({err})") from None
 
 
 def child(parent: Path | str, name: str) -> Path | str:
@@ -170,23 +153,6 @@ def sha256_of(path: Path | str) -> str:
     fs, inner = url_filesystem(path)
     with fs.open(inner, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def arrow_filesystem(location: str | Path) -> tuple[Any, str]:
-    """(pyarrow FileSystem, path) for a path or URL, for pyarrow readers such as the loader's.
-
-    pyarrow's own filesystems (local, s3://, gs://, hdfs://, abfs://) are used when it knows the
-    scheme; any other fsspec URL (memory://, ...) is wrapped with pyarrow.fs.FSSpecHandler.
-    """
-    from pyarrow import fs as pafs
-
-    if not is_url(location):
-        return pafs.LocalFileSystem(), str(Path(location).resolve())
-    try:
-        return pafs.FileSystem.from_uri(str(location))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        fs, inner = url_filesystem(str(location))
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
 
 
 # ----------------------------------------------------------------------------------------------

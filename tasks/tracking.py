@@ -337,7 +337,6 @@ def log_shard_dataset(
     cfg: PipelineConfig, run_id: str, shard_dir: str | Path, context: str = "training"
 ) -> None:
     """Record the shard set as the run's dataset input (digest = sha256 of its manifest)."""
-    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     location = local_or_url(shard_dir)
@@ -349,7 +348,7 @@ def log_shard_dataset(
     features = manifest.get("feature_names") or []
     schema = Schema([ColSpec("double", str(name)) for name in features]) if features else None
     client = client_for(cfg)
-    source = _dataset_source(location, get_registered_sources, resolve_dataset_source)
+    source = _dataset_source(location)
     if source is not None:
         dataset = MetaDataset(
             source=source,
@@ -368,14 +367,16 @@ def log_shard_dataset(
     client.set_tag(run_id, TAG_SHARD_DIR, location_id(location))
 
 
-def _dataset_source(location: Location, registered: Any, resolve: Any) -> Any:
+def _dataset_source(location: Location) -> Any:
     """MLflow's dataset source for a shard location: a local path, or a URL scheme MLflow knows
     (s3://, gs://, ...); None for others (memory://), whose runs keep the tag and manifest."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+
     if isinstance(location, Path):
-        local = [s for s in registered() if s._get_source_type() == "local"][:1]
-        return resolve(str(location.resolve()), candidate_sources=local)
+        local = [s for s in get_registered_sources() if s._get_source_type() == "local"][:1]
+        return resolve_dataset_source(str(location.resolve()), candidate_sources=local)
     try:
-        return resolve(location)
+        return resolve_dataset_source(location)
     except MlflowException:
         log.info("MLflow has no dataset source for %s; logging the manifest only", location)
         return None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.data import ShardedWindowDataset, ShardSetError, ShardSetInfo
+from model.filesystems import arrow_filesystem
 from tasks.config import DataSection, load_config
 from tasks.ingest import (
     DataValidationError,
@@ -18,7 +19,7 @@ from tasks.ingest import (
     run_ingest_stage,
     source_fingerprint,
 )
-from tasks.storage import arrow_filesystem, local_or_url
+from tasks.storage import local_or_url
 from tasks.synthetic import generate_market
 from tests.helpers_train import build_tiny_shards
 
