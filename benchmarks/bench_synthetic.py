@@ -18,10 +18,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from tasks import synthetic
-from tasks.config import SyntheticSection
-from tasks.evaluate import daily_ic
-from tasks.features import forward_return
+from alphaloom.tasks.common.config import SyntheticSection
+from alphaloom.tasks.data import synthetic
+from alphaloom.tasks.data.features import forward_return
+from alphaloom.tasks.evaluation.evaluate import daily_ic
 
 
 def shallow_features(market: synthetic.SyntheticMarket) -> tuple[pd.DataFrame, list[str]]:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import PipelineConfig, load_config
-from tasks.distributed import process_group, spawn_local
+from alphaloom.tasks.common.config import PipelineConfig, load_config
+from alphaloom.tasks.training.distributed import process_group, spawn_local
 
 DATA = [
     "data.synthetic.n_symbols=80",
@@ -43,9 +43,9 @@ DATA = [
 
 def build(out: Path, overrides: list[str]) -> Path:
     """Synthetic market -> features -> shards (no text: the model runs without it)."""
-    from tasks.features import build_feature_table
-    from tasks.shards import build_shards_from
-    from tasks.synthetic import generate_market
+    from alphaloom.tasks.data.features import build_feature_table
+    from alphaloom.tasks.data.synthetic import generate_market
+    from alphaloom.tasks.dataset.shards import build_shards_from
 
     cfg = load_config(None, [*DATA, *overrides])
     market = generate_market(cfg.data.synthetic)
@@ -55,7 +55,7 @@ def build(out: Path, overrides: list[str]) -> Path:
 
 def worker(rank: int, shard_dir: str, out: str, overrides: list[str]) -> None:
     """One rank: train, then rank 0 writes its per-epoch history."""
-    from tasks.train import train_model
+    from alphaloom.tasks.training.train import train_model
 
     cfg: PipelineConfig = load_config(None, [*DATA, *overrides])
     with process_group(cfg, "gloo") as ctx:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from tasks.alpha158 import ALPHA158_NAMES, compute_alpha158
+from alphaloom.tasks.data.alpha158 import ALPHA158_NAMES, compute_alpha158
 
 FAMILIES = [
     *("ROC", "MA", "STD", "MAX", "QTLU", "RANK"),
@@ -27,10 +27,10 @@ WINDOWS = [5, 10, 20, 30, 60]
 
 
 def make_bars(n_symbols: int, n_days: int) -> tuple[pd.DataFrame, str]:
-    """Synthetic bars from tasks.synthetic when it is available, else a seeded random walk."""
+    """Synthetic bars from alphaloom.tasks.data.synthetic when available, else a random walk."""
     try:
-        from tasks.config import SyntheticSection
-        from tasks.synthetic import generate_market
+        from alphaloom.tasks.common.config import SyntheticSection
+        from alphaloom.tasks.data.synthetic import generate_market
 
         cfg = SyntheticSection(n_symbols=n_symbols, n_days=n_days, seed=11)
         return generate_market(cfg).bars, "tasks.synthetic.generate_market"

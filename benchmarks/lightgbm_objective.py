@@ -20,9 +20,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.baselines import LightGBMParams, predict_lightgbm, train_lightgbm
-from tasks.config import load_config
-from tasks.evaluate import evaluate_predictions
+from alphaloom.tasks.common.config import load_config
+from alphaloom.tasks.comparison.baselines import LightGBMParams, predict_lightgbm, train_lightgbm
+from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
 
 CANDIDATES = {
     "regression/rank": {"objective": "regression", "target": "rank"},

@@ -45,7 +45,7 @@ import numpy as np
 _HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from model.data import (  # noqa: E402
+from alphaloom.model.data import (  # noqa: E402
     Selection,
     ShardArrays,
     ShardedWindowDataset,
@@ -62,8 +62,13 @@ def write_synthetic_set(
 ) -> None:
     """Stream a synthetic shard set shard by shard (the whole table never exists in memory)."""
     # Imported here so the measured child processes load model/ only (no Prefect, no pandas).
-    from tasks.config import ShardsSection
-    from tasks.shards import plan_shards, write_manifest, write_shard, write_side_tables
+    from alphaloom.tasks.common.config import ShardsSection
+    from alphaloom.tasks.dataset.shards import (
+        plan_shards,
+        write_manifest,
+        write_shard,
+        write_side_tables,
+    )
 
     out.mkdir(parents=True)
     cfg = ShardsSection(window=window, target_shard_mb=shard_mb)

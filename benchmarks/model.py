@@ -23,9 +23,9 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 
 import torch  # noqa: E402
 
-from model.losses import build_loss  # noqa: E402
-from model.network import SequenceModel  # noqa: E402
-from tasks.config import LossSection, ModelSection  # noqa: E402
+from alphaloom.model.losses import build_loss  # noqa: E402
+from alphaloom.model.network import SequenceModel  # noqa: E402
+from alphaloom.tasks.common.config import LossSection, ModelSection  # noqa: E402
 
 TEXT_DIM, N_INDUSTRIES, N_INDICES = 384, 11, 4
 PLAIN = {f"use_{part}": False for part in ("attention", "text", "industry", "index", "calendar")}

@@ -27,10 +27,10 @@ import mlflow
 from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from model.data import ShardSetInfo
-from tasks import tracking
-from tasks.evaluate import eval_dataset, torch_scorer
-from tasks.train import build_model, model_dims
+from alphaloom.model.data import ShardSetInfo
+from alphaloom.tasks.evaluation.evaluate import eval_dataset, torch_scorer
+from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.training.train import build_model, model_dims
 from tests.helpers_train import build_tiny_shards
 
 _LOAD = """

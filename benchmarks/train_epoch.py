@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import load_config
-from tasks.evaluate import evaluate_predictions, predict
-from tasks.train import train_model
+from alphaloom.tasks.common.config import load_config
+from alphaloom.tasks.evaluation.evaluate import evaluate_predictions, predict
+from alphaloom.tasks.training.train import train_model
 
 
 def build(out: Path, overrides: list[str], text_dir: Path | None) -> tuple[Path, Path]:
@@ -35,10 +35,14 @@ def build(out: Path, overrides: list[str], text_dir: Path | None) -> tuple[Path,
     Text vectors are embedded with the configured sentence model and saved to `out/text`, or
     read from `text_dir` (where the model is not installed, e.g. a bare GPU node).
     """
-    from tasks.features import build_feature_table
-    from tasks.shards import build_shards_from
-    from tasks.synthetic import generate_market
-    from tasks.text import embed_descriptions, load_text_vectors, save_text_vectors
+    from alphaloom.tasks.data.features import build_feature_table
+    from alphaloom.tasks.data.synthetic import generate_market
+    from alphaloom.tasks.dataset.shards import build_shards_from
+    from alphaloom.tasks.dataset.text import (
+        embed_descriptions,
+        load_text_vectors,
+        save_text_vectors,
+    )
 
     cfg = load_config(None, overrides)
     started = time.perf_counter()

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tasks.config import ConfigError, PipelineConfig, load_config
+from alphaloom.tasks.common.config import ConfigError, PipelineConfig, load_config, packaged_config
 
 # Prefect's temporary server needs longer than its default 20 s to start on small machines.
 _ENV_DEFAULTS = {
@@ -31,11 +31,15 @@ def _set_env_defaults() -> None:
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, args.overrides)
+    """--config, else the packaged default.yaml (the same file as the repository's
+    configs/default.yaml), with the --set overrides applied."""
+    return load_config(args.config or packaged_config(), args.overrides)
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
-    parser.add_argument("--config", default=default, help=f"YAML config (default: {default})")
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=None, help="YAML config (default: the packaged configs/default.yaml)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -48,14 +52,19 @@ def _add_config_arguments(parser: argparse.ArgumentParser, default: str | None) 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write (or extend) the synthetic market as files in the format real data uses."""
-    from tasks.synthetic import extend_market, generate_market, oracle_rank_ic, write_market
+    from alphaloom.tasks.data.synthetic import (
+        extend_market,
+        generate_market,
+        oracle_rank_ic,
+        write_market,
+    )
 
     out = Path(args.out)
     if args.extend_days:
         market = extend_market(out, args.extend_days)
         print(f"extended {out} by {args.extend_days} days -> {market.bars['date'].nunique()} days")
         return 0
-    cfg = _config(args)
+    cfg = load_config(args.config, args.overrides)  # the generator's defaults without --config
     market = generate_market(cfg.data.synthetic)
     write_market(market, out, cfg.data.synthetic)
     print(
@@ -67,8 +76,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     """Ingest the configured data and build the factor table (no Prefect server needed)."""
-    from tasks.features import run_features_stage
-    from tasks.ingest import run_ingest_stage
+    from alphaloom.tasks.data.features import run_features_stage
+    from alphaloom.tasks.data.ingest import run_ingest_stage
 
     cfg = _config(args)
     market = run_ingest_stage(cfg)
@@ -80,7 +89,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the whole training pipeline as a Prefect flow."""
-    from flows.pipeline import train_pipeline
+    from alphaloom.flows.pipeline import train_pipeline
 
     cfg = _config(args)
     summary = train_pipeline(cfg)
@@ -90,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train_ddp(args: argparse.Namespace) -> int:
     """Run the training pipeline with training under DDP (torchrun on this machine)."""
-    from flows.pipeline import train_pipeline_ddp
+    from alphaloom.flows.pipeline import train_pipeline_ddp
 
     cfg = _config(args)
     summary = train_pipeline_ddp(cfg, nproc_per_node=args.nproc_per_node, backend=args.backend)
@@ -100,7 +109,7 @@ def cmd_train_ddp(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every symbol on the latest date with the champion model."""
-    from flows.score import score_latest
+    from alphaloom.flows.score import score_latest
 
     cfg = _config(args)
     result = score_latest(cfg)
@@ -112,7 +121,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     """Run the nightly retrain once, now."""
-    from flows.nightly import nightly_retrain
+    from alphaloom.flows.nightly import nightly_retrain
 
     cfg = _config(args)
     _print_summary(nightly_retrain(cfg))
@@ -121,9 +130,14 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train the full model, its ablations and the LightGBM baseline; compare them in MLflow."""
-    from flows.compare import compare_models
-    from tasks.baselines import INSTALL_HINT, lightgbm_available
-    from tasks.compare import DEFAULT_VARIANTS, CompareError, load_variants, seed_list
+    from alphaloom.flows.compare import compare_models
+    from alphaloom.tasks.comparison.baselines import INSTALL_HINT, lightgbm_available
+    from alphaloom.tasks.comparison.compare import (
+        DEFAULT_VARIANTS,
+        CompareError,
+        load_variants,
+        seed_list,
+    )
 
     cfg = _config(args)
     try:
@@ -143,11 +157,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Start the MLflow UI on 127.0.0.1 against the project's tracking store."""
-    from tasks.tracking import ui_command
+    """Start the MLflow UI on 127.0.0.1 against the tracking store; needs no pipeline config
+    (a --config only supplies its tracking section)."""
+    from alphaloom.tasks.tracking.tracking import resolve_tracking_uri, ui_command
 
-    cfg = _config(args)
-    command = ui_command(cfg, port=args.port)
+    cfg = load_config(args.config, args.overrides)
+    uri = args.backend_store_uri or resolve_tracking_uri(cfg)
+    command = ui_command(uri, port=args.port or cfg.tracking.ui_port)
     print("starting:", " ".join(command))
     os.execvp(command[0], command)
     return 0  # pragma: no cover - execvp does not return
@@ -155,9 +171,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the nightly-retrain and score-latest deployments from this one process."""
-    from flows.serve import serve_deployments
+    from alphaloom.flows.serve import serve_deployments
 
-    serve_deployments(args.config, cron=args.cron, timezone=args.timezone)
+    serve_deployments(args.config or packaged_config(), cron=args.cron, timezone=args.timezone)
     return 0
 
 
@@ -193,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="write the synthetic market as files")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--extend-days", type=int, default=0, help="append N days to --out")
-    _add_config_arguments(synth, None)
+    _add_config_arguments(synth)
     synth.set_defaults(func=cmd_synth)
 
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
@@ -204,17 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     ]
     for name, help_text, func in commands:
         command = sub.add_parser(name, help=help_text)
-        _add_config_arguments(command, "configs/default.yaml")
+        _add_config_arguments(command)
         command.set_defaults(func=func)
 
     compare = sub.add_parser("compare", help="compare the model, its ablations and LightGBM")
-    _add_config_arguments(compare, "configs/default.yaml")
+    _add_config_arguments(compare)
     compare.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     compare.add_argument("--variants", default=None, help="YAML list of variants")
     compare.set_defaults(func=cmd_compare)
 
     ddp = sub.add_parser("train-ddp", help="run the training pipeline with DDP training")
-    _add_config_arguments(ddp, "configs/default.yaml")
+    _add_config_arguments(ddp)
     ddp.add_argument(
         "--nproc-per-node", type=int, default=2, help="training processes (one per GPU on CUDA)"
     )
@@ -224,12 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     ddp.set_defaults(func=cmd_train_ddp)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
-    _add_config_arguments(ui, "configs/default.yaml")
+    _add_config_arguments(ui)
     ui.add_argument("--port", type=int, default=None, help="default: tracking.ui_port (5000)")
+    ui.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
+    )
     ui.set_defaults(func=cmd_ui)
 
     serve = sub.add_parser("serve", help="serve the scheduled deployments in this process")
-    serve.add_argument("--config", default="configs/default.yaml")
+    serve.add_argument("--config", default=None, help="default: the packaged default.yaml")
     serve.add_argument("--cron", default="0 22 * * 1-5", help="nightly retrain schedule")
     serve.add_argument("--timezone", default="America/New_York")
     serve.set_defaults(func=cmd_serve, overrides=[])
@@ -239,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `alphaloom` console script."""
     _set_env_defaults()  # before anything imports Prefect, which reads its settings then
-    from tasks.ingest import DataValidationError
-    from tasks.storage import StorageError
+    from alphaloom.tasks.common.storage import StorageError
+    from alphaloom.tasks.data.ingest import DataValidationError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(

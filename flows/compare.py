@@ -12,8 +12,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import data_stages, resolve_config
-from tasks.compare import (
+from alphaloom.flows.pipeline import data_stages, resolve_config
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.comparison.compare import (
     DEFAULT_VARIANTS,
     REFERENCE,
     Variant,
@@ -27,9 +28,8 @@ from tasks.compare import (
     skipped_variants,
     variant_task,
 )
-from tasks.config import PipelineConfig
-from tasks.ingest import load_saved_oracle
-from tasks.tracking import log_shard_dataset, run_tags, tracked_run
+from alphaloom.tasks.data.ingest import load_saved_oracle
+from alphaloom.tasks.tracking.tracking import log_shard_dataset, run_tags, tracked_run
 
 
 @flow(name="compare-models", log_prints=True)

@@ -6,9 +6,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import data_stages, model_stages, resolve_config
-from tasks.config import PipelineConfig
-from tasks.scoring import score_task
+from alphaloom.flows.pipeline import data_stages, model_stages, resolve_config
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.serving.scoring import score_task
 
 
 @flow(name="nightly-retrain", log_prints=True)

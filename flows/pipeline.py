@@ -13,25 +13,29 @@ from typing import Any
 
 from prefect import flow, unmapped
 
-from tasks.caching import StageRef
-from tasks.config import PipelineConfig, load_config
-from tasks.distributed import Backend, train_ddp_task
-from tasks.evaluate import evaluate_task
-from tasks.features import features_task
-from tasks.ingest import ingest_task, load_saved_oracle
-from tasks.partitions import (
+from alphaloom.tasks.common.config import PipelineConfig, load_config
+from alphaloom.tasks.data.features import features_task
+from alphaloom.tasks.data.ingest import ingest_task, load_saved_oracle
+from alphaloom.tasks.data.partitions import (
     assemble_features_task,
     plan_partitions_task,
     raw_factors_task,
     task_runner_for,
 )
-from tasks.registry import register_task
-from tasks.report import publish_summary, run_summary
-from tasks.shard_fanout import finish_shards_task, plan_shards_task, write_shard_task
-from tasks.shards import shards_task
-from tasks.text import text_task
-from tasks.tracking import log_shard_dataset, run_tags, tracked_run
-from tasks.train import TrainResult, checkpoint_dir_for, train_task
+from alphaloom.tasks.dataset.shard_fanout import (
+    finish_shards_task,
+    plan_shards_task,
+    write_shard_task,
+)
+from alphaloom.tasks.dataset.shards import shards_task
+from alphaloom.tasks.dataset.text import text_task
+from alphaloom.tasks.evaluation.evaluate import evaluate_task
+from alphaloom.tasks.orchestration.caching import StageRef
+from alphaloom.tasks.serving.registry import register_task
+from alphaloom.tasks.tracking.report import publish_summary, run_summary
+from alphaloom.tasks.tracking.tracking import log_shard_dataset, run_tags, tracked_run
+from alphaloom.tasks.training.distributed import Backend, train_ddp_task
+from alphaloom.tasks.training.train import TrainResult, checkpoint_dir_for, train_task
 
 
 def resolve_config(config: PipelineConfig | None, config_path: str | None) -> PipelineConfig:

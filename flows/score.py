@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.pipeline import data_stages, resolve_config
-from tasks.config import PipelineConfig
-from tasks.scoring import score_task
+from alphaloom.flows.pipeline import data_stages, resolve_config
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.serving.scoring import score_task
 
 
 @flow(name="score-latest", log_prints=True)

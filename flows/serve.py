@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import serve
 from prefect.schedules import Cron
 
-from flows.nightly import nightly_retrain
-from flows.score import score_latest
+from alphaloom.flows.nightly import nightly_retrain
+from alphaloom.flows.score import score_latest
 
 
 def serve_deployments(config_path: str, cron: str, timezone: str) -> None:

@@ -43,8 +43,8 @@ import torch
 from numpy.lib.stride_tricks import as_strided
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model.batch import Batch, move_batch
-from model.filesystems import arrow_filesystem
+from alphaloom.model.batch import Batch, move_batch
+from alphaloom.model.filesystems import arrow_filesystem
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

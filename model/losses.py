@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from model.batch import NUM_CLASSES
+from alphaloom.model.batch import NUM_CLASSES
 
 IGNORE_LABEL = -1
 

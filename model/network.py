@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from model.batch import NUM_CLASSES, Batch
+from alphaloom.model.batch import NUM_CLASSES, Batch
 
 CALENDAR_SIZES = {"dow": 7, "month": 12}
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from tasks.config import PipelineConfig, config_from_dict, load_config  # noqa: E402
-from tasks.storage import write_text_atomic  # noqa: E402
+from alphaloom.tasks.common.config import PipelineConfig, config_from_dict, load_config  # noqa: E402
+from alphaloom.tasks.common.storage import write_text_atomic  # noqa: E402
 
 TAG_COMMAND = "alphaloom.command"
 TAG_WALL = "alphaloom.wall_seconds"
@@ -46,8 +46,8 @@ def cli_argv(args: argparse.Namespace) -> list[str]:
 
 def run_comparison(args: argparse.Namespace, cfg: PipelineConfig) -> tuple[str, float]:
     """Run `alphaloom compare` in this process; return (parent run id, wall seconds)."""
-    from flows.cli import main
-    from tasks import tracking
+    from alphaloom.flows.cli import main
+    from alphaloom.tasks.tracking import tracking
 
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
@@ -132,7 +132,7 @@ def sizing(cfg: PipelineConfig) -> str:
 
 def parent_run(cfg: PipelineConfig, run_id: str) -> tuple[Any, str, PipelineConfig]:
     """The parent run, its comparison table and the config it ran with (both artifacts)."""
-    from tasks import tracking
+    from alphaloom.tasks.tracking import tracking
 
     client = tracking.client_for(cfg)
     run = client.get_run(run_id)

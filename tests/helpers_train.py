@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.config import PipelineConfig, load_config
+from alphaloom.tasks.common.config import PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,9 +40,9 @@ def tiny_config(*extra: str) -> PipelineConfig:
 
 def build_tiny_shards(root: Path, *extra: str) -> TinyData:
     """Generate the market, its features and a 4-shard set under `root` (about a second)."""
-    from tasks.features import build_feature_table
-    from tasks.shards import build_shards_from
-    from tasks.synthetic import generate_market
+    from alphaloom.tasks.data.features import build_feature_table
+    from alphaloom.tasks.data.synthetic import generate_market
+    from alphaloom.tasks.dataset.shards import build_shards_from
 
     cfg = tiny_config(*extra)
     market = generate_market(cfg.data.synthetic)

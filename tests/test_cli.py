@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from flows.cli import build_parser, main
-from tasks.config import load_config
-from tasks.tracking import ui_command
+from alphaloom.flows.cli import _config, build_parser, main
+from alphaloom.tasks.common.config import load_config, packaged_config
+from alphaloom.tasks.tracking.tracking import ui_command
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["data.synthetic.n_symbols=12", "data.synthetic.n_days=120"]
@@ -80,8 +81,32 @@ def test_bad_data_exits_2_and_names_the_file(tmp_path, capsys) -> None:
 
 
 def test_ui_binds_loopback_only() -> None:
-    command = ui_command(load_config())
+    command = ui_command("sqlite:///mlflow.db")
     assert command[command.index("--host") + 1] == "127.0.0.1"
+
+
+def test_ui_needs_no_config_outside_the_checkout(tmp_path, monkeypatch) -> None:
+    """`alphaloom ui` in any directory serves that directory's store; no configs/ needed."""
+    launched: list[list[str]] = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(os, "execvp", lambda file, argv: launched.append(argv))
+    assert main(["ui", "--port", "5123"]) == 0
+    argv = launched[0]
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert argv[argv.index("--port") + 1] == "5123"
+
+
+def test_commands_default_to_the_packaged_config(tmp_path, monkeypatch) -> None:
+    """Outside the checkout, a command without --config reads the packaged default.yaml,
+    which is the repository's configs/default.yaml."""
+    monkeypatch.chdir(tmp_path)
+    packaged = Path(packaged_config())
+    assert packaged.read_text() == (REPO / "configs" / "default.yaml").read_text()
+    args = build_parser().parse_args(["run", "--set", "train.epochs=1"])
+    cfg = _config(args)
+    assert cfg.shards.window == load_config(REPO / "configs" / "default.yaml").shards.window
+    assert cfg.train.epochs == 1
 
 
 def test_every_documented_command_exists() -> None:

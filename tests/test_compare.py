@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.compare import (
+from alphaloom.tasks.common.config import ConfigError, load_config
+from alphaloom.tasks.comparison.compare import (
     DEFAULT_VARIANTS,
     CompareError,
     Variant,
@@ -29,7 +30,6 @@ from tasks.compare import (
     summarise,
     variant_config,
 )
-from tasks.config import ConfigError, load_config
 from tests.helpers_train import build_tiny_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_load_variants_yaml(tmp_path):
 
 
 def test_cli_rejects_bad_seeds_and_variant_files_before_running(tmp_path, capsys):
-    from flows.cli import main
+    from alphaloom.flows.cli import main
 
     assert main(["compare", "--config", str(SMOKE), "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
@@ -180,8 +180,8 @@ def tiny(tmp_path_factory):
 
 
 def test_end_day_table_is_the_loaders_end_day(tiny):
-    from tasks.baselines import end_day_table
-    from tasks.evaluate import eval_dataset
+    from alphaloom.tasks.comparison.baselines import end_day_table
+    from alphaloom.tasks.evaluation.evaluate import eval_dataset
 
     table = end_day_table(tiny.shard_dir, "valid", tiny.cfg.loader.min_valid_days)
     xs, symbols, dates = [], [], []
@@ -197,7 +197,7 @@ def test_end_day_table_is_the_loaders_end_day(tiny):
 
 
 def test_rank_normalised_target_and_queries():
-    from tasks.baselines import BaselineError, query_sizes, rank_normalised
+    from alphaloom.tasks.comparison.baselines import BaselineError, query_sizes, rank_normalised
 
     days = np.repeat([0, 1, 2], 50)
     values = np.random.default_rng(0).standard_normal(150)
@@ -213,8 +213,8 @@ def test_rank_normalised_target_and_queries():
 
 
 def test_bucket_probabilities_follow_class_shares():
-    from tasks.baselines import bucket_probabilities
-    from tasks.evaluate import PROB_COLUMNS
+    from alphaloom.tasks.comparison.baselines import bucket_probabilities
+    from alphaloom.tasks.evaluation.evaluate import PROB_COLUMNS
 
     rng = np.random.default_rng(1)
     frame = pd.DataFrame(
@@ -232,10 +232,10 @@ def test_bucket_probabilities_follow_class_shares():
 
 @pytest.mark.parametrize("objective", ["regression", "lambdarank"])
 def test_lightgbm_baseline_scores_the_networks_rows(tiny, objective):
-    from model.data import ShardSetInfo
-    from tasks.baselines import predict_lightgbm, train_lightgbm
-    from tasks.evaluate import PRED_COLUMNS, evaluate_predictions, predict
-    from tasks.train import build_model
+    from alphaloom.model.data import ShardSetInfo
+    from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
+    from alphaloom.tasks.evaluation.evaluate import PRED_COLUMNS, evaluate_predictions, predict
+    from alphaloom.tasks.training.train import build_model
 
     params = {**TINY_LGBM, "objective": objective}
     fit = train_lightgbm(tiny.shard_dir, tiny.cfg, params, seed=3)
@@ -260,7 +260,7 @@ def test_lightgbm_baseline_scores_the_networks_rows(tiny, objective):
 def test_lightgbm_rejects_unknown_params_and_other_features(tiny, tmp_path):
     from pydantic import ValidationError
 
-    from tasks.baselines import BaselineError, predict_lightgbm, train_lightgbm
+    from alphaloom.tasks.comparison.baselines import BaselineError, predict_lightgbm, train_lightgbm
 
     with pytest.raises(ValidationError, match="num_leafs"):
         train_lightgbm(tiny.shard_dir, tiny.cfg, {"num_leafs": 3})
@@ -289,7 +289,7 @@ def _children(client: mlflow.MlflowClient, parent) -> list:
 
 
 def test_compare_flow_children_table_and_failures(prefect_harness, mlflow_uri, work_dir):
-    from flows.compare import compare_models
+    from alphaloom.flows.compare import compare_models
 
     cfg = load_config(SMOKE, [f"work_dir={work_dir}", *FAST])
     variants = [
@@ -351,8 +351,8 @@ def test_compare_flow_children_table_and_failures(prefect_harness, mlflow_uri, w
 def test_cli_compare_runs_the_rest_without_lightgbm(
     prefect_harness, mlflow_uri, work_dir, tmp_path, monkeypatch, capsys
 ):
-    from flows.cli import main
-    from tasks import baselines
+    from alphaloom.flows.cli import main
+    from alphaloom.tasks.comparison import baselines
 
     monkeypatch.setattr(baselines, "lightgbm_available", lambda: False)
     variants = tmp_path / "variants.yaml"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, PipelineConfig, load_config
+from alphaloom.tasks.common.config import ConfigError, PipelineConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from model.data import ShardedWindowDataset, ShardSetInfo
-from model.losses import build_loss
-from tasks.config import PipelineConfig
-from tasks.distributed import (
+from alphaloom.model.data import ShardedWindowDataset, ShardSetInfo
+from alphaloom.model.losses import build_loss
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.training.distributed import (
     RESULT_NAME,
     process_group,
     resolve_backend,
@@ -37,7 +37,7 @@ from tasks.distributed import (
     torchrun_command,
     train_rank,
 )
-from tasks.train import (
+from alphaloom.tasks.training.train import (
     CHECKPOINT_NAME,
     TrainProgress,
     build_model,
@@ -102,7 +102,7 @@ def rank_main(rank: int, shard_dir: str, out: str) -> None:
             raise InjectedFailure("both ranks stop after step 3 of epoch 1")
 
     with process_group(cfg, "gloo") as ctx:
-        from tasks.train import train_model
+        from alphaloom.tasks.training.train import train_model
 
         info = ShardSetInfo.open(shard_dir)
         record["windows"] = [epoch_windows(cfg, info, epoch) for epoch in (0, 1)]
@@ -262,7 +262,7 @@ def test_torchrun_command_binds_the_rendezvous_to_localhost() -> None:
     command = torchrun_command(2, ["--config", "c.yaml"], port=29511)
     assert command[1:3] == ["-m", "torch.distributed.run"]
     assert "--master-addr=127.0.0.1" in command and "--nproc-per-node=2" in command
-    assert command[-4:] == ["-m", "tasks.distributed", "--config", "c.yaml"][-4:]
+    assert command[-4:] == ["-m", "alphaloom.tasks.training.distributed", "--config", "c.yaml"][-4:]
     with pytest.raises(ValueError, match="nproc_per_node"):
         torchrun_command(0, [], port=1)
 

@@ -1,4 +1,5 @@
-"""`torchrun -m tasks.distributed` as the launcher runs it: 2 gloo ranks, rank-0-only MLflow."""
+"""`torchrun -m alphaloom.tasks.training.distributed` as the launcher runs it: 2 gloo ranks,
+rank-0-only MLflow."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from flows.cli import build_parser
-from tasks.distributed import CONFIG_NAME, DistributedLaunchError, launch_training, load_result
+from alphaloom.flows.cli import build_parser
+from alphaloom.tasks.training.distributed import (
+    CONFIG_NAME,
+    DistributedLaunchError,
+    launch_training,
+    load_result,
+)
 from tests.helpers_train import TinyData, build_tiny_shards, tiny_config
 
 OVERRIDES = ("model.mlp_dropout=0.0", "train.epochs=2", "train.max_batches_per_epoch=2")
@@ -24,7 +30,7 @@ def test_torchrun_launch_logs_each_epoch_once_and_returns_the_best_model(
 ) -> None:
     import mlflow
 
-    from tasks import tracking
+    from alphaloom.tasks.tracking import tracking
 
     cfg = tiny_config(*OVERRIDES, f"work_dir={tmp_path}")
     cfg.tracking.tracking_uri = mlflow_uri

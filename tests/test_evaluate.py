@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from tasks.config import EvaluateSection
-from tasks.evaluate import (
+from alphaloom.tasks.common.config import EvaluateSection
+from alphaloom.tasks.evaluation.evaluate import (
     EvaluationError,
     classification_metrics,
     confusion_matrix,

@@ -10,12 +10,16 @@ import pytest
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from tasks.alpha158 import compute_alpha158, select_factors
-from tasks.caching import StageRef
-from tasks.config import ConfigError, PipelineConfig, RunnerSection, load_config
-from tasks.features import FEATURES_FILE, META_FILE, build_feature_table, features_location
-from tasks.ingest import load_saved_market, run_ingest_stage
-from tasks.partitions import (
+from alphaloom.tasks.common.config import ConfigError, PipelineConfig, RunnerSection, load_config
+from alphaloom.tasks.data.alpha158 import compute_alpha158, select_factors
+from alphaloom.tasks.data.features import (
+    FEATURES_FILE,
+    META_FILE,
+    build_feature_table,
+    features_location,
+)
+from alphaloom.tasks.data.ingest import load_saved_market, run_ingest_stage
+from alphaloom.tasks.data.partitions import (
     RAW_FILE,
     PartitionError,
     group_symbols,
@@ -24,7 +28,8 @@ from tasks.partitions import (
     table_from_partitions,
     task_runner_for,
 )
-from tasks.synthetic import generate_market
+from alphaloom.tasks.data.synthetic import generate_market
+from alphaloom.tasks.orchestration.caching import StageRef
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,7 +125,7 @@ def feature_files(ref: StageRef) -> tuple[pd.DataFrame, dict]:
 @pytest.fixture(scope="module")
 def single_task(tmp_path_factory) -> tuple[StageRef, tuple[pd.DataFrame, dict]]:
     """The features stage without fan-out (plain functions), the baseline of the flow tests."""
-    from tasks.features import run_features_stage
+    from alphaloom.tasks.data.features import run_features_stage
 
     cfg = smoke(tmp_path_factory.mktemp("single"))
     ref = run_features_stage(run_ingest_stage(cfg), cfg)
@@ -130,7 +135,7 @@ def single_task(tmp_path_factory) -> tuple[StageRef, tuple[pd.DataFrame, dict]]:
 def test_the_feature_stage_on_a_local_dask_cluster_matches_the_single_task(
     prefect_harness, single_task, tmp_path: Path
 ) -> None:
-    from flows.pipeline import features_stage
+    from alphaloom.flows.pipeline import features_stage
 
     baseline, (frame, meta) = single_task
     dask = ("runner.kind=dask", "runner.workers=2", "runner.dask_processes=false")
@@ -146,7 +151,7 @@ def test_the_feature_stage_on_a_local_dask_cluster_matches_the_single_task(
 def test_thread_runner_reuses_each_partition_when_only_the_labels_change(
     prefect_harness, single_task, tmp_path: Path
 ) -> None:
-    from flows.pipeline import features_stage
+    from alphaloom.flows.pipeline import features_stage
 
     _, (frame, _) = single_task
     cfg = smoke(tmp_path, "runner.partitions=4", "runner.workers=2")

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from scipy.stats import percentileofscore
 
-from tasks.config import FeaturesSection, LabelSection, SplitSection, load_config
-from tasks.features import (
+from alphaloom.tasks.common.config import FeaturesSection, LabelSection, SplitSection, load_config
+from alphaloom.tasks.data.features import (
     ALPHA158_NAMES,
     FeatureTable,
     apply_normalizer,
@@ -551,8 +551,8 @@ def test_failed_save_leaves_nothing(tmp_path, table: FeatureTable) -> None:
 
 
 def test_features_stage_builds_once_from_the_ingested_market(tmp_path) -> None:
-    from tasks.features import run_features_stage
-    from tasks.ingest import run_ingest_stage
+    from alphaloom.tasks.data.features import run_features_stage
+    from alphaloom.tasks.data.ingest import run_ingest_stage
 
     cfg = load_config(
         CONFIGS / "smoke.yaml", [f"work_dir={tmp_path}", "data.synthetic.n_symbols=12"]

@@ -16,12 +16,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilterParentFlowRunId,
 )
 
-from flows.nightly import nightly_retrain
-from flows.pipeline import train_pipeline
-from flows.score import score_latest
-from model.data import ShardSetInfo
-from tasks.config import PipelineConfig, load_config
-from tasks.synthetic import extend_market, generate_market, write_market
+from alphaloom.flows.nightly import nightly_retrain
+from alphaloom.flows.pipeline import train_pipeline
+from alphaloom.flows.score import score_latest
+from alphaloom.model.data import ShardSetInfo
+from alphaloom.tasks.common.config import PipelineConfig, load_config
+from alphaloom.tasks.data.synthetic import extend_market, generate_market, write_market
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_STAGES = ("ingest", "features", "text", "shards")
@@ -136,7 +136,7 @@ def test_score_flow_writes_ranked_latest_date(first_run) -> None:
 
 
 def test_training_failure_is_retried_and_resumes(tmp_path, mlflow_store, monkeypatch) -> None:
-    import tasks.train as train
+    import alphaloom.tasks.training.train as train
 
     original = train.train_epoch
     failures = []
@@ -156,7 +156,7 @@ def test_training_failure_is_retried_and_resumes(tmp_path, mlflow_store, monkeyp
 
 
 def test_failing_flow_leaves_mlflow_run_failed(tmp_path, mlflow_store, monkeypatch) -> None:
-    import flows.pipeline as pipeline
+    import alphaloom.flows.pipeline as pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected evaluation failure")
@@ -207,7 +207,7 @@ def test_pipeline_and_scoring_with_every_output_at_a_url(
     """work_dir=memory://...: stages (fanned out), checkpoints and scores all land at the URL."""
     import fsspec
 
-    from tasks.storage import CACHE_DIR_ENV, COMPLETE_MARKER
+    from alphaloom.tasks.common.storage import CACHE_DIR_ENV, COMPLETE_MARKER
 
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
     overrides = ("tracking.registered_model=alphaloom-url", "runner.partitions=2")

@@ -10,8 +10,8 @@ import pandas as pd
 import pandas.testing as pdt
 import pytest
 
-from tasks.config import DataSection, PipelineConfig, SyntheticSection
-from tasks.ingest import (
+from alphaloom.tasks.common.config import DataSection, PipelineConfig, SyntheticSection
+from alphaloom.tasks.data.ingest import (
     DataValidationError,
     MarketData,
     load_market,
@@ -22,7 +22,7 @@ from tasks.ingest import (
     save_market,
     source_fingerprint,
 )
-from tasks.synthetic import generate_market, write_market
+from alphaloom.tasks.data.synthetic import generate_market, write_market
 
 SMALL = SyntheticSection(n_symbols=12, n_days=100, seed=3)
 
@@ -252,7 +252,7 @@ def test_failed_save_leaves_no_directory(tmp_path) -> None:
 def test_short_symbols_dropped_with_logged_count(tmp_path, caplog) -> None:
     raw = pd.concat([make_bars(("AAA", "BBB"), 8), make_bars(("CCC",), 3)], ignore_index=True)
     path = write_csv(raw, tmp_path / "b.csv")
-    with caplog.at_level(logging.WARNING, logger="tasks.ingest"):
+    with caplog.at_level(logging.WARNING, logger="alphaloom.tasks.data.ingest"):
         market = load_market(files_section(path), min_history=5)
     assert sorted(market.bars["symbol"].unique()) == ["AAA", "BBB"]
     assert market.instruments["symbol"].tolist() == ["AAA", "BBB"]

@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
-from model.batch import BATCH_KEYS
-from model.data import (
+from alphaloom.model.batch import BATCH_KEYS
+from alphaloom.model.data import (
     ShardedWindowDataset,
     ShardSetInfo,
     WindowLoader,
     days_to_dates,
     round_robin_resume,
 )
-from tasks.config import ShardsSection
-from tasks.shards import build_shards
+from alphaloom.tasks.common.config import ShardsSection
+from alphaloom.tasks.dataset.shards import build_shards
 from tests.shards_testdata import SPLIT_NAMES, Table, expected_windows, make_table
 
 WINDOW = 20

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import (
+from alphaloom.model.losses import (
     CompositeLoss,
     FocalLoss,
     OrdinalDistanceLoss,
     batch_class_weights,
     build_loss,
 )
-from tasks.config import LossSection
+from alphaloom.tasks.common.config import LossSection
 
 
 def _logits_for(probs: list[list[float]]) -> torch.Tensor:

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from model.batch import NUM_CLASSES
-from model.network import SequenceModel, expected_class_score, right_align
-from tasks.config import ModelSection
+from alphaloom.model.batch import NUM_CLASSES
+from alphaloom.model.network import SequenceModel, expected_class_score, right_align
+from alphaloom.tasks.common.config import ModelSection
 
 F_DIM, TEXT_DIM, N_INDUSTRIES, N_INDICES = 6, 8, 5, 3
 SMALL = {"input_dim": 16, "lstm_hidden": 16, "attention_heads": 2, "mlp_hidden": 16}

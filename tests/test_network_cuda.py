@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.losses import build_loss
-from tasks.config import LossSection
+from alphaloom.model.losses import build_loss
+from alphaloom.tasks.common.config import LossSection
 from tests.test_network import left_pad, make_batch, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

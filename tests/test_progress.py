@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from tasks.progress import ProgressReporter
-from tasks.train import TrainProgress
+from alphaloom.tasks.training.progress import ProgressReporter
+from alphaloom.tasks.training.train import TrainProgress
 
 
 def test_reporter_counts_batches_and_logs_epochs(caplog) -> None:
     reporter = ProgressReporter(epochs=2, batches_per_epoch=30, artifact=False)
-    with caplog.at_level(logging.INFO, logger="tasks.progress"):
+    with caplog.at_level(logging.INFO, logger="alphaloom.tasks.training.progress"):
         for done in (10, 20, 30):
             reporter(TrainProgress("batch", 0, 2, done, {"loss": 0.7}))
         assert reporter.batches_done == 30

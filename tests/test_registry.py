@@ -14,10 +14,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks import registry, tracking
-from tasks.config import PipelineConfig
-from tasks.evaluate import eval_dataset, torch_scorer
-from tasks.train import TrainResult, train_model
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.evaluation.evaluate import eval_dataset, torch_scorer
+from alphaloom.tasks.serving import registry
+from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.training.train import TrainResult, train_model
 from tests.helpers_train import TinyData, build_tiny_shards, tiny_config
 
 

@@ -19,10 +19,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from flows.pipeline import train_pipeline
-from flows.score import score_latest
-from tasks.config import load_config
-from tasks.distributed import free_port
+from alphaloom.flows.pipeline import train_pipeline
+from alphaloom.flows.score import score_latest
+from alphaloom.tasks.common.config import load_config
+from alphaloom.tasks.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["train.epochs=1", "train.device=cpu", "train.num_threads=1", "model.use_attention=false"]

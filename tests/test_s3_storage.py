@@ -14,14 +14,14 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from model.data import ShardSetInfo
-from tasks import storage
-from tasks.distributed import free_port
-from tasks.features import run_features_stage
-from tasks.ingest import run_ingest_stage
-from tasks.shards import run_shards_stage
-from tasks.text import run_text_stage
-from tasks.train import CHECKPOINT_NAME, load_weights, train_model
+from alphaloom.model.data import ShardSetInfo
+from alphaloom.tasks.common import storage
+from alphaloom.tasks.data.features import run_features_stage
+from alphaloom.tasks.data.ingest import run_ingest_stage
+from alphaloom.tasks.dataset.shards import run_shards_stage
+from alphaloom.tasks.dataset.text import run_text_stage
+from alphaloom.tasks.training.distributed import free_port
+from alphaloom.tasks.training.train import CHECKPOINT_NAME, load_weights, train_model
 from tests.helpers_train import tiny_config
 
 SMALL = ["data.synthetic.n_symbols=16", "data.synthetic.n_days=300", "text.enabled=false"]
@@ -112,7 +112,7 @@ def test_stages_and_training_with_work_dir_in_an_s3_bucket(bucket, tmp_path) -> 
 def test_a_ddp_launch_keeps_its_config_checkpoint_and_result_in_the_bucket(
     bucket, tmp_path
 ) -> None:
-    from tasks.distributed import CONFIG_NAME, RESULT_NAME, launch_training
+    from alphaloom.tasks.training.distributed import CONFIG_NAME, RESULT_NAME, launch_training
     from tests.helpers_train import build_tiny_shards
 
     overrides = ("model.mlp_dropout=0.0", "train.epochs=1", "train.max_batches_per_epoch=2")

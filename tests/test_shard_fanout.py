@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from model.data import MANIFEST_NAME, ShardSetInfo
-from tasks import storage
-from tasks.caching import StageRef
-from tasks.config import PipelineConfig, load_config
-from tasks.features import run_features_stage
-from tasks.ingest import run_ingest_stage
-from tasks.shard_fanout import finish_shard_set, plan_shard_jobs, write_shard_job
-from tasks.shards import ShardBuildError, run_shards_stage
-from tasks.text import run_text_stage
+from alphaloom.model.data import MANIFEST_NAME, ShardSetInfo
+from alphaloom.tasks.common import storage
+from alphaloom.tasks.common.config import PipelineConfig, load_config
+from alphaloom.tasks.data.features import run_features_stage
+from alphaloom.tasks.data.ingest import run_ingest_stage
+from alphaloom.tasks.dataset.shard_fanout import finish_shard_set, plan_shard_jobs, write_shard_job
+from alphaloom.tasks.dataset.shards import ShardBuildError, run_shards_stage
+from alphaloom.tasks.dataset.text import run_text_stage
+from alphaloom.tasks.orchestration.caching import StageRef
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["data.synthetic.n_symbols=24", "text.enabled=false"]
@@ -138,7 +138,7 @@ def test_an_existing_set_plans_no_jobs(single) -> None:
 def test_the_shards_stage_on_a_local_dask_cluster_matches_the_single_task(
     prefect_harness, single, tmp_path
 ) -> None:
-    from flows.pipeline import shards_stage
+    from alphaloom.flows.pipeline import shards_stage
 
     baseline, expected = single
     dask = ("runner.kind=dask", "runner.workers=2", "runner.dask_processes=false")

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import tasks.shards as shards_module
-from model.data import (
+import alphaloom.tasks.dataset.shards as shards_module
+from alphaloom.model.data import (
     MANIFEST_NAME,
     ShardedWindowDataset,
     ShardSetError,
@@ -19,9 +19,14 @@ from model.data import (
     days_to_dates,
     read_manifest,
 )
-from tasks.config import ShardsSection
-from tasks.hashing import sha256_file
-from tasks.shards import ShardBuildError, build_shards, build_shards_from, plan_shards
+from alphaloom.tasks.common.config import ShardsSection
+from alphaloom.tasks.common.hashing import sha256_file
+from alphaloom.tasks.dataset.shards import (
+    ShardBuildError,
+    build_shards,
+    build_shards_from,
+    plan_shards,
+)
 from tests.shards_testdata import Table, expected_windows, make_table
 
 WINDOW = 12

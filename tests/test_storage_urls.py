@@ -9,18 +9,18 @@ import pandas as pd
 import pytest
 import torch
 
-from model.data import ShardedWindowDataset, ShardSetError, ShardSetInfo
-from model.filesystems import arrow_filesystem
-from tasks.config import DataSection, load_config
-from tasks.ingest import (
+from alphaloom.model.data import ShardedWindowDataset, ShardSetError, ShardSetInfo
+from alphaloom.model.filesystems import arrow_filesystem
+from alphaloom.tasks.common.config import DataSection, load_config
+from alphaloom.tasks.common.storage import local_or_url
+from alphaloom.tasks.data.ingest import (
     DataValidationError,
     bar_files,
     load_market,
     run_ingest_stage,
     source_fingerprint,
 )
-from tasks.storage import local_or_url
-from tasks.synthetic import generate_market
+from alphaloom.tasks.data.synthetic import generate_market
 from tests.helpers_train import build_tiny_shards
 
 REPO = Path(__file__).resolve().parent.parent

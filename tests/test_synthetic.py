@@ -10,10 +10,10 @@ import pandas as pd
 import pandas.testing as pdt
 import pytest
 
-from tasks import synthetic
-from tasks.config import SyntheticSection
-from tasks.features import forward_return
-from tasks.synthetic import (
+from alphaloom.tasks.common.config import SyntheticSection
+from alphaloom.tasks.data import synthetic
+from alphaloom.tasks.data.features import forward_return
+from alphaloom.tasks.data.synthetic import (
     THEMES,
     extend_market,
     generate_market,
@@ -218,7 +218,7 @@ def test_write_market_failure_leaves_previous_files(tmp_path) -> None:
 def test_extend_market_appends_days(tmp_path, caplog) -> None:
     out = write_market(generate_market(SMALL), tmp_path / "m", SMALL)
     old = pd.read_parquet(out / "bars.parquet")
-    with caplog.at_level(logging.WARNING, logger="tasks.synthetic"):
+    with caplog.at_level(logging.WARNING, logger="alphaloom.tasks.data.synthetic"):
         extended = extend_market(out, 7)
     assert not caplog.records  # history reproduced exactly, nothing to warn about
     new = pd.read_parquet(out / "bars.parquet")

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import text
-from tasks.config import TextSection
+from alphaloom.tasks.common.config import TextSection
+from alphaloom.tasks.dataset import text
 
 DESCRIPTIONS = {
     "BANK1": "A commercial bank offering deposits, loans and wealth management.",

@@ -7,8 +7,8 @@ import multiprocessing as mp
 import mlflow
 import pytest
 
-from tasks import tracking
-from tasks.config import PipelineConfig
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.tracking import tracking
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_default_store_is_sqlite_in_cwd(tmp_path, monkeypatch) -> None:
 
 def test_ui_command_serves_the_store_on_localhost(tmp_path) -> None:
     cfg = PipelineConfig(tracking={"tracking_uri": f"sqlite:///{tmp_path}/m.db", "ui_port": 5123})
-    argv = tracking.ui_command(cfg)
+    argv = tracking.ui_command(cfg.tracking.tracking_uri, cfg.tracking.ui_port)
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == cfg.tracking.tracking_uri
     assert argv[argv.index("--host") + 1] == "127.0.0.1"

@@ -10,11 +10,11 @@ import mlflow
 import pytest
 import torch
 
-from model.data import ShardSetInfo
-from tasks import tracking
-from tasks.evaluate import evaluate_and_log, ic_metrics, predict
-from tasks.hashing import sha256_file
-from tasks.train import (
+from alphaloom.model.data import ShardSetInfo
+from alphaloom.tasks.common.hashing import sha256_file
+from alphaloom.tasks.evaluation.evaluate import evaluate_and_log, ic_metrics, predict
+from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.training.train import (
     CHECKPOINT_NAME,
     TrainProgress,
     TrainResult,

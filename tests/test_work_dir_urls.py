@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from model.data import ShardSetInfo
-from tasks import storage
-from tasks.features import load_feature_table, run_features_stage
-from tasks.ingest import load_saved_market, run_ingest_stage
-from tasks.shards import run_shards_stage
-from tasks.storage import COMPLETE_MARKER, atomic_dir, local_copy, output_complete
-from tasks.text import run_text_stage
-from tasks.train import CHECKPOINT_NAME, load_weights, train_model
+from alphaloom.model.data import ShardSetInfo
+from alphaloom.tasks.common import storage
+from alphaloom.tasks.common.storage import COMPLETE_MARKER, atomic_dir, local_copy, output_complete
+from alphaloom.tasks.data.features import load_feature_table, run_features_stage
+from alphaloom.tasks.data.ingest import load_saved_market, run_ingest_stage
+from alphaloom.tasks.dataset.shards import run_shards_stage
+from alphaloom.tasks.dataset.text import run_text_stage
+from alphaloom.tasks.training.train import CHECKPOINT_NAME, load_weights, train_model
 from tests.helpers_train import tiny_config
 
 SMALL = ["data.synthetic.n_symbols=16", "data.synthetic.n_days=300", "text.enabled=false"]
@@ -212,7 +212,7 @@ def test_training_checkpoints_at_a_url_and_returns_the_finished_run(memory_root)
 
 
 def test_a_memory_work_dir_with_a_process_runner_is_a_config_error() -> None:
-    from tasks.config import ConfigError
+    from alphaloom.tasks.common.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"memory.*runner\.kind=thread"):
         tiny_config("work_dir=memory:///x", "runner.kind=process", "runner.partitions=2")

@@ -28,19 +28,25 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks import alpha158
-from tasks.alpha158 import compute_alpha158, select_factors
-from tasks.caching import StageRef, stage_dir, stage_key, stage_task
-from tasks.config import FeaturesSection, PipelineConfig, RunnerSection
-from tasks.features import (
+from alphaloom.tasks.common.config import FeaturesSection, PipelineConfig, RunnerSection
+from alphaloom.tasks.common.hashing import hash_frame
+from alphaloom.tasks.common.storage import (
+    Location,
+    atomic_dir,
+    child,
+    local_or_url,
+    output_complete,
+)
+from alphaloom.tasks.data import alpha158
+from alphaloom.tasks.data.alpha158 import compute_alpha158, select_factors
+from alphaloom.tasks.data.features import (
     META_FILE,
     FeatureTable,
     build_feature_table,
     features_location,
     save_feature_table,
 )
-from tasks.hashing import hash_frame
-from tasks.storage import Location, atomic_dir, child, local_or_url, output_complete
+from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,9 @@ def partitions_of_bars(bars: pd.DataFrame, market_path: str, n_partitions: int) 
 
 def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
     """Partitions still to compute: none when the features output already exists."""
-    from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
+    from alphaloom.tasks.data.ingest import (
+        load_saved_market,  # ingest -> synthetic -> features: import late
+    )
 
     _, out = features_location(market, cfg)
     if output_complete(out, META_FILE):
@@ -190,7 +198,7 @@ def table_from_partitions(
 
 def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineConfig) -> StageRef:
     """The features stage's output (same key and directory) from the partitions' raw factors."""
-    from tasks.ingest import load_saved_market
+    from alphaloom.tasks.data.ingest import load_saved_market
 
     key, out = features_location(market, cfg)
     if output_complete(out, META_FILE):

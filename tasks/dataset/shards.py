@@ -38,8 +38,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import model.data as data_format
-from model.data import (
+import alphaloom.model.data as data_format
+from alphaloom.model.data import (
     MANIFEST_NAME,
     NAMES_NAME,
     SCHEMA_VERSION,
@@ -53,10 +53,9 @@ from model.data import (
     shard_table,
     window_histograms,
 )
-from tasks.caching import StageRef, stage_dir, stage_key, stage_task
-from tasks.config import LoaderSection, PipelineConfig, ShardsSection
-from tasks.hashing import code_version, hash_frame, hash_json, sha256_file
-from tasks.storage import (
+from alphaloom.tasks.common.config import LoaderSection, PipelineConfig, ShardsSection
+from alphaloom.tasks.common.hashing import code_version, hash_frame, hash_json, sha256_file
+from alphaloom.tasks.common.storage import (
     Location,
     atomic_dir,
     child,
@@ -64,6 +63,7 @@ from tasks.storage import (
     output_complete,
     read_text,
 )
+from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
 
 REQUIRED_COLUMNS = ("symbol", "date", "label", "fwd_return", "split")
 INSTRUMENT_COLUMNS = ("symbol", "industry", "index")
@@ -560,8 +560,8 @@ def run_shards_stage(
     features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
 ) -> StageRef:
     """Write the shard set of a feature table under `<work_dir>/shards/<key>` (reused if there)."""
-    from tasks.features import load_feature_table
-    from tasks.text import load_text_vectors
+    from alphaloom.tasks.data.features import load_feature_table
+    from alphaloom.tasks.dataset.text import load_text_vectors
 
     key, out = shards_location(features, text, market, cfg)
     if not output_complete(out, MANIFEST_NAME):

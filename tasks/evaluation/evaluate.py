@@ -24,8 +24,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model.batch import NUM_CLASSES, Batch, move_batch
-from tasks.config import EvaluateSection, PipelineConfig
+from alphaloom.model.batch import NUM_CLASSES, Batch, move_batch
+from alphaloom.tasks.common.config import EvaluateSection, PipelineConfig
 
 PROB_COLUMNS = [f"p{k}" for k in range(NUM_CLASSES)]
 PRED_COLUMNS = ["symbol", "date", "score", *PROB_COLUMNS, "label", "fwd_return"]
@@ -280,7 +280,7 @@ def evaluate_predictions(
         metrics["rank_ic_vs_oracle"] = ratio if np.isfinite(ratio) else math.nan
     figures: dict[str, Any] = {}
     if with_figures:
-        from tasks import plots
+        from alphaloom.tasks.evaluation import plots
 
         figures = plots.evaluation_figures(
             daily=daily,
@@ -302,7 +302,7 @@ def eval_dataset(
     dates: Iterable[Any] | None = None,
 ) -> Any:
     """The unshuffled loader of a split (or of `dates`), windows in (date, symbol) order."""
-    from model.data import ShardedWindowDataset
+    from alphaloom.model.data import ShardedWindowDataset
 
     return ShardedWindowDataset(
         shard_dir,
@@ -316,7 +316,7 @@ def eval_dataset(
 
 def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> ScoreFn:
     """Score batches with an in-memory network: (sum_k k * p_k, probabilities)."""
-    from model.network import expected_class_score
+    from alphaloom.model.network import expected_class_score
 
     device = torch.device(device)
     model = model.to(device).eval()
@@ -438,7 +438,7 @@ def evaluate_and_log(
 
     Returns the flat metrics ("test/rank_ic", ...).
     """
-    from tasks import tracking
+    from alphaloom.tasks.tracking import tracking
 
     flat: dict[str, float] = {}
     for split, (metrics, figures) in evaluate_splits(

@@ -23,10 +23,10 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import tracking
-from tasks.config import PipelineConfig
-from tasks.evaluate import ScoreFn, eval_dataset, ic_metrics, predict_with
-from tasks.train import TrainResult
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.evaluation.evaluate import ScoreFn, eval_dataset, ic_metrics, predict_with
+from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.training.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def registered_score_fn(model_uri: str, feature_names: list[str]) -> ScoreFn:
 
 def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> ChampionScorer:
     """A scorer: load a registered model, return its Rank IC on `shard_dir`'s valid split."""
-    from model.data import read_manifest
+    from alphaloom.model.data import read_manifest
 
     feature_names = list(read_manifest(shard_dir)["feature_names"])
 

@@ -25,8 +25,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from model.filesystems import is_url, url_filesystem
-from tasks.hashing import sha256_file
+from alphaloom.model.filesystems import is_url, url_filesystem
+from alphaloom.tasks.common.hashing import sha256_file
 
 
 @contextlib.contextmanager

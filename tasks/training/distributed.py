@@ -4,11 +4,11 @@ Why torchrun: it is PyTorch's own launcher (rendezvous, per-worker RANK/WORLD_SI
 elastic restarts), so nothing here re-implements process management. Two ways in:
 
 * `alphaloom train-ddp --nproc-per-node N` runs the whole pipeline with the training task
-  launched as `torchrun ... -m tasks.distributed` on this machine (bound to 127.0.0.1); the
-  parent then evaluates and registers the model rank 0 wrote.
-* `torchrun --nnodes M --nproc-per-node N ... -m tasks.distributed --config C --shards S`
-  runs the training step on any cluster torchrun can reach (the shard set and the checkpoint
-  directory must be on a filesystem every node sees).
+  launched as `torchrun ... -m alphaloom.tasks.training.distributed` on this machine (bound to
+  127.0.0.1); the parent then evaluates and registers the model rank 0 wrote.
+* `torchrun --nnodes M --nproc-per-node N ... -m alphaloom.tasks.training.distributed
+  --config C --shards S` runs the training step on any cluster torchrun can reach (the shard
+  set and the checkpoint directory must be on a filesystem every node sees).
 
 The training loop itself is tasks/train.py's `train_model`, which is rank-aware: the loader takes
 (rank, world size) from the process group, rank 0 validates, checkpoints and logs to MLflow, and
@@ -36,8 +36,8 @@ import torch.distributed as dist
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import PipelineConfig, load_config
-from tasks.storage import (
+from alphaloom.tasks.common.config import PipelineConfig, load_config
+from alphaloom.tasks.common.storage import (
     Location,
     child,
     is_file,
@@ -46,7 +46,7 @@ from tasks.storage import (
     remove_file,
     write_text_atomic,
 )
-from tasks.train import (
+from alphaloom.tasks.training.train import (
     BEST_STATE_NAME,
     TrainResult,
     build_model,
@@ -123,7 +123,8 @@ def process_group(
     if missing:
         raise RuntimeError(
             f"environment variable(s) {missing} are not set: start this under torchrun "
-            "(`torchrun --nproc-per-node N -m tasks.distributed ...`) or `alphaloom train-ddp`"
+            "(`torchrun --nproc-per-node N -m alphaloom.tasks.training.distributed ...`) "
+            "or `alphaloom train-ddp`"
         )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -223,9 +224,10 @@ def write_result(result: TrainResult, checkpoint_dir: Location, ctx: DistContext
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Arguments of `python -m tasks.distributed` (what torchrun starts on every rank)."""
+    """Arguments of `python -m alphaloom.tasks.training.distributed` (what torchrun starts on
+    every rank)."""
     parser = argparse.ArgumentParser(
-        prog="python -m tasks.distributed",
+        prog="python -m alphaloom.tasks.training.distributed",
         description="One DDP training rank; start it with torchrun.",
     )
     parser.add_argument("--config", required=True, help="YAML config")
@@ -243,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_data(cfg: PipelineConfig) -> str:
     """The shard set of a config, built (or reused: content-addressed) without Prefect."""
-    from tasks.features import run_features_stage
-    from tasks.ingest import run_ingest_stage
-    from tasks.shards import run_shards_stage
-    from tasks.text import run_text_stage
+    from alphaloom.tasks.data.features import run_features_stage
+    from alphaloom.tasks.data.ingest import run_ingest_stage
+    from alphaloom.tasks.dataset.shards import run_shards_stage
+    from alphaloom.tasks.dataset.text import run_text_stage
 
     market = run_ingest_stage(cfg)
     features = run_features_stage(market, cfg)
@@ -255,7 +257,8 @@ def build_data(cfg: PipelineConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """torchrun entry point: `torchrun --nproc-per-node N -m tasks.distributed --config ...`."""
+    """torchrun entry point:
+    `torchrun --nproc-per-node N -m alphaloom.tasks.training.distributed --config ...`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -299,7 +302,7 @@ def torchrun_command(
         f"--master-port={port}",
         f"--max-restarts={max_restarts}",
         "-m",
-        "tasks.distributed",
+        "alphaloom.tasks.training.distributed",
         *worker_args,
     ]
 
@@ -335,8 +338,7 @@ def launch_training(
     ]  # fmt: skip
     command = torchrun_command(nproc_per_node, worker_args, free_port(), max_restarts)
     log.info("launching: %s", " ".join(command))
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
-    completed = subprocess.run(command, env=env, check=False)
+    completed = subprocess.run(command, check=False)  # same interpreter: same alphaloom
     if completed.returncode != 0:
         raise DistributedLaunchError(
             f"torchrun exited with status {completed.returncode}: {' '.join(command)} "
@@ -345,16 +347,9 @@ def launch_training(
     return load_result(shard_dir, cfg, ckpt)
 
 
-def _pythonpath() -> str:
-    """The repository root first, so `-m tasks.distributed` imports this checkout's code."""
-    root = str(Path(__file__).resolve().parent.parent)
-    rest = os.environ.get("PYTHONPATH")
-    return root if not rest else f"{root}{os.pathsep}{rest}"
-
-
 def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -> TrainResult:
     """Rebuild the TrainResult of a finished DDP job from rank 0's files (weights_only loads)."""
-    from model.data import ShardSetInfo
+    from alphaloom.model.data import ShardSetInfo
 
     result_path = child(checkpoint_dir, RESULT_NAME)
     if not is_file(result_path):

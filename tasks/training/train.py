@@ -32,12 +32,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from model.batch import Batch
-from tasks.caching import stage_dir
-from tasks.config import PipelineConfig
-from tasks.evaluate import ic_metrics, predict
-from tasks.hashing import hash_json
-from tasks.storage import Location, atomic_file, child, is_file, local_or_url, read_bytes, sha256_of
+from alphaloom.model.batch import Batch
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.common.hashing import hash_json
+from alphaloom.tasks.common.storage import (
+    Location,
+    atomic_file,
+    child,
+    is_file,
+    local_or_url,
+    read_bytes,
+    sha256_of,
+)
+from alphaloom.tasks.evaluation.evaluate import ic_metrics, predict
+from alphaloom.tasks.orchestration.caching import stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +174,7 @@ def model_dims(info: Any) -> dict[str, int]:
 
 def build_model(info: Any, cfg: PipelineConfig) -> nn.Module:
     """SequenceModel sized from the shard set."""
-    from model.network import SequenceModel
+    from alphaloom.model.network import SequenceModel
 
     return SequenceModel(cfg.model, **model_dims(info))
 
@@ -217,7 +225,7 @@ def fingerprint(cfg: PipelineConfig, shard_dir: str | Path) -> str:
 
 def train_loader(info: Any, cfg: PipelineConfig, device: torch.device) -> Any:
     """The shuffled, rank-aware training stream (rank/world size from torch.distributed)."""
-    from model.data import ShardedWindowDataset, WindowLoader
+    from alphaloom.model.data import ShardedWindowDataset, WindowLoader
 
     rank, world = dist_info()
     dataset = ShardedWindowDataset(
@@ -357,8 +365,8 @@ def _resume_or_fresh(ckpt_path: Location, fp: str, parts: dict[str, Any]) -> tup
 
 def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> dict[str, Any]:
     """Seeded construction of model, optimiser, scheduler, loss and loader."""
-    from model.data import ShardSetInfo
-    from model.losses import build_loss
+    from alphaloom.model.data import ShardSetInfo
+    from alphaloom.model.losses import build_loss
 
     seed_everything(cfg.train.seed)
     info = ShardSetInfo.open(shard_dir)
@@ -553,7 +561,9 @@ def _report_epoch(
 ) -> None:
     log.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in row.items()})
     if run_id is not None:
-        from tasks import tracking  # here, so training runs where MLflow is not installed
+        from alphaloom.tasks.tracking import (
+            tracking,  # here, so training runs where MLflow is not installed
+        )
 
         metrics = {k: v for k, v in row.items() if k != "epoch"}
         tracking.log_metrics(cfg, run_id, metrics, step=epoch)
@@ -614,7 +624,7 @@ def train_task(
 
     Shows epoch/batch progress bars and a Prefect progress artifact while it runs.
     """
-    from tasks.progress import ProgressReporter
+    from alphaloom.tasks.training.progress import ProgressReporter
 
     reporter = ProgressReporter(cfg.train.epochs, batches_per_epoch(shard_dir, cfg))
     try:
@@ -625,7 +635,7 @@ def train_task(
 
 def batches_per_epoch(shard_dir: str | Path, cfg: PipelineConfig) -> int:
     """Training batches of one epoch on this process (for progress bars)."""
-    from model.data import ShardSetInfo
+    from alphaloom.model.data import ShardSetInfo
 
     _, world = dist_info()
     windows = ShardSetInfo.open(shard_dir).window_count("train", cfg.loader.min_valid_days)

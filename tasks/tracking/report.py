@@ -10,8 +10,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from tasks import tracking
-from tasks.config import PipelineConfig
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.tracking import tracking
 
 HEADLINE_METRICS = (
     "test/rank_ic",

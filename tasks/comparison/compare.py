@@ -40,8 +40,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks import baselines, tracking
-from tasks.config import ConfigError, PipelineConfig, config_from_dict
+from alphaloom.tasks.common.config import ConfigError, PipelineConfig, config_from_dict
+from alphaloom.tasks.comparison import baselines
+from alphaloom.tasks.tracking import tracking
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ def score_and_log(
 
     The one scoring path of every variant, network or LightGBM, so their metrics line up.
     """
-    from tasks.evaluate import evaluate_predictions
+    from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
 
     flat: dict[str, float] = {}
     for split in ("valid", "test"):
@@ -261,8 +262,8 @@ def score_and_log(
 
 def _fit_network(cfg: PipelineConfig, run_id: str, shard_dir: str) -> tuple[SplitPredictor, dict]:
     """Train in this run's own checkpoint dir (a retried task resumes there); never register."""
-    from tasks.evaluate import predict
-    from tasks.train import checkpoint_dir_for, train_model
+    from alphaloom.tasks.evaluation.evaluate import predict
+    from alphaloom.tasks.training.train import checkpoint_dir_for, train_model
 
     started = time.perf_counter()
     result = train_model(shard_dir, cfg, checkpoint_dir_for(cfg, run_id), run_id)
@@ -278,7 +279,7 @@ def _fit_lightgbm(
     cfg: PipelineConfig, variant: Variant, seed: int, run_id: str, shard_dir: str
 ) -> tuple[SplitPredictor, dict]:
     """Fit the baseline; log its parameters and its validation Rank IC per boosting round."""
-    from tasks.baselines import predict_lightgbm, train_lightgbm
+    from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
 
     fit = train_lightgbm(shard_dir, cfg, variant.params, seed=seed)
     tracking.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})

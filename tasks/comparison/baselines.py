@@ -37,10 +37,10 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.batch import NUM_CLASSES, Batch
-from model.data import SPLIT_CODES, Selection, ShardSetInfo, valid_lengths
-from tasks.config import PipelineConfig
-from tasks.evaluate import PROB_COLUMNS, ScoreFn, daily_ic, predict_with
+from alphaloom.model.batch import NUM_CLASSES, Batch
+from alphaloom.model.data import SPLIT_CODES, Selection, ShardSetInfo, valid_lengths
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.evaluation.evaluate import PROB_COLUMNS, ScoreFn, daily_ic, predict_with
 
 log = logging.getLogger(__name__)
 

@@ -315,12 +315,26 @@ def config_from_dict(
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+def packaged_config(name: str = DEFAULT_CONFIG_NAME) -> str:
+    """Path of a config shipped inside the package (configs/ installs as `alphaloom.configs`), so
+    the installed command finds `default.yaml` from any working directory."""
+    from importlib.resources import files
+
+    resource = files("alphaloom.configs") / name
+    if not resource.is_file():
+        raise ConfigError(f"no packaged config named {name!r}")
+    return str(resource)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """Load a YAML config (a path or URL; defaults when `path` is None) and apply
     `section.key=value` overrides."""
-    from tasks.storage import read_text  # pyarrow/fsspec only when a file is read
+    from alphaloom.tasks.common.storage import read_text  # pyarrow/fsspec only when a file is read
 
     raw: dict[str, Any] = {}
     source = "<defaults>"

@@ -29,11 +29,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tasks import synthetic
-from tasks.caching import StageRef, stage_dir, stage_key, stage_task
-from tasks.config import DataSection, PipelineConfig
-from tasks.hashing import combine, hash_frame, hash_json, sha256_file
-from tasks.storage import (
+from alphaloom.tasks.common.config import DataSection, PipelineConfig
+from alphaloom.tasks.common.hashing import combine, hash_frame, hash_json, sha256_file
+from alphaloom.tasks.common.storage import (
     Location,
     atomic_dir,
     base_name,
@@ -49,6 +47,8 @@ from tasks.storage import (
     sha256_of,
     url_filesystem,
 )
+from alphaloom.tasks.data import synthetic
+from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.hashing import code_version, combine, hash_json
-from tasks.storage import (
+from alphaloom.tasks.common.hashing import code_version, combine, hash_json
+from alphaloom.tasks.common.storage import (
     Location,
     child,
     local_copy,

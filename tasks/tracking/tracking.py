@@ -40,9 +40,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-from tasks.config import PipelineConfig
-from tasks.hashing import code_version
-from tasks.storage import (
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.common.hashing import code_version
+from alphaloom.tasks.common.storage import (
     Location,
     base_name,
     child,
@@ -55,7 +55,7 @@ from tasks.storage import (
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (for its git commit)
 MODEL_INPUT_KEYS = ("x", "mask", "text", "has_text", "industry", "index", "dow", "month")
 OUTPUT_COLUMNS = ("score", "p0", "p1", "p2", "p3")
 TAG_DATA_HASH = "alphaloom.data_hash"
@@ -141,20 +141,19 @@ def ensure_experiment(client: mlflow.MlflowClient, cfg: PipelineConfig) -> str:
         return found.experiment_id
 
 
-def ui_command(cfg: PipelineConfig, port: int | None = None) -> list[str]:
-    """argv for `mlflow ui` on 127.0.0.1 against the configured store."""
-    uri = resolve_tracking_uri(cfg)
+def ui_command(tracking_uri: str, port: int = 5000) -> list[str]:
+    """argv for `mlflow ui` on 127.0.0.1 against the tracking store `tracking_uri`."""
     return [
         sys.executable,
         "-m",
         "mlflow",
         "ui",
         "--backend-store-uri",
-        uri,
+        tracking_uri,
         "--host",
         "127.0.0.1",
         "--port",
-        str(port or cfg.tracking.ui_port),
+        str(port),
     ]
 
 
@@ -198,13 +197,13 @@ def model_code_version() -> str:
     import importlib
 
     names = (
-        "model.network",
-        "model.losses",
-        "model.data",
-        "tasks.train",
-        "tasks.evaluate",
-        "tasks.tracking",
-        "tasks.registry",
+        "alphaloom.model.network",
+        "alphaloom.model.losses",
+        "alphaloom.model.data",
+        "alphaloom.tasks.training.train",
+        "alphaloom.tasks.evaluation.evaluate",
+        "alphaloom.tasks.tracking.tracking",
+        "alphaloom.tasks.serving.registry",
     )
     return code_version(*(importlib.import_module(name) for name in names))
 
@@ -405,7 +404,7 @@ from mlflow.pyfunc import PythonModel
 
 class AlphaloomRanker(PythonModel):
     def load_context(self, context):
-        from model.network import SequenceModel, expected_class_score
+        from alphaloom.model.network import SequenceModel, expected_class_score
 
         with open(context.artifacts["spec"]) as handle:
             spec = json.load(handle)
@@ -429,6 +428,30 @@ class AlphaloomRanker(PythonModel):
 
 set_model(AlphaloomRanker())
 '''
+
+
+def package_source(dest: Path) -> Path:
+    """A copy of the installed `alphaloom` package under `dest` (returns dest/alphaloom).
+
+    The logged model ships it as MLflow code, so a serving process imports `alphaloom.*` (one
+    namespace, no top-level `model` or `tasks` on its path) without the project installed. The
+    subpackages are copied from wherever they are imported from, which in an editable install of
+    the repository are its top-level flows/, tasks/ and model/ folders.
+    """
+    import importlib
+    import shutil
+
+    import alphaloom
+
+    root = dest / "alphaloom"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(alphaloom.__file__).parent, root, ignore=ignore)
+    for name in ("flows", "tasks", "model", "configs"):
+        package = importlib.import_module(f"alphaloom.{name}")
+        source = Path(next(iter(package.__path__)))
+        if not (root / name).exists():
+            shutil.copytree(source, root / name, ignore=ignore)
+    return root
 
 
 def model_input_example(
@@ -511,7 +534,7 @@ def log_ranker(
                 "spec": str(tmp_dir / "spec.json"),
                 "state_dict": str(tmp_dir / "state_dict.pt"),
             },
-            code_paths=[str(REPO_ROOT / "model")],
+            code_paths=[str(package_source(tmp_dir / "code"))],
             pip_requirements=pip_requirements(),
             signature=_signature(example),
             input_example=dict(example) if with_example else None,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from tasks.train import TrainProgress
+    from alphaloom.tasks.training.train import TrainProgress
 
 log = logging.getLogger(__name__)
 

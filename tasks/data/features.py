@@ -20,17 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import alpha158
-from tasks.alpha158 import (
-    ALPHA158_NAMES,
-    compute_alpha158,
-    select_factors,
-    symbol_layout,
-    validate_bars,
+from alphaloom.tasks.common.config import (
+    FeaturesSection,
+    LabelSection,
+    PipelineConfig,
+    SplitSection,
 )
-from tasks.caching import StageRef, stage_dir, stage_key, stage_task
-from tasks.config import FeaturesSection, LabelSection, PipelineConfig, SplitSection
-from tasks.storage import (
+from alphaloom.tasks.common.storage import (
     Location,
     atomic_dir,
     child,
@@ -39,6 +35,15 @@ from tasks.storage import (
     output_complete,
     read_text,
 )
+from alphaloom.tasks.data import alpha158
+from alphaloom.tasks.data.alpha158 import (
+    ALPHA158_NAMES,
+    compute_alpha158,
+    select_factors,
+    symbol_layout,
+    validate_bars,
+)
+from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
 
 __all__ = [
     "ALPHA158_NAMES",
@@ -369,7 +374,9 @@ def run_features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
 
     An existing directory is reused; any change to the market, the section or the code rebuilds.
     """
-    from tasks.ingest import load_saved_market  # ingest -> synthetic -> features: import late
+    from alphaloom.tasks.data.ingest import (
+        load_saved_market,  # ingest -> synthetic -> features: import late
+    )
 
     key, out = features_location(market, cfg)
     if output_complete(out, META_FILE):

@@ -60,9 +60,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.config import SyntheticSection
-from tasks.features import forward_return
-from tasks.storage import atomic_file
+from alphaloom.tasks.common.config import SyntheticSection
+from alphaloom.tasks.common.storage import atomic_file
+from alphaloom.tasks.data.features import forward_return
 
 logger = logging.getLogger(__name__)
 
@@ -345,9 +345,9 @@ def oracle_rank_ic(market: SyntheticMarket) -> float:
 
     This is the ceiling for any model's Rank IC on this market (the rest is pure noise).
     """
-    # Imported here: tasks.evaluate pulls in torch, which `alphaloom synth` and the generator's
-    # tests should not pay for unless they ask for the IC.
-    from tasks.evaluate import daily_ic
+    # Imported here: the evaluation module pulls in torch, which `alphaloom synth` and the
+    # generator's tests should not pay for unless they ask for the IC.
+    from alphaloom.tasks.evaluation.evaluate import daily_ic
 
     bars = market.bars[["symbol", "date", "close"]].copy()
     bars["fwd"] = forward_return(bars, horizon=1)

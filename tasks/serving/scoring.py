@@ -13,12 +13,12 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from model.data import ShardSetInfo
-from tasks.caching import stage_dir
-from tasks.config import PipelineConfig
-from tasks.evaluate import predict_with
-from tasks.registry import CHAMPION, champion_uri, registered_score_fn
-from tasks.storage import atomic_file, child
+from alphaloom.model.data import ShardSetInfo
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.common.storage import atomic_file, child
+from alphaloom.tasks.evaluation.evaluate import predict_with
+from alphaloom.tasks.orchestration.caching import stage_dir
+from alphaloom.tasks.serving.registry import CHAMPION, champion_uri, registered_score_fn
 
 log = logging.getLogger(__name__)
 

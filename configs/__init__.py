@@ -1,0 +1,1 @@
+"""The YAML configs, shipped with the package as alphaloom.configs (default.yaml, smoke.yaml)."""

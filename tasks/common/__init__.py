@@ -1,0 +1,1 @@
+"""Cross-cutting building blocks every stage uses: the config model, content hashes, storage."""

@@ -1,0 +1,1 @@
+"""Experiments: the model against its ablations and gradient-boosted baselines."""

@@ -1,0 +1,1 @@
+"""Stage 3: the training data set on disk: text vectors per symbol and parquet shards."""

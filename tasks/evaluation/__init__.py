@@ -1,0 +1,1 @@
+"""Stage 5: metrics of a model's scores (IC family, classification, long-short) and plots."""

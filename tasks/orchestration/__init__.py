@@ -1,0 +1,1 @@
+"""How stages run under Prefect: content-addressed outputs, cache policy, task runners."""

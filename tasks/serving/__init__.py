@@ -1,0 +1,1 @@
+"""The registered model: logging, the champion alias, scoring the latest date."""

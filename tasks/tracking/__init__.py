@@ -1,0 +1,1 @@
+"""MLflow: one run per pipeline run, metrics, params, artifacts, run summaries."""
