@@ -20,8 +20,9 @@ import pandas as pd
 
 from alphaloom.tasks.common.config import SyntheticSection
 from alphaloom.tasks.data import synthetic
-from alphaloom.tasks.data.features import forward_return
-from alphaloom.tasks.evaluation.evaluate import daily_ic
+from alphaloom.tasks.data.labels import forward_return
+from alphaloom.tasks.evaluation import metrics
+from alphaloom.tasks.evaluation.metrics import daily_ic
 
 
 def shallow_features(market: synthetic.SyntheticMarket) -> tuple[pd.DataFrame, list[str]]:
@@ -65,7 +66,7 @@ def component_ic(cfg: SyntheticSection, keep: str) -> float:
         synthetic.K_SEQ, synthetic.K_IND, synthetic.K_THEME = (
             w if name == keep else 0.0 for name, w in weights.items()
         )
-        return synthetic.oracle_rank_ic(synthetic.generate_market(cfg))
+        return metrics.oracle_rank_ic(synthetic.generate_market(cfg))
     finally:
         synthetic.K_SEQ, synthetic.K_IND, synthetic.K_THEME = saved
 
@@ -80,7 +81,7 @@ def main() -> None:
     market = synthetic.generate_market(cfg)
     seconds = time.perf_counter() - start
     print(f"generate_market {args.symbols}x{args.days}: {seconds:.2f} s")
-    print(f"oracle rank IC (all days):  {synthetic.oracle_rank_ic(market):.4f}")
+    print(f"oracle rank IC (all days):  {metrics.oracle_rank_ic(market):.4f}")
     for name in ("seq", "ind", "theme"):
         print(f"  only the {name:<5} component: {component_ic(cfg, name):.4f}")
     linear, naive, oracle = linear_vs_oracle(market)

@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alphaloom.tasks.common.config import PipelineConfig, load_config
 from alphaloom.tasks.training.distributed import process_group, spawn_local

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from alphaloom.tasks.data.alpha158 import ALPHA158_NAMES, compute_alpha158
+from alphaloom.tasks.data.alpha158 import compute_alpha158
+from alphaloom.tasks.data.factor_names import ALPHA158_NAMES
 
 FAMILIES = [
     *("ROC", "MA", "STD", "MAX", "QTLU", "RANK"),

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alphaloom.tasks.common.config import load_config
 from alphaloom.tasks.comparison.baselines import LightGBMParams, predict_lightgbm, train_lightgbm

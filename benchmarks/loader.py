@@ -40,19 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-# Run as a script, this folder (which holds benchmarks/model.py) would shadow the `model`
-# package: put the repository root first and drop this folder from the path.
-_HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-from alphaloom.model.data import (  # noqa: E402
-    Selection,
-    ShardArrays,
-    ShardedWindowDataset,
-    ShardSetInfo,
-    gather_batch,
-    load_panel,
-)
+from alphaloom.model.dataset import ShardedWindowDataset
+from alphaloom.model.panels import gather_batch, load_panel
+from alphaloom.model.shard_format import Selection, ShardArrays
+from alphaloom.model.shard_set import ShardSetInfo
 
 START_DAY = int(np.datetime64("2010-01-04", "D").astype(np.int64))
 
@@ -63,7 +54,7 @@ def write_synthetic_set(
     """Stream a synthetic shard set shard by shard (the whole table never exists in memory)."""
     # Imported here so the measured child processes load model/ only (no Prefect, no pandas).
     from alphaloom.tasks.common.config import ShardsSection
-    from alphaloom.tasks.dataset.shards import (
+    from alphaloom.tasks.dataset.shard_writer import (
         plan_shards,
         write_manifest,
         write_shard,

@@ -13,19 +13,13 @@ Prints samples/s per variant and device (CPU, plus CUDA when available) and, las
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-# This file is named model.py: drop its own folder from the path so `model` is the package.
-_HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import torch
 
-import torch  # noqa: E402
-
-from alphaloom.model.losses import build_loss  # noqa: E402
-from alphaloom.model.network import SequenceModel  # noqa: E402
-from alphaloom.tasks.common.config import LossSection, ModelSection  # noqa: E402
+from alphaloom.model.losses import build_loss
+from alphaloom.model.network import SequenceModel
+from alphaloom.tasks.common.config import LossSection, ModelSection
 
 TEXT_DIM, N_INDUSTRIES, N_INDICES = 384, 11, 4
 PLAIN = {f"use_{part}": False for part in ("attention", "text", "industry", "index", "calendar")}

@@ -18,18 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import mlflow
 from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from alphaloom.model.data import ShardSetInfo
-from alphaloom.tasks.evaluation.evaluate import eval_dataset, torch_scorer
-from alphaloom.tasks.tracking import tracking
+from alphaloom.model.shard_set import ShardSetInfo
+from alphaloom.tasks.evaluation.predictions import eval_dataset, torch_scorer
+from alphaloom.tasks.serving import model_logging
+from alphaloom.tasks.tracking import runs
 from alphaloom.tasks.training.train import build_model, model_dims
 from tests.helpers_train import build_tiny_shards
 
@@ -104,15 +102,15 @@ def main() -> None:
     net = build_model(info, cfg).eval()
     batch = next(iter(eval_dataset(tiny.shard_dir, "test", cfg)))
     keys = list(net.input_keys)
-    example = tracking.model_input_example(batch, keys)
+    example = model_logging.model_input_example(batch, keys)
     expected, _ = torch_scorer(net)(batch)
     inputs = work / "batch.npz"
     np.savez(inputs, **{k: batch[k].numpy() for k in keys})
     results = {}
-    with tracking.tracked_run(cfg) as run_id:
+    with runs.tracked_run(cfg) as run_id:
         cfg.tracking.registered_model = "fmt-pyfunc"
         started = time.perf_counter()
-        tracking.log_ranker(cfg, run_id, net, model_dims(info), example, info.feature_names)
+        model_logging.log_ranker(cfg, run_id, net, model_dims(info), example, info.feature_names)
         results["pyfunc-from-code"] = {"log_seconds": time.perf_counter() - started}
         started = time.perf_counter()
         try:
@@ -125,10 +123,10 @@ def main() -> None:
                 serialization_format="pt2",
                 input_example=[example[k] for k in keys],
                 signature=ModelSignature(
-                    inputs=tracking._signature(example).inputs,
+                    inputs=model_logging._signature(example).inputs,
                     outputs=Schema([TensorSpec(np.dtype("float32"), (-1, 4))]),
                 ),
-                pip_requirements=tracking.pip_requirements(),
+                pip_requirements=model_logging.pip_requirements(),
                 registered_model_name="fmt-pt2",
                 await_registration_for=0,
             )

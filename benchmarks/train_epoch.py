@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from alphaloom.tasks.common.config import load_config
-from alphaloom.tasks.evaluation.evaluate import evaluate_predictions, predict
+from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
+from alphaloom.tasks.evaluation.predictions import predict
 from alphaloom.tasks.training.train import train_model
 
 

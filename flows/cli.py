@@ -52,12 +52,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write (or extend) the synthetic market as files in the format real data uses."""
-    from alphaloom.tasks.data.synthetic import (
-        extend_market,
-        generate_market,
-        oracle_rank_ic,
-        write_market,
-    )
+    from alphaloom.tasks.data.synthetic import extend_market, generate_market, write_market
+    from alphaloom.tasks.evaluation.metrics import oracle_rank_ic
 
     out = Path(args.out)
     if args.extend_days:
@@ -159,7 +155,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI on 127.0.0.1 against the tracking store; needs no pipeline config
     (a --config only supplies its tracking section)."""
-    from alphaloom.tasks.tracking.tracking import resolve_tracking_uri, ui_command
+    from alphaloom.tasks.tracking.store import resolve_tracking_uri, ui_command
 
     cfg = load_config(args.config, args.overrides)
     uri = args.backend_store_uri or resolve_tracking_uri(cfg)
@@ -261,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `alphaloom` console script."""
     _set_env_defaults()  # before anything imports Prefect, which reads its settings then
     from alphaloom.tasks.common.storage import StorageError
-    from alphaloom.tasks.data.ingest import DataValidationError
+    from alphaloom.tasks.data.checks import DataValidationError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -19,17 +19,19 @@ from alphaloom.tasks.comparison.compare import (
     REFERENCE,
     Variant,
     check_variants,
-    log_comparison,
-    log_plan,
     outcome_from_state,
-    parent_tags,
-    publish_comparison,
     seed_list,
     skipped_variants,
     variant_task,
 )
+from alphaloom.tasks.comparison.summary import (
+    log_comparison,
+    log_plan,
+    parent_tags,
+    publish_comparison,
+)
 from alphaloom.tasks.data.ingest import load_saved_oracle
-from alphaloom.tasks.tracking.tracking import log_shard_dataset, run_tags, tracked_run
+from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
 
 
 @flow(name="compare-models", log_prints=True)

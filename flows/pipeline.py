@@ -20,7 +20,6 @@ from alphaloom.tasks.data.partitions import (
     assemble_features_task,
     plan_partitions_task,
     raw_factors_task,
-    task_runner_for,
 )
 from alphaloom.tasks.dataset.shard_fanout import (
     finish_shards_task,
@@ -31,9 +30,10 @@ from alphaloom.tasks.dataset.shards import shards_task
 from alphaloom.tasks.dataset.text import text_task
 from alphaloom.tasks.evaluation.evaluate import evaluate_task
 from alphaloom.tasks.orchestration.caching import StageRef
+from alphaloom.tasks.orchestration.runners import task_runner_for
 from alphaloom.tasks.serving.registry import register_task
 from alphaloom.tasks.tracking.report import publish_summary, run_summary
-from alphaloom.tasks.tracking.tracking import log_shard_dataset, run_tags, tracked_run
+from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
 from alphaloom.tasks.training.distributed import Backend, train_ddp_task
 from alphaloom.tasks.training.train import TrainResult, checkpoint_dir_for, train_task
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
@@ -47,7 +46,7 @@ def cli_argv(args: argparse.Namespace) -> list[str]:
 def run_comparison(args: argparse.Namespace, cfg: PipelineConfig) -> tuple[str, float]:
     """Run `alphaloom compare` in this process; return (parent run id, wall seconds)."""
     from alphaloom.flows.cli import main
-    from alphaloom.tasks.tracking import tracking
+    from alphaloom.tasks.tracking import runs, store
 
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
@@ -55,19 +54,19 @@ def run_comparison(args: argparse.Namespace, cfg: PipelineConfig) -> tuple[str, 
     wall = time.perf_counter() - started
     if code not in (0, 1):  # 1 = some variant failed: its row says so, the page still renders
         raise SystemExit(f"alphaloom compare exited with {code}")
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs(
+    found = client.search_runs(
         [experiment.experiment_id],
         filter_string="tags.`alphaloom.kind` = 'compare' "
         f"and attributes.start_time >= {started_ms}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    if not runs:
+    if not found:
         raise SystemExit("the comparison finished but its parent run was not found")
-    run_id = runs[0].info.run_id
-    tracking.set_tags(cfg, run_id, {TAG_COMMAND: shell_command(args), TAG_WALL: f"{wall:.0f}"})
+    run_id = found[0].info.run_id
+    runs.set_tags(cfg, run_id, {TAG_COMMAND: shell_command(args), TAG_WALL: f"{wall:.0f}"})
     return run_id, wall
 
 
@@ -132,9 +131,9 @@ def sizing(cfg: PipelineConfig) -> str:
 
 def parent_run(cfg: PipelineConfig, run_id: str) -> tuple[Any, str, PipelineConfig]:
     """The parent run, its comparison table and the config it ran with (both artifacts)."""
-    from alphaloom.tasks.tracking import tracking
+    from alphaloom.tasks.tracking import store
 
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(client.download_artifacts(run_id, "comparison.md", tmp)).read_text()

@@ -15,4 +15,6 @@ trap 'rm -rf "$work"' EXIT
     --wheel-dir "$work/wheel" "$repo"
 "$python" -m zipfile -e "$work"/wheel/*.whl "$work/site"
 cd "$work/site"  # not the repository: its top-level folders must not shadow the wheel's package
-PYTHONPATH="$work/site" "$(dirname "$python")/lint-imports" --no-cache "$repo/.importlinter" "$@"
+PYTHONPATH="$work/site" "$python" -c \
+    'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' \
+    --no-cache "$repo/.importlinter" "$@"

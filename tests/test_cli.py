@@ -10,7 +10,7 @@ import pytest
 
 from alphaloom.flows.cli import _config, build_parser, main
 from alphaloom.tasks.common.config import load_config, packaged_config
-from alphaloom.tasks.tracking.tracking import ui_command
+from alphaloom.tasks.tracking.store import ui_command
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["data.synthetic.n_symbols=12", "data.synthetic.n_days=120"]

@@ -22,13 +22,15 @@ from alphaloom.tasks.comparison.compare import (
     Variant,
     VariantFailed,
     VariantOutcome,
+    load_variants,
+    seed_list,
+    variant_config,
+)
+from alphaloom.tasks.comparison.summary import (
     comparison_csv,
     comparison_markdown,
-    load_variants,
     oracle_rank_ic,
-    seed_list,
     summarise,
-    variant_config,
 )
 from tests.helpers_train import build_tiny_shards
 
@@ -181,7 +183,7 @@ def tiny(tmp_path_factory):
 
 def test_end_day_table_is_the_loaders_end_day(tiny):
     from alphaloom.tasks.comparison.baselines import end_day_table
-    from alphaloom.tasks.evaluation.evaluate import eval_dataset
+    from alphaloom.tasks.evaluation.predictions import eval_dataset
 
     table = end_day_table(tiny.shard_dir, "valid", tiny.cfg.loader.min_valid_days)
     xs, symbols, dates = [], [], []
@@ -214,7 +216,7 @@ def test_rank_normalised_target_and_queries():
 
 def test_bucket_probabilities_follow_class_shares():
     from alphaloom.tasks.comparison.baselines import bucket_probabilities
-    from alphaloom.tasks.evaluation.evaluate import PROB_COLUMNS
+    from alphaloom.tasks.evaluation.metrics import PROB_COLUMNS
 
     rng = np.random.default_rng(1)
     frame = pd.DataFrame(
@@ -232,9 +234,11 @@ def test_bucket_probabilities_follow_class_shares():
 
 @pytest.mark.parametrize("objective", ["regression", "lambdarank"])
 def test_lightgbm_baseline_scores_the_networks_rows(tiny, objective):
-    from alphaloom.model.data import ShardSetInfo
+    from alphaloom.model.shard_set import ShardSetInfo
     from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
-    from alphaloom.tasks.evaluation.evaluate import PRED_COLUMNS, evaluate_predictions, predict
+    from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
+    from alphaloom.tasks.evaluation.metrics import PRED_COLUMNS
+    from alphaloom.tasks.evaluation.predictions import predict
     from alphaloom.tasks.training.train import build_model
 
     params = {**TINY_LGBM, "objective": objective}

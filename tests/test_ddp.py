@@ -26,9 +26,11 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from alphaloom.model.data import ShardedWindowDataset, ShardSetInfo
+from alphaloom.model.dataset import ShardedWindowDataset
 from alphaloom.model.losses import build_loss
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from alphaloom.tasks.training.distributed import (
     RESULT_NAME,
     process_group,
@@ -37,14 +39,12 @@ from alphaloom.tasks.training.distributed import (
     torchrun_command,
     train_rank,
 )
+from alphaloom.tasks.training.progress import TrainProgress
+from alphaloom.tasks.training.runtime import seed_everything
 from alphaloom.tasks.training.train import (
-    CHECKPOINT_NAME,
-    TrainProgress,
     build_model,
     build_optimizer,
     build_scheduler,
-    load_checkpoint,
-    seed_everything,
     train_loader,
 )
 from tests.helpers_train import TinyData, build_tiny_shards, tiny_config

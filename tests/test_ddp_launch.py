@@ -30,14 +30,14 @@ def test_torchrun_launch_logs_each_epoch_once_and_returns_the_best_model(
 ) -> None:
     import mlflow
 
-    from alphaloom.tasks.tracking import tracking
+    from alphaloom.tasks.tracking import runs
 
     cfg = tiny_config(*OVERRIDES, f"work_dir={tmp_path}")
     cfg.tracking.tracking_uri = mlflow_uri
-    run_id = tracking.start_run(cfg)
+    run_id = runs.start_run(cfg)
     ckpt = tmp_path / "ckpt"
     result = launch_training(str(tiny.shard_dir), cfg, str(ckpt), run_id, nproc_per_node=2)
-    tracking.end_run(cfg, run_id, failed=False)
+    runs.end_run(cfg, run_id, failed=False)
     history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "val/rank_ic")
     assert sorted(m.step for m in history) == [0, 1]  # once per epoch: rank 0 only
     assert len(result.history) == 2

@@ -10,12 +10,12 @@ import pytest
 from scipy import stats
 
 from alphaloom.tasks.common.config import EvaluateSection
-from alphaloom.tasks.evaluation.evaluate import (
+from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
+from alphaloom.tasks.evaluation.metrics import (
     EvaluationError,
     classification_metrics,
     confusion_matrix,
     daily_ic,
-    evaluate_predictions,
     long_short_returns,
     oracle_metrics,
 )

@@ -11,7 +11,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from alphaloom.tasks.common.config import ConfigError, PipelineConfig, RunnerSection, load_config
-from alphaloom.tasks.data.alpha158 import compute_alpha158, select_factors
+from alphaloom.tasks.data.alpha158 import compute_alpha158
+from alphaloom.tasks.data.factor_names import select_factors
 from alphaloom.tasks.data.features import (
     FEATURES_FILE,
     META_FILE,
@@ -26,10 +27,10 @@ from alphaloom.tasks.data.partitions import (
     partitions_of_bars,
     stitch_raw,
     table_from_partitions,
-    task_runner_for,
 )
 from alphaloom.tasks.data.synthetic import generate_market
 from alphaloom.tasks.orchestration.caching import StageRef
+from alphaloom.tasks.orchestration.runners import task_runner_for
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,15 +22,15 @@ from alphaloom.tasks.data.features import (
     ALPHA158_NAMES,
     FeatureTable,
     apply_normalizer,
-    assign_splits,
     build_feature_table,
     compute_alpha158,
-    compute_labels,
     fit_normalizer,
     load_feature_table,
     save_feature_table,
     select_factors,
 )
+from alphaloom.tasks.data.labels import compute_labels
+from alphaloom.tasks.data.splits import assign_splits
 
 WINDOWS = [5, 10, 20, 30, 60]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

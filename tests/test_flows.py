@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (
 from alphaloom.flows.nightly import nightly_retrain
 from alphaloom.flows.pipeline import train_pipeline
 from alphaloom.flows.score import score_latest
-from alphaloom.model.data import ShardSetInfo
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import PipelineConfig, load_config
 from alphaloom.tasks.data.synthetic import extend_market, generate_market, write_market
 

@@ -11,17 +11,16 @@ import pandas.testing as pdt
 import pytest
 
 from alphaloom.tasks.common.config import DataSection, PipelineConfig, SyntheticSection
+from alphaloom.tasks.data.checks import DataValidationError
 from alphaloom.tasks.data.ingest import (
-    DataValidationError,
     MarketData,
     load_market,
     load_saved_market,
-    read_bars,
-    read_instruments,
     run_ingest_stage,
     save_market,
     source_fingerprint,
 )
+from alphaloom.tasks.data.readers import read_bars, read_instruments
 from alphaloom.tasks.data.synthetic import generate_market, write_market
 
 SMALL = SyntheticSection(n_symbols=12, n_days=100, seed=3)

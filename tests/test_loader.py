@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from alphaloom.model.batch import BATCH_KEYS
-from alphaloom.model.data import (
-    ShardedWindowDataset,
-    ShardSetInfo,
-    WindowLoader,
-    days_to_dates,
-    round_robin_resume,
-)
+from alphaloom.model.dataset import ShardedWindowDataset, round_robin_resume
+from alphaloom.model.device_loader import WindowLoader
+from alphaloom.model.shard_format import days_to_dates
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import ShardsSection
 from alphaloom.tasks.dataset.shards import build_shards
 from tests.shards_testdata import SPLIT_NAMES, Table, expected_windows, make_table

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from alphaloom.tasks.training.progress import ProgressReporter
-from alphaloom.tasks.training.train import TrainProgress
+from alphaloom.tasks.training.progress import ProgressReporter, TrainProgress
 
 
 def test_reporter_counts_batches_and_logs_epochs(caplog) -> None:

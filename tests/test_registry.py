@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.evaluation.evaluate import eval_dataset, torch_scorer
+from alphaloom.tasks.evaluation.predictions import eval_dataset, torch_scorer
 from alphaloom.tasks.serving import registry
-from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.tracking import runs, store
 from alphaloom.tasks.training.train import TrainResult, train_model
 from tests.helpers_train import TinyData, build_tiny_shards, tiny_config
 
@@ -51,7 +51,7 @@ def cfg(store_uri: str, request) -> PipelineConfig:
 
 def _register(cfg: PipelineConfig, run_id: str) -> str:
     """A real model version (any artifact will do for the decision logic)."""
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     client.log_text(run_id, "weights", "model/placeholder.txt")
     name = cfg.tracking.registered_model
     if not client.search_registered_models(f"name = '{name}'"):
@@ -72,10 +72,10 @@ def test_champion_moves_only_on_a_better_score_and_both_scores_are_logged(
         scored.append(version)
         return on_window[version]
 
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     outcomes = {}
     for version_expected, new_score in (("1", 0.030), ("2", 0.020), ("3", 0.045)):
-        with tracking.tracked_run(cfg) as run_id:
+        with runs.tracked_run(cfg) as run_id:
             version = _register(cfg, run_id)
             assert version == version_expected
             outcomes[version] = (
@@ -109,14 +109,14 @@ def test_an_incomparable_champion_loses_and_says_why(cfg: PipelineConfig) -> Non
     def incompatible(uri: str) -> float:
         raise registry.IncompatibleChampion("its feature set differs from the new shard set")
 
-    with tracking.tracked_run(cfg) as first:
+    with runs.tracked_run(cfg) as first:
         registry.promote_if_better(cfg, first, _register(cfg, first), 0.05, incompatible)
-    with tracking.tracked_run(cfg) as second:
+    with runs.tracked_run(cfg) as second:
         decision = registry.promote_if_better(
             cfg, second, _register(cfg, second), 0.01, incompatible
         )
     assert decision.promoted and decision.champion_score is None
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     tags = client.get_run(second).data.tags
     assert "feature set differs" in tags["registry.reason"]
     assert "registry/champion_val_rank_ic" not in client.get_run(second).data.metrics
@@ -156,10 +156,10 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
     tiny: TinyData, trained: TrainResult, cfg: PipelineConfig, tmp_path: Path
 ) -> None:
     run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
-    with tracking.tracked_run(run_cfg) as run_id:
+    with runs.tracked_run(run_cfg) as run_id:
         first = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
     assert first.promoted
-    client = tracking.client_for(run_cfg)
+    client = store.client_for(run_cfg)
     version = client.get_model_version(cfg.tracking.registered_model, first.new_version)
     run = client.get_run(run_id)
     (output,) = run.outputs.model_outputs  # the run's logged model, in the run's experiment
@@ -194,7 +194,7 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
         np.testing.assert_allclose(loaded[f"p{k}"], probs[:, k], rtol=0, atol=1e-6)
 
     # The same weights registered again: the champion re-scored on this window ties, so it stays.
-    with tracking.tracked_run(run_cfg) as run_id:
+    with runs.tracked_run(run_cfg) as run_id:
         second = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
     assert second.champion_version == first.new_version
     assert second.champion_score == pytest.approx(trained.best_val_rank_ic, abs=1e-9)
@@ -210,7 +210,7 @@ def test_a_champion_with_another_feature_set_cannot_be_scored(
     tiny: TinyData, trained: TrainResult, cfg: PipelineConfig, tmp_path: Path
 ) -> None:
     run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
-    with tracking.tracked_run(run_cfg) as run_id:
+    with runs.tracked_run(run_cfg) as run_id:
         registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
     other = build_tiny_shards(tmp_path, "features.factors=[KMID, KLEN, ROC]")
     scorer = registry.pyfunc_champion_scorer(other.shard_dir, run_cfg)

@@ -14,14 +14,15 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from alphaloom.model.data import ShardSetInfo
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common import storage
 from alphaloom.tasks.data.features import run_features_stage
 from alphaloom.tasks.data.ingest import run_ingest_stage
 from alphaloom.tasks.dataset.shards import run_shards_stage
 from alphaloom.tasks.dataset.text import run_text_stage
+from alphaloom.tasks.training.checkpoint import CHECKPOINT_NAME, load_weights
 from alphaloom.tasks.training.distributed import free_port
-from alphaloom.tasks.training.train import CHECKPOINT_NAME, load_weights, train_model
+from alphaloom.tasks.training.train import train_model
 from tests.helpers_train import tiny_config
 
 SMALL = ["data.synthetic.n_symbols=16", "data.synthetic.n_days=300", "text.enabled=false"]

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from alphaloom.model.data import MANIFEST_NAME, ShardSetInfo
+from alphaloom.model.shard_format import MANIFEST_NAME
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common import storage
 from alphaloom.tasks.common.config import PipelineConfig, load_config
 from alphaloom.tasks.data.features import run_features_stage
 from alphaloom.tasks.data.ingest import run_ingest_stage
 from alphaloom.tasks.dataset.shard_fanout import finish_shard_set, plan_shard_jobs, write_shard_job
-from alphaloom.tasks.dataset.shards import ShardBuildError, run_shards_stage
+from alphaloom.tasks.dataset.shard_writer import ShardBuildError
+from alphaloom.tasks.dataset.shards import run_shards_stage
 from alphaloom.tasks.dataset.text import run_text_stage
 from alphaloom.tasks.orchestration.caching import StageRef
 

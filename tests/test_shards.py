@@ -1,4 +1,5 @@
-"""Shard writing: layout, identity, atomicity, checksums and input validation (tasks/shards.py)."""
+"""Shard writing: layout, identity, atomicity, checksums and input validation
+(tasks/dataset/shards.py, shard_writer.py)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,14 @@ import pandas as pd
 import pytest
 
 import alphaloom.tasks.dataset.shards as shards_module
-from alphaloom.model.data import (
-    MANIFEST_NAME,
-    ShardedWindowDataset,
-    ShardSetError,
-    ShardSetInfo,
-    days_to_dates,
-    read_manifest,
-)
+from alphaloom.model.dataset import ShardedWindowDataset
+from alphaloom.model.shard_format import MANIFEST_NAME, ShardSetError, days_to_dates
+from alphaloom.model.shard_set import ShardSetInfo, read_manifest
 from alphaloom.tasks.common.config import ShardsSection
 from alphaloom.tasks.common.hashing import sha256_file
-from alphaloom.tasks.dataset.shards import (
-    ShardBuildError,
-    build_shards,
-    build_shards_from,
-    plan_shards,
-)
+from alphaloom.tasks.dataset import shard_writer
+from alphaloom.tasks.dataset.shard_writer import ShardBuildError, plan_shards
+from alphaloom.tasks.dataset.shards import build_shards, build_shards_from
 from tests.shards_testdata import Table, expected_windows, make_table
 
 WINDOW = 12
@@ -172,8 +165,8 @@ def test_assignment_is_seeded_random_and_size_balanced():
 
 def test_target_size_sets_the_shard_count():
     rows = np.full(40, 1000)
-    row_bytes = 4 * 100 + shards_module.ROW_OVERHEAD_BYTES
-    target_mb = 10 * 1000 * row_bytes / shards_module.MIB  # ten symbols per shard
+    row_bytes = 4 * 100 + shard_writer.ROW_OVERHEAD_BYTES
+    target_mb = 10 * 1000 * row_bytes / shard_writer.MIB  # ten symbols per shard
     assert len(plan_shards(rows, 100, ShardsSection(target_shard_mb=target_mb))) == 4
     assert len(plan_shards(rows, 100, ShardsSection(target_shard_mb=1e6))) == 1
 

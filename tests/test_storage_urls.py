@@ -9,17 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from alphaloom.model.data import ShardedWindowDataset, ShardSetError, ShardSetInfo
+from alphaloom.model.dataset import ShardedWindowDataset
 from alphaloom.model.filesystems import arrow_filesystem
+from alphaloom.model.shard_format import ShardSetError
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import DataSection, load_config
 from alphaloom.tasks.common.storage import local_or_url
-from alphaloom.tasks.data.ingest import (
-    DataValidationError,
-    bar_files,
-    load_market,
-    run_ingest_stage,
-    source_fingerprint,
-)
+from alphaloom.tasks.data.checks import DataValidationError
+from alphaloom.tasks.data.ingest import load_market, run_ingest_stage, source_fingerprint
+from alphaloom.tasks.data.readers import bar_files
 from alphaloom.tasks.data.synthetic import generate_market
 from tests.helpers_train import build_tiny_shards
 

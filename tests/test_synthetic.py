@@ -12,14 +12,9 @@ import pytest
 
 from alphaloom.tasks.common.config import SyntheticSection
 from alphaloom.tasks.data import synthetic
-from alphaloom.tasks.data.features import forward_return
-from alphaloom.tasks.data.synthetic import (
-    THEMES,
-    extend_market,
-    generate_market,
-    oracle_rank_ic,
-    write_market,
-)
+from alphaloom.tasks.data.labels import forward_return
+from alphaloom.tasks.data.synthetic import THEMES, extend_market, generate_market, write_market
+from alphaloom.tasks.evaluation.metrics import oracle_rank_ic
 
 SMALL = SyntheticSection(n_symbols=20, n_days=120, seed=11)
 # Big enough to measure a Rank IC to about +-0.005, small enough to generate in well under 1 s.

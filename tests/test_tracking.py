@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.tracking import runs, store
 
 
 @pytest.fixture
@@ -17,8 +17,8 @@ def cfg(mlflow_uri: str) -> PipelineConfig:
 
 
 def test_a_failure_inside_a_tracked_run_leaves_it_failed(cfg: PipelineConfig) -> None:
-    with pytest.raises(RuntimeError, match="boom"), tracking.tracked_run(cfg) as run_id:
-        tracking.log_metrics(cfg, run_id, {"ic": 0.1}, prefix="val/")
+    with pytest.raises(RuntimeError, match="boom"), runs.tracked_run(cfg) as run_id:
+        runs.log_metrics(cfg, run_id, {"ic": 0.1}, prefix="val/")
         raise RuntimeError("boom")
     run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
     assert run.info.status == "FAILED"
@@ -26,17 +26,17 @@ def test_a_failure_inside_a_tracked_run_leaves_it_failed(cfg: PipelineConfig) ->
 
 
 def test_a_successful_run_is_finished_with_config_params_and_tags(cfg: PipelineConfig) -> None:
-    tags = {tracking.TAG_DATA_HASH: "d" * 16, tracking.TAG_CODE_VERSION: "c" * 16}
-    with tracking.tracked_run(cfg, tags) as run_id:
-        tracking.log_metrics(cfg, run_id, {"loss": 0.5}, step=3, prefix="train/")
+    tags = {runs.TAG_DATA_HASH: "d" * 16, runs.TAG_CODE_VERSION: "c" * 16}
+    with runs.tracked_run(cfg, tags) as run_id:
+        runs.log_metrics(cfg, run_id, {"loss": 0.5}, step=3, prefix="train/")
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == str(cfg.train.lr)
     assert run.data.params["features.windows"] == "[5, 10, 20, 30, 60]"
-    assert run.data.tags[tracking.TAG_DATA_HASH] == "d" * 16
-    assert run.data.tags[tracking.TAG_TRIGGER] == "manual"
-    assert run.data.tags.get(tracking.TAG_GIT_COMMIT) == tracking.git_commit()
+    assert run.data.tags[runs.TAG_DATA_HASH] == "d" * 16
+    assert run.data.tags[runs.TAG_TRIGGER] == "manual"
+    assert run.data.tags.get(runs.TAG_GIT_COMMIT) == runs.git_commit()
     history = client.get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(3, 0.5)]
     config_text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
@@ -45,7 +45,7 @@ def test_a_successful_run_is_finished_with_config_params_and_tags(cfg: PipelineC
 
 def test_flatten_config_covers_every_leaf() -> None:
     cfg = PipelineConfig()
-    flat = tracking.flatten_config(cfg)
+    flat = runs.flatten_config(cfg)
     assert flat["tracking.registered_model"] == cfg.tracking.registered_model
     assert flat["features.label.quantile_edges"] == "[0.3, 0.6, 0.9]"
     assert flat["tracking.tracking_uri"] == "null"
@@ -56,16 +56,16 @@ def test_flatten_config_covers_every_leaf() -> None:
 def test_default_store_is_sqlite_in_cwd(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert tracking.resolve_tracking_uri(PipelineConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert store.resolve_tracking_uri(PipelineConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert tracking.resolve_tracking_uri(PipelineConfig()) == "sqlite:///elsewhere.db"
+    assert store.resolve_tracking_uri(PipelineConfig()) == "sqlite:///elsewhere.db"
     cfg = PipelineConfig(tracking={"tracking_uri": "http://127.0.0.1:5001"})
-    assert tracking.resolve_tracking_uri(cfg) == "http://127.0.0.1:5001"
+    assert store.resolve_tracking_uri(cfg) == "http://127.0.0.1:5001"
 
 
 def test_ui_command_serves_the_store_on_localhost(tmp_path) -> None:
     cfg = PipelineConfig(tracking={"tracking_uri": f"sqlite:///{tmp_path}/m.db", "ui_port": 5123})
-    argv = tracking.ui_command(cfg.tracking.tracking_uri, cfg.tracking.ui_port)
+    argv = store.ui_command(cfg.tracking.tracking_uri, cfg.tracking.ui_port)
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--backend-store-uri") + 1] == cfg.tracking.tracking_uri
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
@@ -73,9 +73,9 @@ def test_ui_command_serves_the_store_on_localhost(tmp_path) -> None:
 
 
 def _open_store(uri: str) -> str:
-    tracking._READY_STORES.discard(uri)
+    store._READY_STORES.discard(uri)
     cfg = PipelineConfig(tracking={"tracking_uri": uri, "experiment": "race"})
-    return tracking.ensure_experiment(tracking.client_for(cfg), cfg)
+    return store.ensure_experiment(store.client_for(cfg), cfg)
 
 
 def test_concurrent_processes_create_one_fresh_store(tmp_path) -> None:

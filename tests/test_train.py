@@ -10,20 +10,20 @@ import mlflow
 import pytest
 import torch
 
-from alphaloom.model.data import ShardSetInfo
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.hashing import sha256_file
-from alphaloom.tasks.evaluation.evaluate import evaluate_and_log, ic_metrics, predict
-from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.evaluation.evaluate import evaluate_and_log
+from alphaloom.tasks.evaluation.metrics import ic_metrics
+from alphaloom.tasks.evaluation.predictions import predict
+from alphaloom.tasks.tracking import runs
+from alphaloom.tasks.training.checkpoint import CHECKPOINT_NAME, _State, load_checkpoint
+from alphaloom.tasks.training.progress import TrainProgress
+from alphaloom.tasks.training.runtime import select_device
 from alphaloom.tasks.training.train import (
-    CHECKPOINT_NAME,
-    TrainProgress,
     TrainResult,
     _close_epoch,
-    _State,
     build_model,
     checkpoint_dir_for,
-    load_checkpoint,
-    select_device,
     train_model,
 )
 from tests.helpers_train import TinyData, build_tiny_shards, tiny_config
@@ -125,14 +125,14 @@ def test_epoch_metrics_reach_mlflow_with_the_epoch_as_step(
     cfg = tiny_config("train.epochs=2", "train.max_batches_per_epoch=2", f"work_dir={tmp_path}")
     cfg.tracking.tracking_uri = mlflow_uri
     events: list[TrainProgress] = []
-    with tracking.tracked_run(cfg, tracking.run_tags(tiny.shard_dir)) as run_id:
-        tracking.log_shard_dataset(cfg, run_id, tiny.shard_dir)
+    with runs.tracked_run(cfg, runs.run_tags(tiny.shard_dir)) as run_id:
+        runs.log_shard_dataset(cfg, run_id, tiny.shard_dir)
         ckpt = checkpoint_dir_for(cfg, run_id)
         result = train_model(tiny.shard_dir, cfg, ckpt, run_id=run_id, progress=events.append)
     client = mlflow.MlflowClient(mlflow_uri)
     tags = client.get_run(run_id).data.tags
-    assert tags[tracking.TAG_DATA_HASH] == "tiny"  # the source hash the shards were built with
-    assert tags[tracking.TAG_CODE_VERSION] == tracking.model_code_version()
+    assert tags[runs.TAG_DATA_HASH] == "tiny"  # the source hash the shards were built with
+    assert tags[runs.TAG_CODE_VERSION] == runs.model_code_version()
     assert (ckpt / CHECKPOINT_NAME).is_file() and run_id in str(ckpt)
     (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
     assert dataset_input.dataset.digest == sha256_file(tiny.shard_dir / "manifest.json")[:20]
@@ -175,7 +175,7 @@ def test_evaluation_of_the_trained_model_is_logged_per_split(
 ) -> None:
     cfg = tiny.cfg.model_copy(update={"tracking": tiny.cfg.tracking.model_copy()})
     cfg.tracking.tracking_uri = mlflow_uri
-    with tracking.tracked_run(cfg) as run_id:
+    with runs.tracked_run(cfg) as run_id:
         flat = evaluate_and_log(reference.model, tiny.shard_dir, cfg, run_id, oracle=tiny.oracle)
     run = mlflow.MlflowClient(mlflow_uri).get_run(run_id)
     for split in ("valid", "test"):

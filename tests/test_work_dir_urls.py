@@ -15,14 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from alphaloom.model.data import ShardSetInfo
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common import storage
 from alphaloom.tasks.common.storage import COMPLETE_MARKER, atomic_dir, local_copy, output_complete
 from alphaloom.tasks.data.features import load_feature_table, run_features_stage
 from alphaloom.tasks.data.ingest import load_saved_market, run_ingest_stage
 from alphaloom.tasks.dataset.shards import run_shards_stage
 from alphaloom.tasks.dataset.text import run_text_stage
-from alphaloom.tasks.training.train import CHECKPOINT_NAME, load_weights, train_model
+from alphaloom.tasks.training.checkpoint import CHECKPOINT_NAME, load_weights
+from alphaloom.tasks.training.train import train_model
 from tests.helpers_train import tiny_config
 
 SMALL = ["data.synthetic.n_symbols=16", "data.synthetic.n_days=300", "text.enabled=false"]

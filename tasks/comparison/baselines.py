@@ -38,9 +38,11 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from alphaloom.model.batch import NUM_CLASSES, Batch
-from alphaloom.model.data import SPLIT_CODES, Selection, ShardSetInfo, valid_lengths
+from alphaloom.model.shard_format import SPLIT_CODES, Selection, valid_lengths
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.evaluation.evaluate import PROB_COLUMNS, ScoreFn, daily_ic, predict_with
+from alphaloom.tasks.evaluation.metrics import PROB_COLUMNS, daily_ic
+from alphaloom.tasks.evaluation.predictions import ScoreFn, predict_with
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ A variant is data: a name plus `section.key=value` overrides of the pipeline con
 (`alphaloom compare --variants FILE`) without code. Every variant trains on the same shard set
 and splits, in its own checkpoint directory, and both kinds go through one scoring path
 (`score_and_log`: the prediction frame of each split into `tasks.evaluate.evaluate_predictions`,
-logged by `tasks.tracking.log_evaluation`), so every child run carries the same `valid/*` and
+logged by `tasks.runs.log_evaluation`), so every child run carries the same `valid/*` and
 `test/*` metric keys and MLflow's compare view lines them up. Nothing is registered: a
 comparison never moves the `champion` alias.
 
-Runs are created with explicit ids through `tasks.tracking.tracked_run` (child runs carry the
+Runs are created with explicit ids through `tasks.runs.tracked_run` (child runs carry the
 `mlflow.parentRunId` tag), never through MLflow's thread-local active run. A variant that fails
 ends its child run FAILED and its row says so; the others still run.
 
@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -42,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from alphaloom.tasks.common.config import ConfigError, PipelineConfig, config_from_dict
 from alphaloom.tasks.comparison import baselines
-from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.tracking import runs, store
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +251,14 @@ def score_and_log(
     for split in ("valid", "test"):
         preds = predict_split(split)
         metrics, plots = evaluate_predictions(preds, cfg.evaluate, oracle, with_figures=figures)
-        tracking.log_evaluation(cfg, run_id, split, metrics, plots)
+        runs.log_evaluation(cfg, run_id, split, metrics, plots)
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
     return flat
 
 
 def _fit_network(cfg: PipelineConfig, run_id: str, shard_dir: str) -> tuple[SplitPredictor, dict]:
     """Train in this run's own checkpoint dir (a retried task resumes there); never register."""
-    from alphaloom.tasks.evaluation.evaluate import predict
+    from alphaloom.tasks.evaluation.predictions import predict
     from alphaloom.tasks.training.train import checkpoint_dir_for, train_model
 
     started = time.perf_counter()
@@ -282,12 +278,12 @@ def _fit_lightgbm(
     from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
 
     fit = train_lightgbm(shard_dir, cfg, variant.params, seed=seed)
-    tracking.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})
+    runs.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})
     stamp = int(time.time() * 1000)
     curve = [
         Metric("val/rank_ic", float(v), stamp, step) for step, v in enumerate(fit.history, start=1)
     ]
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     for start in range(0, len(curve), 900):
         client.log_batch(run_id, metrics=curve[start : start + 900])
     extra = {"fit_seconds": fit.fit_seconds, "best_iteration": float(fit.best_iteration)}
@@ -319,7 +315,7 @@ def run_variant(
         vcfg, bad_config = cfg, err  # still open a child run, so the failure is on record
     run_id: str | None = None
     try:
-        with tracking.tracked_run(
+        with runs.tracked_run(
             vcfg, child_tags(parent_run_id, variant, seed, tags), f"{variant.name} seed={seed}"
         ) as run_id:
             if bad_config is not None:
@@ -328,7 +324,7 @@ def run_variant(
                 predict_split, extra = _fit_lightgbm(vcfg, variant, seed, run_id, shard_dir)
             else:
                 predict_split, extra = _fit_network(vcfg, run_id, shard_dir)
-            tracking.log_metrics(vcfg, run_id, extra)
+            runs.log_metrics(vcfg, run_id, extra)
             metrics = {**score_and_log(vcfg, run_id, predict_split, oracle, figures), **extra}
     except Exception as err:
         log.exception("variant %s seed %d failed", variant.name, seed)
@@ -373,225 +369,5 @@ def outcome_from_state(state: Any, variant: Variant, seed: int) -> VariantOutcom
 # the table
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1) of the finite values; std NaN with fewer than two."""
-    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if finite.size == 0:
-        return math.nan, math.nan
-    std = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
-    return float(finite.mean()), std
-
-
-def paired_gain(
-    reference: Sequence[VariantOutcome], other: Sequence[VariantOutcome], metric: str = GAIN_METRIC
-) -> tuple[float, float, int]:
-    """Mean and std of reference - other per seed, over seeds where both finished; and n."""
-    ref = {o.seed: o.metrics.get(metric, math.nan) for o in reference if o.status == "finished"}
-    diffs = [
-        ref[o.seed] - o.metrics.get(metric, math.nan)
-        for o in other
-        if o.status == "finished" and o.seed in ref
-    ]
-    diffs = [d for d in diffs if math.isfinite(d)]
-    mean, std = _mean_std(diffs)
-    return mean, std, len(diffs)
-
-
-def _status(outcomes: Sequence[VariantOutcome], skipped: str | None) -> tuple[str, str | None]:
-    if skipped is not None:
-        return "skipped", skipped
-    failed = [o for o in outcomes if o.status == "failed"]
-    if not failed:
-        return "ok", None
-    return "failed", "; ".join(sorted({o.error or "unknown error" for o in failed}))
-
-
-def summarise(
-    variants: Sequence[Variant],
-    outcomes: Sequence[VariantOutcome],
-    skipped: Mapping[str, str] | None = None,
-    reference: str = REFERENCE,
-) -> list[dict[str, Any]]:
-    """One row per variant: status, mean/std of the table metrics, paired gain of the reference."""
-    skipped = skipped or {}
-    by_name: dict[str, list[VariantOutcome]] = {v.name: [] for v in variants}
-    for outcome in outcomes:
-        by_name.setdefault(outcome.variant, []).append(outcome)
-    ref_outcomes = by_name.get(reference, [])
-    rows = []
-    for variant in variants:
-        runs = sorted(by_name[variant.name], key=lambda o: o.seed)
-        done = [o for o in runs if o.status == "finished"]
-        status, error = _status(runs, skipped.get(variant.name))
-        row: dict[str, Any] = {
-            "variant": variant.name,
-            "kind": variant.kind,
-            "status": status,
-            "seeds_ok": len(done),
-            "seeds_failed": len(runs) - len(done),
-            "overrides": " ".join(variant.overrides),
-            "description": variant.description,
-        }
-        for key, _, _ in TABLE_COLUMNS:
-            mean, std = _mean_std([o.metrics.get(key, math.nan) for o in done])
-            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-        has_gain = variant.name != reference and ref_outcomes
-        gain = paired_gain(ref_outcomes, runs) if has_gain else (math.nan, math.nan, 0)
-        row["gain_mean"], row["gain_std"], row["gain_n"] = gain
-        row["error"] = error or ""
-        row["run_ids"] = " ".join(o.run_id for o in runs if o.run_id)
-        rows.append(row)
-    return rows
-
-
-def oracle_rank_ic(outcomes: Iterable[VariantOutcome]) -> float | None:
-    """The oracle's test Rank IC on the scored rows (the same for every variant), if known."""
-    values = [o.metrics[ORACLE_METRIC] for o in outcomes if ORACLE_METRIC in o.metrics]
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
-
-
-def _cell(mean: float, std: float, decimals: int) -> str:
-    if not math.isfinite(mean):
-        return "n/a"
-    text = f"{mean:.{decimals}f}"
-    return f"{text} ± {std:.{decimals}f}" if math.isfinite(std) else text
-
-
-def _status_cell(row: Mapping[str, Any]) -> str:
-    total = row["seeds_ok"] + row["seeds_failed"]
-    if row["status"] == "ok":
-        return f"ok ({row['seeds_ok']}/{total})"
-    reason = str(row["error"]).replace("|", "/").replace("\n", " ")[:160]
-    if row["status"] == "skipped":
-        return f"skipped: {reason}"
-    return f"failed ({row['seeds_failed']}/{total}): {reason}"
-
-
-def comparison_markdown(
-    rows: Sequence[Mapping[str, Any]],
-    seeds: Sequence[int],
-    oracle: float | None,
-    reference: str = REFERENCE,
-) -> str:
-    """The comparison as a markdown table with a legend."""
-    gain_title = f"{reference} − variant (test Rank IC)"
-    titles = ["variant", *(t for _, t, _ in TABLE_COLUMNS[:1]), gain_title]
-    titles += [t for _, t, _ in TABLE_COLUMNS[1:]] + ["status"]
-    lines = ["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles)]
-    for row in rows:
-        cells = [f"`{row['variant']}`"]
-        for i, (key, _, decimals) in enumerate(TABLE_COLUMNS):
-            cells.append(_cell(row[f"{key}_mean"], row[f"{key}_std"], decimals))
-            if i == 0:
-                gain = _cell(row["gain_mean"], row["gain_std"], 4)
-                cells.append("—" if row["variant"] == reference else f"{gain} (n={row['gain_n']})")
-        cells.append(_status_cell(row))
-        lines.append("| " + " | ".join(cells) + " |")
-    if oracle is not None:
-        lines.append(f"| oracle (true expected return) | {oracle:.4f} |" + " |" * (len(titles) - 2))
-    lines += [
-        "",
-        f"Cells are mean ± std (ddof=1) over seeds {list(seeds)}. The gain column is the "
-        f"mean ± std of the per-seed paired difference `{reference}` − variant in test Rank IC "
-        "over the n seeds where both finished: positive means the full model beats the variant.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def comparison_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The comparison rows as CSV (one row per variant, NaN as empty)."""
-    return pd.DataFrame(list(rows)).to_csv(index=False, float_format="%.6g")
-
-
-def rank_ic_figure(rows: Sequence[Mapping[str, Any]], oracle: float | None) -> Figure:
-    """Mean test Rank IC per variant (std as error bars), the oracle's as a dashed line."""
-    fig = Figure(figsize=(max(6.0, 0.8 * len(rows) + 2.0), 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    names = [row["variant"] for row in rows]
-    means = np.array([row["test/rank_ic_mean"] for row in rows], dtype=float)
-    stds = np.array([row["test/rank_ic_std"] for row in rows], dtype=float)
-    colors = ["C1" if row["kind"] == "lightgbm" else "C0" for row in rows]
-    positions = np.arange(len(rows))
-    ax.bar(positions, np.nan_to_num(means), yerr=np.nan_to_num(stds), color=colors, capsize=3)
-    for pos, row in zip(positions, rows, strict=True):
-        if row["status"] != "ok":
-            ax.text(pos, 0.0, row["status"], rotation=90, ha="center", va="bottom", fontsize=8)
-    if oracle is not None:
-        ax.axhline(oracle, color="k", ls="--", lw=1.0, label=f"oracle {oracle:.4f}")
-        ax.legend()
-    ax.axhline(0.0, color="grey", lw=0.5)
-    ax.set_xticks(positions)
-    ax.set_xticklabels(names, rotation=30, ha="right")
-    ax.set_ylabel("test Rank IC (mean over seeds)")
-    ax.set_title("Variants on the same shards and splits")
-    fig.tight_layout()
-    return fig
-
-
 # ----------------------------------------------------------------------------------------------
 # the parent run
-
-
-def parent_tags(shard_tags: Mapping[str, str], seeds: Sequence[int]) -> dict[str, str]:
-    """Tags of the comparison's parent run."""
-    return {**shard_tags, TAG_KIND: "compare", "alphaloom.seeds": json.dumps(list(seeds))}
-
-
-def log_plan(
-    cfg: PipelineConfig, run_id: str, variants: Sequence[Variant], seeds: Sequence[int]
-) -> None:
-    """Record what is being compared (the variant list as YAML, the seeds as a param)."""
-    text = yaml.safe_dump([v.model_dump(mode="json") for v in variants], sort_keys=False)
-    tracking.client_for(cfg).log_text(run_id, text, "variants.yaml")
-    tracking.log_params(cfg, run_id, {"compare.seeds": json.dumps(list(seeds))})
-
-
-def log_comparison(
-    cfg: PipelineConfig,
-    run_id: str,
-    variants: Sequence[Variant],
-    outcomes: Sequence[VariantOutcome],
-    seeds: Sequence[int],
-    skipped: Mapping[str, str] | None = None,
-    reference: str = REFERENCE,
-) -> dict[str, Any]:
-    """Build the table, log it (markdown, CSV, bar chart, per-variant metrics); return a summary."""
-    rows = summarise(variants, outcomes, skipped, reference)
-    oracle = oracle_rank_ic(outcomes)
-    markdown = comparison_markdown(rows, seeds, oracle, reference)
-    client = tracking.client_for(cfg)
-    client.log_text(run_id, markdown, "comparison.md")
-    client.log_text(run_id, comparison_csv(rows), "comparison.csv")
-    client.log_figure(run_id, rank_ic_figure(rows, oracle), "rank_ic.png")
-    metrics: dict[str, float] = {} if oracle is None else {ORACLE_METRIC: oracle}
-    for row in rows:
-        for stat in ("mean", "std"):
-            metrics[f"compare/{row['variant']}/test_rank_ic_{stat}"] = row[f"test/rank_ic_{stat}"]
-        metrics[f"compare/{row['variant']}/gain_mean"] = row["gain_mean"]
-    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
-    failed = [row["variant"] for row in rows if row["status"] == "failed"]
-    tracking.set_tags(cfg, run_id, {"alphaloom.failed_variants": json.dumps(failed)})
-    return {
-        "parent_run_id": run_id,
-        "experiment": cfg.tracking.experiment,
-        "seeds": list(seeds),
-        "rows": rows,
-        "markdown": markdown,
-        "oracle_rank_ic": oracle,
-        "failed": failed,
-        "skipped": dict(skipped or {}),
-    }
-
-
-def publish_comparison(summary: Mapping[str, Any]) -> None:
-    """Attach the comparison table to the current Prefect flow run as a markdown artifact."""
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(
-        markdown=f"# Model comparison (MLflow run `{summary['parent_run_id']}`)\n\n"
-        + summary["markdown"],
-        key="model-comparison",
-        description="Baselines and ablations on the same shards and splits",
-    )

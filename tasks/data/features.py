@@ -22,9 +22,7 @@ import pandas as pd
 
 from alphaloom.tasks.common.config import (
     FeaturesSection,
-    LabelSection,
     PipelineConfig,
-    SplitSection,
 )
 from alphaloom.tasks.common.storage import (
     Location,
@@ -36,13 +34,10 @@ from alphaloom.tasks.common.storage import (
     read_text,
 )
 from alphaloom.tasks.data import alpha158
-from alphaloom.tasks.data.alpha158 import (
-    ALPHA158_NAMES,
-    compute_alpha158,
-    select_factors,
-    symbol_layout,
-    validate_bars,
-)
+from alphaloom.tasks.data.alpha158 import compute_alpha158, validate_bars
+from alphaloom.tasks.data.factor_names import ALPHA158_NAMES, select_factors
+from alphaloom.tasks.data.labels import compute_labels
+from alphaloom.tasks.data.splits import SPLIT_CODES, assign_splits
 from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
 
 __all__ = [
@@ -68,130 +63,14 @@ SCHEMA_VERSION = 1
 FEATURES_FILE = "features.parquet"
 META_FILE = "features.json"
 MAD_TO_STD = 1.4826  # makes the MAD a consistent estimator of a normal std
-SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
-PURGED = -1
-UNLABELLED = -1
 
 
 # ----------------------------------------------------------------------------------------------
 # Labels
 
 
-def forward_return(bars: pd.DataFrame, horizon: int) -> np.ndarray:
-    """close[t+1+h] / close[t+1] - 1 within each symbol's rows (NaN where unknown), bars' order."""
-    layout = symbol_layout(bars["symbol"], bars["date"], pad=1)
-    close = bars["close"].to_numpy(np.float64)[layout.order]
-    n = len(close)
-    i = np.arange(n)
-    entry, exit_ = i + 1, i + 1 + horizon
-    known = exit_ < n
-    known[known] = layout.col[exit_[known]] == layout.col[i[known]]
-    sorted_ret = np.full(n, np.nan)
-    sorted_ret[known] = close[exit_[known]] / close[entry[known]] - 1.0
-    out = np.empty(n)
-    out[layout.order] = sorted_ret
-    return out
-
-
-def _quantile_classes(fwd: np.ndarray, dates: pd.Series, edges: tuple[float, ...]) -> np.ndarray:
-    """Class of each return by its mid-rank percentile (rank - 0.5) / n among the same day's."""
-    day = pd.factorize(dates)[0]
-    ret = pd.Series(fwd)
-    rank = ret.groupby(day).rank(method="average").to_numpy()
-    count = ret.groupby(day).transform("count").to_numpy(np.float64)
-    with np.errstate(invalid="ignore"):
-        pct = (rank - 0.5) / count
-    return np.searchsorted(np.asarray(edges), pct, side="right")
-
-
-def compute_labels(bars: pd.DataFrame, label: LabelSection) -> pd.DataFrame:
-    """`symbol, date, fwd_return` (float32) and `label` (int8, 0..3, -1 where unknown).
-
-    Quantile mode buckets each day's cross-section at `quantile_edges` (default 0.3/0.6/0.9, so
-    class 3 is the top decile); threshold mode counts the `thresholds` strictly below the return.
-    Rows come back in the order of `bars`.
-    """
-    validate_bars(bars)
-    fwd = forward_return(bars, label.horizon)
-    known = ~np.isnan(fwd)
-    if label.mode == "quantile":
-        classes = _quantile_classes(fwd, bars["date"], label.quantile_edges)
-    else:
-        classes = np.searchsorted(np.asarray(label.thresholds), fwd, side="left")
-    out = pd.DataFrame(
-        {
-            "symbol": bars["symbol"],
-            "date": bars["date"].astype("datetime64[ns]"),
-            "fwd_return": fwd.astype(np.float32),
-            "label": np.where(known, classes, UNLABELLED).astype(np.int8),
-        },
-        index=bars.index,
-    )
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Splits
-
-
-def resolve_purge_days(splits: SplitSection, horizon: int) -> int:
-    """The purge gap in trading days: configured, else horizon + 1; below horizon is an error."""
-    purge = horizon + 1 if splits.purge_days is None else splits.purge_days
-    if purge < horizon:
-        raise ValueError(
-            f"features.splits.purge_days ({purge}) must be >= features.label.horizon ({horizon}): "
-            "a shorter gap lets training labels overlap validation days"
-        )
-    return purge
-
-
-def _end_index(calendar: pd.DatetimeIndex, end: Any, fraction_end: int) -> int:
-    """Index of the last date of a split: an explicit end date wins over the fraction."""
-    if end is None:
-        return fraction_end
-    return int(calendar.searchsorted(pd.Timestamp(end), side="right")) - 1
-
-
-def assign_splits(
-    dates: pd.Series, splits: SplitSection, horizon: int
-) -> tuple[np.ndarray, dict[str, list[str]]]:
-    """Split code per row (0 train, 1 valid, 2 test, -1 purged) and each split's first/last date.
-
-    The calendar is the sorted unique dates. `purge_days` trading days are dropped between train
-    and valid and between valid and test, so the last training label (which reads close up to
-    t + 1 + horizon) ends before the first validation day when purge_days = horizon + 1.
-    """
-    purge = resolve_purge_days(splits, horizon)
-    calendar = pd.DatetimeIndex(np.unique(pd.to_datetime(dates).to_numpy("datetime64[ns]")))
-    n = len(calendar)
-    train_last = _end_index(calendar, splits.train_end, round(splits.train_fraction * n) - 1)
-    valid_first = train_last + 1 + purge
-    valid_last = _end_index(
-        calendar, splits.valid_end, valid_first + round(splits.valid_fraction * n) - 1
-    )
-    test_first = valid_last + 1 + purge
-    ranges = {
-        "train": (0, train_last),
-        "valid": (valid_first, valid_last),
-        "test": (test_first, n - 1),
-    }
-    for name, (first, last) in ranges.items():
-        if not 0 <= first <= last < n:
-            raise ValueError(
-                f"features.splits: no {name} dates with {n} trading dates, "
-                f"train_end={splits.train_end}, valid_end={splits.valid_end}, "
-                f"train_fraction={splits.train_fraction}, valid_fraction={splits.valid_fraction}, "
-                f"purge_days={purge}"
-            )
-    by_day = np.full(n, PURGED, dtype=np.int8)
-    for name, (first, last) in ranges.items():
-        by_day[first : last + 1] = SPLIT_CODES[name]
-    rows = calendar.searchsorted(pd.to_datetime(dates).to_numpy("datetime64[ns]"))
-    bounds = {
-        name: [calendar[first].date().isoformat(), calendar[last].date().isoformat()]
-        for name, (first, last) in ranges.items()
-    }
-    return by_day[rows], bounds
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alphaloom.tasks.common.config import FeaturesSection, PipelineConfig, RunnerSection
+from alphaloom.tasks.common.config import FeaturesSection, PipelineConfig
 from alphaloom.tasks.common.hashing import hash_frame
 from alphaloom.tasks.common.storage import (
     Location,
@@ -38,7 +37,8 @@ from alphaloom.tasks.common.storage import (
     output_complete,
 )
 from alphaloom.tasks.data import alpha158
-from alphaloom.tasks.data.alpha158 import compute_alpha158, select_factors
+from alphaloom.tasks.data.alpha158 import compute_alpha158
+from alphaloom.tasks.data.factor_names import select_factors
 from alphaloom.tasks.data.features import (
     META_FILE,
     FeatureTable,
@@ -230,29 +230,3 @@ def raw_factors_task(partition: Partition, cfg: PipelineConfig) -> StageRef:
 def assemble_features_task(market: StageRef, raw: list[StageRef], cfg: PipelineConfig) -> StageRef:
     """Prefect task: cached on the features stage's key (the same output as `features_task`)."""
     return assemble_features(market, raw, cfg)
-
-
-def task_runner_for(runner: RunnerSection) -> Any:
-    """The Prefect task runner the `runner` section names (prefect-dask only imported for dask)."""
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-
-    if runner.kind == "thread":
-        return ThreadPoolTaskRunner(max_workers=runner.workers)
-    if runner.kind == "process":
-        return ProcessPoolTaskRunner(max_workers=runner.workers)
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise RuntimeError(
-            "runner.kind is 'dask' but prefect-dask is not installed: pip install 'alphaloom[dask]'"
-        ) from None
-    if runner.dask_address:
-        return DaskTaskRunner(address=runner.dask_address)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": runner.workers,
-            "threads_per_worker": 1,
-            "processes": runner.dask_processes,
-            "dashboard_address": None,
-        }
-    )

@@ -62,7 +62,6 @@ import pandas as pd
 
 from alphaloom.tasks.common.config import SyntheticSection
 from alphaloom.tasks.common.storage import atomic_file
-from alphaloom.tasks.data.features import forward_return
 
 logger = logging.getLogger(__name__)
 
@@ -338,21 +337,6 @@ def generate_market(cfg: SyntheticSection, n_days: int | None = None) -> Synthet
     bars = _long_frame(symbols, dates, {c: arrays[c] for c in bar_cols})
     oracle = _long_frame(symbols, dates, {"expected_return": arrays["expected"]})
     return SyntheticMarket(bars=bars, instruments=st.instruments.copy(), oracle=oracle)
-
-
-def oracle_rank_ic(market: SyntheticMarket) -> float:
-    """Mean daily Spearman correlation of the oracle with the realised close[t+2]/close[t+1]-1.
-
-    This is the ceiling for any model's Rank IC on this market (the rest is pure noise).
-    """
-    # Imported here: the evaluation module pulls in torch, which `alphaloom synth` and the
-    # generator's tests should not pay for unless they ask for the IC.
-    from alphaloom.tasks.evaluation.evaluate import daily_ic
-
-    bars = market.bars[["symbol", "date", "close"]].copy()
-    bars["fwd"] = forward_return(bars, horizon=1)
-    both = bars.merge(market.oracle, on=["symbol", "date"], how="inner")
-    return float(daily_ic(both, "spearman", score="expected_return", target="fwd").mean())
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:

@@ -31,7 +31,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alphaloom.model.data import MANIFEST_NAME
+from alphaloom.model.shard_format import MANIFEST_NAME
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.hashing import sha256_file
 from alphaloom.tasks.common.storage import (
@@ -46,7 +46,7 @@ from alphaloom.tasks.common.storage import (
     read_text,
 )
 from alphaloom.tasks.data.features import FEATURES_FILE, META_FILE, load_feature_table
-from alphaloom.tasks.dataset.shards import (
+from alphaloom.tasks.dataset.shard_writer import (
     ShardBuildError,
     _categories,
     _shard_arrays,
@@ -54,11 +54,11 @@ from alphaloom.tasks.dataset.shards import (
     _validated_frame,
     plan_shards,
     shard_columns,
-    shards_location,
     write_manifest,
     write_shard,
     write_side_tables,
 )
+from alphaloom.tasks.dataset.shards import shards_location
 from alphaloom.tasks.orchestration.caching import StageRef, stage_task
 
 log = logging.getLogger(__name__)

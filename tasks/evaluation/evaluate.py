@@ -12,9 +12,7 @@ on that frame, so hand-made frames test the metrics exactly.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,230 +22,42 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from alphaloom.model.batch import NUM_CLASSES, Batch, move_batch
 from alphaloom.tasks.common.config import EvaluateSection, PipelineConfig
-
-PROB_COLUMNS = [f"p{k}" for k in range(NUM_CLASSES)]
-PRED_COLUMNS = ["symbol", "date", "score", *PROB_COLUMNS, "label", "fwd_return"]
-_MIN_NAMES_PER_DAY = 2
-
-
-class EvaluationError(ValueError):
-    """Predictions or oracle tables are malformed; the message names the column."""
-
+from alphaloom.tasks.evaluation.metrics import (
+    PRED_COLUMNS,
+    PROB_COLUMNS,
+    EvaluationError,
+    _known,
+    _require_columns,
+    classification_metrics,
+    confusion_matrix,
+    daily_ic,
+    ic_metrics,
+    long_short_returns,
+    oracle_metrics,
+    portfolio_metrics,
+    predicted_class,
+)
+from alphaloom.tasks.evaluation.predictions import predict
 
 # ----------------------------------------------------------------------------------------------
 # validation helpers
-
-
-def _require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise EvaluationError(f"{what} lacks column(s) {missing}; has {list(frame.columns)}")
-
-
-def _known(preds: pd.DataFrame) -> pd.DataFrame:
-    """Rows whose outcome is known (the newest days have no forward return yet)."""
-    return preds[np.isfinite(preds["fwd_return"].to_numpy(dtype=float))]
 
 
 # ----------------------------------------------------------------------------------------------
 # IC family
 
 
-def daily_ic(
-    preds: pd.DataFrame,
-    method: str = "pearson",
-    score: str = "score",
-    target: str = "fwd_return",
-) -> pd.Series:
-    """Per-day cross-sectional correlation of `score` with `target` (Pearson or Spearman).
-
-    Days with fewer than two names or a constant column have no defined correlation and are
-    dropped, as Qlib does, rather than counted as zero.
-    """
-    if method not in ("pearson", "spearman"):
-        raise EvaluationError(f"unknown IC method {method!r}; use 'pearson' or 'spearman'")
-    _require_columns(preds, ["date", score, target], "predictions")
-    frame = preds[["date", score, target]].dropna()
-    if method == "spearman":
-        ranks = frame.groupby("date", sort=True)[[score, target]].rank(method="average")
-        frame = frame.assign(**{score: ranks[score], target: ranks[target]})
-    return _pearson_by_day(frame, score, target)
-
-
-def _pearson_by_day(frame: pd.DataFrame, a: str, b: str) -> pd.Series:
-    """Vectorised per-day Pearson correlation (a groupby-apply is ~100x slower)."""
-    g = frame.groupby("date", sort=True)
-    n = g[a].count()
-    mean_a = g[a].transform("mean")
-    mean_b = g[b].transform("mean")
-    da = frame[a] - mean_a
-    db = frame[b] - mean_b
-    parts = pd.DataFrame({"date": frame["date"], "ab": da * db, "aa": da * da, "bb": db * db})
-    sums = parts.groupby("date", sort=True)[["ab", "aa", "bb"]].sum()
-    denom = np.sqrt(sums["aa"] * sums["bb"])
-    tol = 1e-12 * np.maximum(1.0, np.sqrt(sums["aa"] * sums["bb"]).abs())
-    ic = sums["ab"] / denom.where(denom > tol)
-    ic = ic[(n >= _MIN_NAMES_PER_DAY) & ic.notna()]
-    ic.name = "ic"
-    return ic.astype(float)
-
-
-def ic_summary(ic: pd.Series) -> tuple[float, float]:
-    """(mean, mean/std) of a daily IC series; NaN where undefined (fewer than two days)."""
-    if len(ic) == 0:
-        return math.nan, math.nan
-    mean = float(ic.mean())
-    std = float(ic.std(ddof=1)) if len(ic) > 1 else math.nan
-    ir = mean / std if std and np.isfinite(std) and std > 0 else math.nan
-    return mean, ir
-
-
-def ic_metrics(preds: pd.DataFrame, score: str = "score") -> dict[str, float]:
-    """IC, Rank IC, ICIR and Rank ICIR of `score` against the forward return."""
-    ic, icir = ic_summary(daily_ic(preds, "pearson", score=score))
-    rank_ic, rank_icir = ic_summary(daily_ic(preds, "spearman", score=score))
-    return {"ic": ic, "rank_ic": rank_ic, "icir": icir, "rank_icir": rank_icir}
-
-
 # ----------------------------------------------------------------------------------------------
 # classification
-
-
-def predicted_class(preds: pd.DataFrame) -> np.ndarray:
-    """Arg-max class of the probability columns p0..p3."""
-    _require_columns(preds, PROB_COLUMNS, "predictions")
-    return preds[PROB_COLUMNS].to_numpy(dtype=float).argmax(axis=1)
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """NUM_CLASSES x NUM_CLASSES counts, rows = true class, columns = predicted class."""
-    labels = np.asarray(labels, dtype=np.int64)
-    predicted = np.asarray(predicted, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise EvaluationError(f"column 'label' must hold classes 0..{NUM_CLASSES - 1}")
-    flat = labels * NUM_CLASSES + predicted
-    return np.bincount(flat, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
-
-
-def classification_metrics(cm: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro-F1 and per-class recall from a confusion matrix.
-
-    Macro-F1 averages over the classes that occur in the labels or the predictions (as
-    scikit-learn does without `labels=`), so an absent class does not count as F1 = 0.
-    """
-    cm = np.asarray(cm, dtype=float)
-    total = cm.sum()
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    out: dict[str, float] = {"accuracy": float(tp.sum() / total) if total else math.nan}
-    f1s = []
-    for k in range(cm.shape[0]):
-        recall = tp[k] / support[k] if support[k] else math.nan
-        out[f"recall_{k}"] = float(recall)
-        if support[k] or predicted[k]:
-            f1s.append(2 * tp[k] / (support[k] + predicted[k]))
-    out["macro_f1"] = float(np.mean(f1s)) if f1s else math.nan
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # long-short portfolio
 
 
-def long_short_weights(preds: pd.DataFrame, quantile: float) -> pd.DataFrame:
-    """Daily target weights: +1/n on the top `quantile` by score, -1/n on the bottom.
-
-    n = max(1, floor(quantile * names that day)); ties break by symbol so the book is
-    deterministic. Days with fewer than two names hold nothing.
-    """
-    _require_columns(preds, ["symbol", "date", "score"], "predictions")
-    frame = preds[["symbol", "date", "score"]].dropna(subset=["score"])
-    frame = frame.sort_values(["date", "score", "symbol"], ascending=[True, False, True])
-    g = frame.groupby("date", sort=True)
-    size = g["score"].transform("size").to_numpy()
-    pos = g.cumcount().to_numpy()
-    n = np.maximum(1, np.floor(quantile * size + 1e-9)).astype(int)
-    valid = size >= _MIN_NAMES_PER_DAY
-    long = valid & (pos < n)
-    short = valid & (pos >= size - n) & ~long
-    weight = np.where(long, 1.0 / n, 0.0) - np.where(short, 1.0 / n, 0.0)
-    out = frame[["date", "symbol"]].assign(weight=weight)
-    return out[out["weight"] != 0.0].reset_index(drop=True)
-
-
-def long_short_returns(preds: pd.DataFrame, quantile: float, cost_bps: float) -> pd.DataFrame:
-    """Daily gross return, turnover, cost and net return of the long-short book.
-
-    The book is rebalanced to its targets every day (drift between rebalances is ignored), the
-    day-t return is the weighted forward return of day t's book, and turnover is sum |w_t -
-    w_{t-1}| over both legs (the first day pays for building the book). Forward returns span
-    the label horizon; with the default horizon of 1 day this is the daily P&L.
-    """
-    _require_columns(preds, ["fwd_return"], "predictions")
-    known = _known(preds)
-    weights = long_short_weights(known, quantile)
-    rets = known[["date", "symbol", "fwd_return"]]
-    book = weights.merge(rets, on=["date", "symbol"], how="left", validate="one_to_one")
-    gross = (book["weight"] * book["fwd_return"]).groupby(book["date"], sort=True).sum()
-    dates = sorted(known["date"].unique())
-    wide = weights.pivot(index="date", columns="symbol", values="weight")
-    wide = wide.reindex(dates).fillna(0.0)
-    turnover = wide.diff().abs().sum(axis=1)
-    if len(wide):
-        turnover.iloc[0] = wide.iloc[0].abs().sum()
-    out = pd.DataFrame({"gross": gross.reindex(dates).fillna(0.0), "turnover": turnover})
-    out["cost"] = out["turnover"] * cost_bps / 1e4
-    out["net"] = out["gross"] - out["cost"]
-    out.index.name = "date"
-    return out
-
-
-def portfolio_metrics(daily: pd.DataFrame, annualization_days: int) -> dict[str, float]:
-    """Annualised return, Sharpe, max drawdown (additive) and mean daily turnover of `net`."""
-    net = daily["net"]
-    if len(net) == 0:
-        return {k: math.nan for k in ("ls_ann_return", "ls_sharpe", "max_drawdown", "ls_turnover")}
-    mean = float(net.mean())
-    std = float(net.std(ddof=1)) if len(net) > 1 else math.nan
-    sharpe = mean / std * math.sqrt(annualization_days) if std and std > 0 else math.nan
-    wealth = net.cumsum()
-    drawdown = float((wealth - wealth.cummax().clip(lower=0.0)).min())
-    return {
-        "ls_ann_return": mean * annualization_days,
-        "ls_sharpe": sharpe,
-        "max_drawdown": min(drawdown, 0.0),
-        "ls_turnover": float(daily["turnover"].mean()),
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # oracle
-
-
-def _normalise_dates(values: pd.Series) -> pd.Series:
-    return pd.to_datetime(values).dt.normalize().astype("datetime64[ns]")
-
-
-def oracle_metrics(preds: pd.DataFrame, oracle: pd.DataFrame) -> dict[str, float]:
-    """IC / Rank IC of the generator's true expected return on the same (symbol, date) rows.
-
-    The ratio model / oracle says how much of the attainable ranking skill the model found.
-    """
-    _require_columns(oracle, ["symbol", "date", "expected_return"], "oracle")
-    left = _known(preds)[["symbol", "date", "fwd_return"]].assign(
-        symbol=lambda f: f["symbol"].astype(str), date=lambda f: _normalise_dates(f["date"])
-    )
-    right = oracle[["symbol", "date", "expected_return"]].assign(
-        symbol=lambda f: f["symbol"].astype(str), date=lambda f: _normalise_dates(f["date"])
-    )
-    joined = left.merge(right, on=["symbol", "date"], how="inner", validate="one_to_one")
-    if joined.empty:
-        raise EvaluationError("oracle shares no (symbol, date) rows with the predictions")
-    oracle_ic = ic_metrics(joined, score="expected_return")
-    return {"oracle_ic": oracle_ic["ic"], "oracle_rank_ic": oracle_ic["rank_ic"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,109 +100,6 @@ def evaluate_predictions(
             labels=labelled["label"].to_numpy(),
         )
     return metrics, figures
-
-
-ScoreFn = Callable[[Batch], tuple[np.ndarray, np.ndarray]]
-
-
-def eval_dataset(
-    shard_dir: str | Path,
-    split: str | None,
-    cfg: PipelineConfig,
-    dates: Iterable[Any] | None = None,
-) -> Any:
-    """The unshuffled loader of a split (or of `dates`), windows in (date, symbol) order."""
-    from alphaloom.model.data import ShardedWindowDataset
-
-    return ShardedWindowDataset(
-        shard_dir,
-        split,
-        batch_size=cfg.loader.batch_size,
-        min_valid_days=cfg.loader.min_valid_days,
-        shuffle=False,
-        dates=dates,
-    )
-
-
-def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> ScoreFn:
-    """Score batches with an in-memory network: (sum_k k * p_k, probabilities)."""
-    from alphaloom.model.network import expected_class_score
-
-    device = torch.device(device)
-    model = model.to(device).eval()
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-
-    @torch.no_grad()
-    def score(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        with autocast:
-            logits = model(move_batch(batch, device)).float()
-        probs = torch.softmax(logits, dim=-1)
-        return expected_class_score(logits).cpu().numpy(), probs.cpu().numpy()
-
-    return score
-
-
-def predict_with(
-    score_fn: ScoreFn,
-    shard_dir: str | Path,
-    split: str | None,
-    cfg: PipelineConfig,
-    dates: Iterable[Any] | None = None,
-) -> pd.DataFrame:
-    """Score every window of `split` (or ending on `dates`) with `score_fn`.
-
-    Returns one row per window in (date, symbol) order: symbol (str), date (datetime64),
-    score = sum_k k * p_k, p0..p3, label and fwd_return (-1 / NaN when not yet known).
-    """
-    dataset = eval_dataset(shard_dir, split, cfg, dates)
-    parts: list[dict[str, np.ndarray]] = []
-    for batch in dataset:
-        score, probs = score_fn(batch)
-        parts.append(
-            {
-                "symbol": batch["symbol"].numpy(),
-                "date": batch["date"].numpy(),
-                "score": np.asarray(score, dtype=np.float64),
-                "probs": np.asarray(probs, dtype=np.float64),
-                "label": batch["label"].numpy(),
-                "fwd_return": batch["fwd_return"].numpy(),
-            }
-        )
-    if not parts:
-        raise EvaluationError(f"split {split!r} of {shard_dir} yielded no window to score")
-    return _frame_from_parts(parts, dataset.info.symbols)
-
-
-def predict(
-    model: torch.nn.Module,
-    shard_dir: str | Path,
-    split: str | None,
-    cfg: PipelineConfig,
-    device: torch.device | str = "cpu",
-    dates: Iterable[Any] | None = None,
-) -> pd.DataFrame:
-    """`predict_with` for an in-memory network."""
-    return predict_with(torch_scorer(model, device), shard_dir, split, cfg, dates)
-
-
-def _frame_from_parts(parts: list[dict[str, np.ndarray]], symbols: np.ndarray) -> pd.DataFrame:
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    frame = pd.DataFrame(
-        {
-            "symbol": np.asarray(symbols, dtype=object)[cat["symbol"]].astype(str),
-            "date": pd.to_datetime(cat["date"].astype("datetime64[D]")),
-            "score": cat["score"],
-        }
-    )
-    for k in range(NUM_CLASSES):
-        frame[f"p{k}"] = cat["probs"][:, k]
-    frame["label"] = cat["label"].astype(np.int64)
-    frame["fwd_return"] = cat["fwd_return"].astype(np.float64)
-    return frame
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +145,7 @@ def evaluate_and_log(
 
     Returns the flat metrics ("test/rank_ic", ...).
     """
-    from alphaloom.tasks.tracking import tracking
+    from alphaloom.tasks.tracking import runs
 
     flat: dict[str, float] = {}
     for split, (metrics, figures) in evaluate_splits(
@@ -446,7 +153,7 @@ def evaluate_and_log(
     ).items():
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
         if run_id is not None:
-            tracking.log_evaluation(cfg, run_id, split, metrics, figures)
+            runs.log_evaluation(cfg, run_id, split, metrics, figures)
     return flat
 
 

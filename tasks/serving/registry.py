@@ -24,8 +24,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.evaluation.evaluate import ScoreFn, eval_dataset, ic_metrics, predict_with
-from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.evaluation.metrics import ic_metrics
+from alphaloom.tasks.evaluation.predictions import ScoreFn, eval_dataset, predict_with
+from alphaloom.tasks.serving import model_logging
+from alphaloom.tasks.tracking import runs, store
 from alphaloom.tasks.training.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -87,12 +89,12 @@ def current_champion(client: mlflow.MlflowClient, name: str) -> str | None:
 
 def champion_uri(cfg: PipelineConfig) -> str:
     """`models:/<name>@champion`, or a clear error when nothing has been promoted yet."""
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     name = cfg.tracking.registered_model
     if current_champion(client, name) is None:
         raise LookupError(
             f"registered model {name!r} has no '{CHAMPION}' alias yet in "
-            f"{tracking.resolve_tracking_uri(cfg)}: run `alphaloom run` first"
+            f"{store.resolve_tracking_uri(cfg)}: run `alphaloom run` first"
         )
     return f"models:/{name}@{CHAMPION}"
 
@@ -123,7 +125,7 @@ def registered_score_fn(model_uri: str, feature_names: list[str]) -> ScoreFn:
 
 def pyfunc_champion_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> ChampionScorer:
     """A scorer: load a registered model, return its Rank IC on `shard_dir`'s valid split."""
-    from alphaloom.model.data import read_manifest
+    from alphaloom.model.shard_set import read_manifest
 
     feature_names = list(read_manifest(shard_dir)["feature_names"])
 
@@ -143,7 +145,7 @@ def promote_if_better(
     score_champion: ChampionScorer,
 ) -> PromotionDecision:
     """Compare a freshly registered version with the champion; move the alias if it is better."""
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     name = cfg.tracking.registered_model
     champion = current_champion(client, name)
     champion_score: float | None = None
@@ -180,14 +182,14 @@ def _log_decision(
     }
     if decision.champion_score is not None:
         metrics["registry/champion_val_rank_ic"] = decision.champion_score
-    tracking.log_metrics(cfg, run_id, metrics)
+    runs.log_metrics(cfg, run_id, metrics)
     tags = {
         "registry.promoted": str(decision.promoted).lower(),
         "registry.reason": decision.reason,
         "registry.new_version": decision.new_version,
         "registry.champion_version": decision.champion_version or "none",
     }
-    tracking.set_tags(cfg, run_id, tags)
+    runs.set_tags(cfg, run_id, tags)
     version_tags = {
         "val_rank_ic": f"{decision.new_score:.6f}",
         "promoted": str(decision.promoted).lower(),
@@ -210,8 +212,8 @@ def register_and_promote(
     if not cfg.tracking.log_model:
         return None
     batch = next(iter(eval_dataset(shard_dir, "valid", cfg)))
-    example = tracking.model_input_example(batch, result.model.input_keys)
-    _, version = tracking.log_ranker(
+    example = model_logging.model_input_example(batch, result.model.input_keys)
+    _, version = model_logging.log_ranker(
         cfg, run_id, result.model, result.dims, example, result.feature_names
     )
     if version is None:

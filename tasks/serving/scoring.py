@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from alphaloom.model.data import ShardSetInfo
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.storage import atomic_file, child
-from alphaloom.tasks.evaluation.evaluate import predict_with
+from alphaloom.tasks.evaluation.predictions import predict_with
 from alphaloom.tasks.orchestration.caching import stage_dir
 from alphaloom.tasks.serving.registry import CHAMPION, champion_uri, registered_score_fn
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.tracking import tracking
+from alphaloom.tasks.tracking import store
 
 HEADLINE_METRICS = (
     "test/rank_ic",
@@ -31,7 +31,7 @@ HEADLINE_METRICS = (
 
 def run_url(cfg: PipelineConfig, run_id: str, ui: str | None = None) -> str:
     """Link to the run in the MLflow UI (`alphaloom ui` serves it on 127.0.0.1)."""
-    client = tracking.client_for(cfg)
+    client = store.client_for(cfg)
     experiment_id = client.get_run(run_id).info.experiment_id
     base = ui or f"http://127.0.0.1:{cfg.tracking.ui_port}"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"

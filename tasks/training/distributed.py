@@ -46,15 +46,9 @@ from alphaloom.tasks.common.storage import (
     remove_file,
     write_text_atomic,
 )
-from alphaloom.tasks.training.train import (
-    BEST_STATE_NAME,
-    TrainResult,
-    build_model,
-    load_weights,
-    model_dims,
-    select_device,
-    train_model,
-)
+from alphaloom.tasks.training.checkpoint import BEST_STATE_NAME, load_weights
+from alphaloom.tasks.training.runtime import select_device
+from alphaloom.tasks.training.train import TrainResult, build_model, model_dims, train_model
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +343,7 @@ def launch_training(
 
 def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -> TrainResult:
     """Rebuild the TrainResult of a finished DDP job from rank 0's files (weights_only loads)."""
-    from alphaloom.model.data import ShardSetInfo
+    from alphaloom.model.shard_set import ShardSetInfo
 
     result_path = child(checkpoint_dir, RESULT_NAME)
     if not is_file(result_path):

@@ -9,14 +9,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from alphaloom.tasks.training.train import TrainProgress
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One progress event: after each batch (`phase="batch"`) and each epoch (`"epoch"`)."""
+
+    phase: str
+    epoch: int
+    epochs: int
+    batch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[TrainProgress], None]
 
 
 class ProgressReporter:

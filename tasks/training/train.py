@@ -15,18 +15,15 @@ validates, checkpoints and logs, and the stop decision is broadcast.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -39,33 +36,33 @@ from alphaloom.tasks.common.storage import (
     Location,
     atomic_file,
     child,
-    is_file,
     local_or_url,
-    read_bytes,
     sha256_of,
 )
-from alphaloom.tasks.evaluation.evaluate import ic_metrics, predict
+from alphaloom.tasks.evaluation.metrics import ic_metrics
+from alphaloom.tasks.evaluation.predictions import predict
 from alphaloom.tasks.orchestration.caching import stage_dir
+from alphaloom.tasks.training.checkpoint import (
+    BEST_STATE_NAME,
+    CHECKPOINT_NAME,
+    LOSS_TERMS,
+    _check_same_start,
+    _cpu_state,
+    _resume_or_fresh,
+    _State,
+    _unwrap,
+    save_checkpoint,
+)
+from alphaloom.tasks.training.progress import ProgressFn, ProgressReporter, TrainProgress
+from alphaloom.tasks.training.runtime import (
+    _autocast,
+    _broadcast,
+    dist_info,
+    seed_everything,
+    select_device,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_STATE_NAME = "best_model.pt"
-CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TrainProgress:
-    """One progress event: after each batch (`phase="batch"`) and each epoch (`"epoch"`)."""
-
-    phase: str
-    epoch: int
-    epochs: int
-    batch: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-ProgressFn = Callable[[TrainProgress], None]
 
 
 @dataclass
@@ -87,79 +84,8 @@ class TrainResult:
 # device, seeds, distributed
 
 
-def select_device(requested: str = "auto") -> torch.device:
-    """CUDA, then MPS, then CPU for "auto"; an explicit device that is absent is an error."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if requested == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
-        raise RuntimeError(f"train.device is {requested!r} but no {requested} device is available")
-    return torch.device(requested)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and random; CPU kernels are then deterministic for a fixed seed."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when not under torchrun."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's value on every rank (identity without DDP)."""
-    _, world = dist_info()
-    if world == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # RNG state as plain tensors (weights_only-loadable)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": _python_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _python_rng_state() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    pos, has_gauss, cached = state["numpy_rest"]
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +93,7 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 
 def model_dims(info: Any) -> dict[str, int]:
-    """SequenceModel's size arguments from a shard set (`model.data.ShardSetInfo`)."""
+    """SequenceModel's size arguments from a shard set (a `ShardSetInfo`)."""
     sizes = info.sizes()
     return {k: int(sizes[k]) for k in ("n_features", "text_dim", "n_industries", "n_indices")}
 
@@ -225,7 +151,8 @@ def fingerprint(cfg: PipelineConfig, shard_dir: str | Path) -> str:
 
 def train_loader(info: Any, cfg: PipelineConfig, device: torch.device) -> Any:
     """The shuffled, rank-aware training stream (rank/world size from torch.distributed)."""
-    from alphaloom.model.data import ShardedWindowDataset, WindowLoader
+    from alphaloom.model.dataset import ShardedWindowDataset
+    from alphaloom.model.device_loader import WindowLoader
 
     rank, world = dist_info()
     dataset = ShardedWindowDataset(
@@ -256,117 +183,14 @@ def validate(
 # checkpoints
 
 
-@dataclass
-class _State:
-    """Everything the loop carries across a checkpoint besides module/optimizer states."""
-
-    epoch: int = 0  # epoch in progress (or next to start)
-    batch: int = 0  # batches of `epoch` already trained
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
-    seen: int = 0  # samples of `epoch` already trained
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    finished: bool = False
-
-
-LOSS_TERMS = ("loss", "focal", "distance")
-_STATE_FIELDS = tuple(_State.__dataclass_fields__)
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def save_checkpoint(path: Location, state: _State, parts: dict[str, Any], fp: str) -> None:
-    """Write the checkpoint atomically (temp file + rename): a crash leaves the previous one."""
-    payload = {
-        "version": CHECKPOINT_VERSION,
-        "fingerprint": fp,
-        "state": {name: getattr(state, name) for name in _STATE_FIELDS},
-        "model": _cpu_state(_unwrap(parts["model"])),
-        "optimizer": parts["optimizer"].state_dict(),
-        "scheduler": parts["scheduler"].state_dict(),
-        "loss": _cpu_state(parts["loss"]),
-        "loader": parts["loader"].state_dict(),
-        "rng": _rng_state(parts["device"]),
-    }
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_weights(path: Location) -> Any:
-    """`torch.load(..., weights_only=True)` of a local file or of a URL's bytes: no code runs."""
-    source = path if isinstance(path, Path) else io.BytesIO(read_bytes(path))
-    return torch.load(source, map_location="cpu", weights_only=True)
-
-
-def load_checkpoint(path: Location) -> dict[str, Any] | None:
-    """The checkpoint at `path`, a file or URL (weights_only: no code runs while loading), or
-    None."""
-    if not is_file(path):
-        return None
-    try:
-        return load_weights(path)
-    except Exception as err:
-        raise RuntimeError(
-            f"checkpoint {path} is unreadable ({err}); delete it to restart"
-        ) from err
-
-
-def _restore(ckpt: dict[str, Any], parts: dict[str, Any]) -> _State:
-    _unwrap(parts["model"]).load_state_dict(ckpt["model"])
-    parts["optimizer"].load_state_dict(ckpt["optimizer"])
-    parts["scheduler"].load_state_dict(ckpt["scheduler"])
-    parts["loss"].load_state_dict(ckpt["loss"])
-    parts["loader"].load_state_dict(ckpt["loader"])
-    _restore_rng(ckpt["rng"], parts["device"])
-    return _State(**ckpt["state"])
-
-
-def _check_same_start(state: _State, ckpt_path: Location) -> None:
-    """Under DDP every rank must start where rank 0 does; a checkpoint directory that only some
-    ranks can see (not on a shared filesystem) would otherwise train them from different weights."""
-    _, world = dist_info()
-    if world == 1:
-        return
-    starts: list[Any] = [None] * world
-    torch.distributed.all_gather_object(starts, (state.epoch, state.batch))
-    if len(set(starts)) > 1:
-        raise RuntimeError(
-            f"DDP ranks would start from different points (epoch, batch) {starts}: the "
-            f"checkpoint {ckpt_path} must be on a filesystem every rank sees"
-        )
-
-
-def _resume_or_fresh(ckpt_path: Location, fp: str, parts: dict[str, Any]) -> tuple[_State, bool]:
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt is None:
-        return _State(), False
-    if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("fingerprint") != fp:
-        log.warning(
-            "checkpoint %s was written for other inputs or settings; starting fresh", ckpt_path
-        )
-        return _State(), False
-    state = _restore(ckpt, parts)
-    log.info("resuming from %s at epoch %d, batch %d", ckpt_path, state.epoch, state.batch)
-    return state, True
-
-
 # ----------------------------------------------------------------------------------------------
 # the loop
 
 
 def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> dict[str, Any]:
     """Seeded construction of model, optimiser, scheduler, loss and loader."""
-    from alphaloom.model.data import ShardSetInfo
     from alphaloom.model.losses import build_loss
+    from alphaloom.model.shard_set import ShardSetInfo
 
     seed_everything(cfg.train.seed)
     info = ShardSetInfo.open(shard_dir)
@@ -561,12 +385,10 @@ def _report_epoch(
 ) -> None:
     log.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in row.items()})
     if run_id is not None:
-        from alphaloom.tasks.tracking import (
-            tracking,  # here, so training runs where MLflow is not installed
-        )
+        from alphaloom.tasks.tracking import runs  # here: training runs without MLflow too
 
         metrics = {k: v for k, v in row.items() if k != "epoch"}
-        tracking.log_metrics(cfg, run_id, metrics, step=epoch)
+        runs.log_metrics(cfg, run_id, metrics, step=epoch)
     if progress is not None:
         progress(TrainProgress("epoch", epoch, cfg.train.epochs, -1, dict(row)))
 
@@ -624,8 +446,6 @@ def train_task(
 
     Shows epoch/batch progress bars and a Prefect progress artifact while it runs.
     """
-    from alphaloom.tasks.training.progress import ProgressReporter
-
     reporter = ProgressReporter(cfg.train.epochs, batches_per_epoch(shard_dir, cfg))
     try:
         return train_model(shard_dir, cfg, checkpoint_dir, run_id, progress=reporter)
@@ -635,7 +455,7 @@ def train_task(
 
 def batches_per_epoch(shard_dir: str | Path, cfg: PipelineConfig) -> int:
     """Training batches of one epoch on this process (for progress bars)."""
-    from alphaloom.model.data import ShardSetInfo
+    from alphaloom.model.shard_set import ShardSetInfo
 
     _, world = dist_info()
     windows = ShardSetInfo.open(shard_dir).window_count("train", cfg.loader.min_valid_days)

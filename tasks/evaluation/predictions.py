@@ -1,0 +1,120 @@
+"""Scoring a shard split with a model: one predictions frame per split, in (date, symbol) order."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from alphaloom.model.batch import NUM_CLASSES, Batch, move_batch
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.evaluation.metrics import (
+    EvaluationError,
+)
+
+ScoreFn = Callable[[Batch], tuple[np.ndarray, np.ndarray]]
+
+
+def eval_dataset(
+    shard_dir: str | Path,
+    split: str | None,
+    cfg: PipelineConfig,
+    dates: Iterable[Any] | None = None,
+) -> Any:
+    """The unshuffled loader of a split (or of `dates`), windows in (date, symbol) order."""
+    from alphaloom.model.dataset import ShardedWindowDataset
+
+    return ShardedWindowDataset(
+        shard_dir,
+        split,
+        batch_size=cfg.loader.batch_size,
+        min_valid_days=cfg.loader.min_valid_days,
+        shuffle=False,
+        dates=dates,
+    )
+
+
+def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> ScoreFn:
+    """Score batches with an in-memory network: (sum_k k * p_k, probabilities)."""
+    from alphaloom.model.network import expected_class_score
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+
+    @torch.no_grad()
+    def score(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        with autocast:
+            logits = model(move_batch(batch, device)).float()
+        probs = torch.softmax(logits, dim=-1)
+        return expected_class_score(logits).cpu().numpy(), probs.cpu().numpy()
+
+    return score
+
+
+def predict_with(
+    score_fn: ScoreFn,
+    shard_dir: str | Path,
+    split: str | None,
+    cfg: PipelineConfig,
+    dates: Iterable[Any] | None = None,
+) -> pd.DataFrame:
+    """Score every window of `split` (or ending on `dates`) with `score_fn`.
+
+    Returns one row per window in (date, symbol) order: symbol (str), date (datetime64),
+    score = sum_k k * p_k, p0..p3, label and fwd_return (-1 / NaN when not yet known).
+    """
+    dataset = eval_dataset(shard_dir, split, cfg, dates)
+    parts: list[dict[str, np.ndarray]] = []
+    for batch in dataset:
+        score, probs = score_fn(batch)
+        parts.append(
+            {
+                "symbol": batch["symbol"].numpy(),
+                "date": batch["date"].numpy(),
+                "score": np.asarray(score, dtype=np.float64),
+                "probs": np.asarray(probs, dtype=np.float64),
+                "label": batch["label"].numpy(),
+                "fwd_return": batch["fwd_return"].numpy(),
+            }
+        )
+    if not parts:
+        raise EvaluationError(f"split {split!r} of {shard_dir} yielded no window to score")
+    return _frame_from_parts(parts, dataset.info.symbols)
+
+
+def predict(
+    model: torch.nn.Module,
+    shard_dir: str | Path,
+    split: str | None,
+    cfg: PipelineConfig,
+    device: torch.device | str = "cpu",
+    dates: Iterable[Any] | None = None,
+) -> pd.DataFrame:
+    """`predict_with` for an in-memory network."""
+    return predict_with(torch_scorer(model, device), shard_dir, split, cfg, dates)
+
+
+def _frame_from_parts(parts: list[dict[str, np.ndarray]], symbols: np.ndarray) -> pd.DataFrame:
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    frame = pd.DataFrame(
+        {
+            "symbol": np.asarray(symbols, dtype=object)[cat["symbol"]].astype(str),
+            "date": pd.to_datetime(cat["date"].astype("datetime64[D]")),
+            "score": cat["score"],
+        }
+    )
+    for k in range(NUM_CLASSES):
+        frame[f"p{k}"] = cat["probs"][:, k]
+    frame["label"] = cat["label"].astype(np.int64)
+    frame["fwd_return"] = cat["fwd_return"].astype(np.float64)
+    return frame

@@ -1,0 +1,197 @@
+"""The model as MLflow logs it: a pyfunc 'model from code' that needs no pickle to load.
+
+Models are logged as MLflow "models from code" pyfunc models: a small script (written from
+`_MODEL_CODE` below) rebuilds `alphaloom.model.network.SequenceModel` from a JSON spec and loads a
+plain state_dict with `torch.load(weights_only=True)`, so loading never unpickles anything. The
+PyTorch flavor's default `pt2` format was measured against it (benchmarks/model_format.py), unused:
+it takes only a tensor or a list of tensors (the network takes a dict batch, so it needs an
+adapter per input-key set), has no pyfunc flavor, and was slower to log (4.9 s vs 1.3 s) and to
+load and score in a fresh process (8.9 s vs 5.6 s) on the tiny model here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import Model, ModelSignature
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.tracking.store import client_for
+
+log = logging.getLogger(__name__)
+
+
+MODEL_INPUT_KEYS = ("x", "mask", "text", "has_text", "industry", "index", "dow", "month")
+
+
+OUTPUT_COLUMNS = ("score", "p0", "p1", "p2", "p3")
+
+
+_MODEL_CODE = '''"""alphaloom ranker: MLflow pyfunc model from code (written by tasks/tracking.py).
+
+Rebuilds model.network.SequenceModel from spec.json and loads state_dict.pt with
+torch.load(weights_only=True): nothing is unpickled. Input: a dict of numpy arrays with the batch
+keys of model/batch.py; output: a DataFrame with score = sum_k k * p_k and p0..p3.
+"""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class AlphaloomRanker(PythonModel):
+    def load_context(self, context):
+        from alphaloom.model.network import SequenceModel, expected_class_score
+
+        with open(context.artifacts["spec"]) as handle:
+            spec = json.load(handle)
+        model = SequenceModel(spec=SimpleNamespace(**spec["model"]), **spec["dims"])
+        state = torch.load(context.artifacts["state_dict"], map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        self.model = model.eval()
+        self.spec = spec
+        self.score = expected_class_score
+        self.keys = spec["input_keys"]
+
+    def predict(self, context, model_input, params=None):
+        batch = {key: torch.as_tensor(np.asarray(model_input[key])) for key in self.keys}
+        with torch.no_grad():
+            logits = self.model(batch).float()
+        probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
+        out = pd.DataFrame(probs, columns=[f"p{k}" for k in range(probs.shape[1])])
+        out.insert(0, "score", self.score(logits).numpy().astype(np.float64))
+        return out
+
+
+set_model(AlphaloomRanker())
+'''
+
+
+def package_source(dest: Path) -> Path:
+    """A copy of the installed `alphaloom` package under `dest` (returns dest/alphaloom).
+
+    The logged model ships it as MLflow code, so a serving process imports `alphaloom.*` (one
+    namespace, no top-level `model` or `tasks` on its path) without the project installed. The
+    subpackages are copied from wherever they are imported from, which in an editable install of
+    the repository are its top-level flows/, tasks/ and model/ folders.
+    """
+    import importlib
+    import shutil
+
+    import alphaloom
+
+    root = dest / "alphaloom"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(alphaloom.__file__).parent, root, ignore=ignore)
+    for name in ("flows", "tasks", "model", "configs"):
+        package = importlib.import_module(f"alphaloom.{name}")
+        source = Path(next(iter(package.__path__)))
+        if not (root / name).exists():
+            shutil.copytree(source, root / name, ignore=ignore)
+    return root
+
+
+def model_input_example(
+    batch: Mapping[str, torch.Tensor], keys: Iterable[str] = MODEL_INPUT_KEYS, rows: int = 4
+) -> dict[str, np.ndarray]:
+    """The network's inputs (`model.input_keys`) of the first `rows` windows as numpy arrays."""
+    return {key: batch[key][:rows].detach().cpu().numpy() for key in keys}
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the logged model (explicit: inference would load it, ~20 s)."""
+    import pandas
+
+    def base(version: str) -> str:
+        return version.split("+")[0]
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={base(torch.__version__)}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pandas.__version__}",
+    ]
+
+
+def _signature(example: Mapping[str, np.ndarray]) -> ModelSignature:
+    inputs = Schema(
+        [TensorSpec(value.dtype, (-1, *value.shape[1:]), name) for name, value in example.items()]
+    )
+    outputs = Schema([ColSpec("double", name) for name in OUTPUT_COLUMNS])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_ranker(
+    cfg: PipelineConfig,
+    run_id: str,
+    model: torch.nn.Module,
+    dims: Mapping[str, int],
+    example: Mapping[str, np.ndarray],
+    feature_names: Iterable[str],
+    register: bool = True,
+    with_example: bool = True,
+) -> tuple[str, str | None]:
+    """Log the model as a pyfunc (from code) under the run; register it if asked.
+
+    `dims` are SequenceModel's size arguments (n_features, text_dim, n_industries, n_indices);
+    `feature_names` are recorded so the registry can tell whether a later shard set still fits.
+    Returns (model URI, registered version or None).
+    """
+    client = client_for(cfg)
+    run = client.get_run(run_id)
+    # Created here so the model lives in the run's experiment: Model.log would otherwise put it
+    # in the fluent "current" experiment (Default, artifacts under ./mlruns) in this thread.
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name="model",
+        source_run_id=run_id,
+        params=dict(run.data.params),
+        model_type="alphaloom-ranker",
+    )
+    spec = {
+        "model": cfg.model.model_dump(mode="json"),
+        "dims": {k: int(v) for k, v in dims.items()},
+        "input_keys": list(example),
+        "feature_names": list(feature_names),
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(prefix="alphaloom-model-") as tmp:
+        tmp_dir = Path(tmp)
+        (tmp_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        torch.save(state, tmp_dir / "state_dict.pt")
+        code = tmp_dir / "alphaloom_ranker.py"
+        code.write_text(_MODEL_CODE)
+        info = Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(code),
+            artifacts={
+                "spec": str(tmp_dir / "spec.json"),
+                "state_dict": str(tmp_dir / "state_dict.pt"),
+            },
+            code_paths=[str(package_source(tmp_dir / "code"))],
+            pip_requirements=pip_requirements(),
+            signature=_signature(example),
+            input_example=dict(example) if with_example else None,
+            registered_model_name=cfg.tracking.registered_model if register else None,
+            await_registration_for=0,
+            model_id=logged.model_id,
+        )
+    version = info.registered_model_version
+    log.info("logged model %s (version %s)", info.model_uri, version)
+    return info.model_uri, None if version is None else str(version)

@@ -1,0 +1,289 @@
+"""MLflow tracking: one run per pipeline run, logged through `MlflowClient` with explicit run ids.
+
+MLflow's fluent "active run" is thread-local, and Prefect runs tasks in worker threads, so nothing
+here relies on it: the flow opens a run with `tracked_run`, passes the run id to every task, and
+each task logs with the client. The default store is `sqlite:///<cwd>/mlflow.db`; it is created
+once under a file lock because several processes migrating a fresh SQLite store at once break it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.types.schema import ColSpec, Schema
+
+from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.common.hashing import code_version
+from alphaloom.tasks.common.storage import (
+    Location,
+    base_name,
+    child,
+    is_file,
+    local_or_url,
+    location_id,
+    read_bytes,
+    read_text,
+)
+from alphaloom.tasks.tracking.store import client_for, ensure_experiment
+
+log = logging.getLogger(__name__)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (for its git commit)
+
+
+TAG_DATA_HASH = "alphaloom.data_hash"
+
+
+TAG_CODE_VERSION = "alphaloom.code_version"
+
+
+TAG_TRIGGER = "alphaloom.trigger"
+
+
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+
+
+TAG_SHARD_DIR = "alphaloom.shard_dir"
+
+
+TAG_SHARD_KEY = "alphaloom.shard_key"
+
+
+_MAX_PARAM_CHARS = 6000
+
+
+_BATCH_LIMIT = 900
+
+
+def flatten_config(cfg: PipelineConfig) -> dict[str, str]:
+    """The config as dotted params (`train.lr` -> "0.001"); lists and nulls as JSON."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+            return
+        text = value if isinstance(value, str) else json.dumps(value)
+        out[prefix] = text[:_MAX_PARAM_CHARS]
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    """HEAD's commit of the project checkout, or None outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def model_code_version() -> str:
+    """Hash of the code that turns a shard set into a model (training through registry)."""
+    import importlib
+
+    names = (
+        "alphaloom.model.network",
+        "alphaloom.model.losses",
+        "alphaloom.model.dataset",
+        "alphaloom.model.panels",
+        "alphaloom.model.shard_set",
+        "alphaloom.tasks.training.train",
+        "alphaloom.tasks.evaluation.evaluate",
+        "alphaloom.tasks.evaluation.predictions",
+        "alphaloom.tasks.training.checkpoint",
+        "alphaloom.tasks.tracking.runs",
+        "alphaloom.tasks.serving.model_logging",
+        "alphaloom.tasks.serving.registry",
+    )
+    return code_version(*(importlib.import_module(name) for name in names))
+
+
+def run_tags(shards: Any) -> dict[str, str]:
+    """Run tags for a shard set (a `StageRef` or a directory): data hash, shard key, code.
+
+    The data hash is the source-data hash recorded in the shard manifest; the code version
+    covers the model-side modules (the data side is in the shard key).
+    """
+    shard_dir = local_or_url(getattr(shards, "path", shards))
+    manifest = json.loads(read_text(child(shard_dir, "manifest.json")))
+    return {
+        TAG_DATA_HASH: str(manifest.get("source_hash", "")),
+        TAG_SHARD_KEY: str(getattr(shards, "key", base_name(shard_dir))),
+        TAG_SHARD_DIR: location_id(shard_dir),
+        TAG_CODE_VERSION: model_code_version(),
+    }
+
+
+def start_run(
+    cfg: PipelineConfig, tags: Mapping[str, str] | None = None, run_name: str | None = None
+) -> str:
+    """Create a RUNNING run with the config as params and YAML artifact; return its id.
+
+    `tags` should carry `alphaloom.data_hash` and `alphaloom.code_version` (the flow knows
+    them); the trigger and git commit are added here.
+    """
+    client = client_for(cfg)
+    experiment_id = ensure_experiment(client, cfg)
+    all_tags = {TAG_TRIGGER: cfg.tracking.trigger, **(tags or {})}
+    commit = git_commit()
+    if commit and TAG_GIT_COMMIT not in all_tags:
+        all_tags[TAG_GIT_COMMIT] = commit
+    run = client.create_run(
+        experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name
+    )
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in flatten_config(cfg).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start : start + 100])
+    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    return run_id
+
+
+def end_run(cfg: PipelineConfig, run_id: str, failed: bool) -> None:
+    """Mark a run FINISHED or FAILED."""
+    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+    client_for(cfg).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: PipelineConfig, tags: Mapping[str, str] | None = None, run_name: str | None = None
+) -> Iterator[str]:
+    """Yield a run id; the run ends FAILED if the block raises (anything) and FINISHED else."""
+    run_id = start_run(cfg, tags, run_name)
+    try:
+        yield run_id
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            client_for(cfg).set_tag(
+                run_id, "alphaloom.error", f"{type(err).__name__}: {err}"[:5000]
+            )
+        end_run(cfg, run_id, failed=True)
+        raise
+    end_run(cfg, run_id, failed=False)
+
+
+def log_metrics(
+    cfg: PipelineConfig,
+    run_id: str,
+    metrics: Mapping[str, float],
+    step: int | None = None,
+    prefix: str = "",
+) -> None:
+    """Log scalar metrics (NaN kept: it says "undefined", not "missing") in batches."""
+    stamp = int(time.time() * 1000)
+    entries = [
+        Metric(f"{prefix}{k}", float(v), stamp, step or 0)
+        for k, v in metrics.items()
+        if v is not None and not (isinstance(v, float) and math.isinf(v))
+    ]
+    client = client_for(cfg)
+    for start in range(0, len(entries), _BATCH_LIMIT):
+        client.log_batch(run_id, metrics=entries[start : start + _BATCH_LIMIT])
+
+
+def log_params(cfg: PipelineConfig, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log extra params (values stringified)."""
+    entries = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()]
+    if entries:
+        client_for(cfg).log_batch(run_id, params=entries)
+
+
+def set_tags(cfg: PipelineConfig, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set run tags (values stringified)."""
+    entries = [RunTag(k, str(v)) for k, v in tags.items()]
+    if entries:
+        client_for(cfg).log_batch(run_id, tags=entries)
+
+
+def log_figures(
+    cfg: PipelineConfig, run_id: str, figures: Mapping[str, Any], folder: str = "plots"
+) -> None:
+    """Log matplotlib figures as PNG artifacts under `folder/`."""
+    client = client_for(cfg)
+    for name, fig in figures.items():
+        client.log_figure(run_id, fig, f"{folder}/{name}")
+
+
+def log_evaluation(
+    cfg: PipelineConfig,
+    run_id: str,
+    split: str,
+    metrics: Mapping[str, float],
+    figures: Mapping[str, Any] | None = None,
+) -> None:
+    """Log one split's evaluation as `<split>/<metric>` plus its plots under plots/<split>/."""
+    log_metrics(cfg, run_id, metrics, prefix=f"{split}/")
+    if figures:
+        log_figures(cfg, run_id, figures, folder=f"plots/{split}")
+
+
+def log_shard_dataset(
+    cfg: PipelineConfig, run_id: str, shard_dir: str | Path, context: str = "training"
+) -> None:
+    """Record the shard set as the run's dataset input (digest = sha256 of its manifest)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    location = local_or_url(shard_dir)
+    manifest_url = child(location, "manifest.json")
+    if not is_file(manifest_url):
+        raise FileNotFoundError(f"shard manifest not found: {manifest_url}")
+    manifest_bytes = read_bytes(manifest_url)
+    manifest = json.loads(manifest_bytes)
+    features = manifest.get("feature_names") or []
+    schema = Schema([ColSpec("double", str(name)) for name in features]) if features else None
+    client = client_for(cfg)
+    source = _dataset_source(location)
+    if source is not None:
+        dataset = MetaDataset(
+            source=source,
+            name=f"shards-{base_name(location)}",
+            digest=hashlib.sha256(manifest_bytes).hexdigest()[:20],
+            schema=schema,
+        )
+        entity = DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+        )
+        client.log_inputs(run_id, datasets=[entity])
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "manifest.json"
+        copy.write_bytes(manifest_bytes)
+        client.log_artifact(run_id, str(copy), "dataset")
+    client.set_tag(run_id, TAG_SHARD_DIR, location_id(location))
+
+
+def _dataset_source(location: Location) -> Any:
+    """MLflow's dataset source for a shard location: a local path, or a URL scheme MLflow knows
+    (s3://, gs://, ...); None for others (memory://), whose runs keep the tag and manifest."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+
+    if isinstance(location, Path):
+        local = [s for s in get_registered_sources() if s._get_source_type() == "local"][:1]
+        return resolve_dataset_source(str(location.resolve()), candidate_sources=local)
+    try:
+        return resolve_dataset_source(location)
+    except MlflowException:
+        log.info("MLflow has no dataset source for %s; logging the manifest only", location)
+        return None
