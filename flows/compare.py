@@ -31,6 +31,7 @@ from alphaloom.tasks.comparison.summary import (
     publish_comparison,
 )
 from alphaloom.tasks.data.ingest import load_saved_oracle
+from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
 
 
@@ -53,6 +54,7 @@ def compare_models(
     skipped = skipped_variants(chosen)
     market, shards = data_stages(cfg)
     oracle = load_saved_oracle(market)
+    exposures = market_exposures(market)
     shard_tags = run_tags(shards)
     with tracked_run(cfg, parent_tags(shard_tags, seed_values), "compare") as parent_id:
         log_shard_dataset(cfg, parent_id, shards.path)
@@ -65,7 +67,7 @@ def compare_models(
             for seed in seed_values:
                 state = variant_task(
                     cfg, variant, seed, parent_id, shards.path, oracle, shard_tags, figures,
-                    return_state=True,
+                    exposures, return_state=True,
                 )  # fmt: skip
                 outcomes.append(outcome_from_state(state, variant, seed))
         summary = log_comparison(cfg, parent_id, chosen, outcomes, seed_values, skipped, reference)

@@ -151,7 +151,7 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     cfg = tiny_config("train.epochs=10", "train.patience=2")
     model = torch.nn.Linear(2, 1)
     state = _State()
-    terms = {"loss": 1.0, "focal": 1.0, "distance": 0.0}
+    terms = {"loss": 1.0, "focal": 1.0, "distance": 0.0, "rank": 0.0}
     for score in (0.02, 0.05, 0.04, math.nan):
         with torch.no_grad():
             model.weight.fill_(score if math.isfinite(score) else -1.0)

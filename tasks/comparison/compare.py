@@ -240,6 +240,7 @@ def score_and_log(
     predict_split: SplitPredictor,
     oracle: pd.DataFrame | None,
     figures: bool,
+    exposures: pd.DataFrame | None = None,
 ) -> dict[str, float]:
     """Score valid and test with `evaluate_predictions` and log `<split>/<metric>` (+ plots).
 
@@ -250,7 +251,9 @@ def score_and_log(
     flat: dict[str, float] = {}
     for split in ("valid", "test"):
         preds = predict_split(split)
-        metrics, plots = evaluate_predictions(preds, cfg.evaluate, oracle, with_figures=figures)
+        metrics, plots = evaluate_predictions(
+            preds, cfg.evaluate, oracle, with_figures=figures, exposures=exposures
+        )
         runs.log_evaluation(cfg, run_id, split, metrics, plots)
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
     return flat
@@ -303,6 +306,7 @@ def run_variant(
     oracle: pd.DataFrame | None = None,
     tags: Mapping[str, str] | None = None,
     figures: bool = True,
+    exposures: pd.DataFrame | None = None,
 ) -> VariantOutcome:
     """Train and evaluate one variant with one seed inside its own child run.
 
@@ -325,7 +329,8 @@ def run_variant(
             else:
                 predict_split, extra = _fit_network(vcfg, run_id, shard_dir)
             runs.log_metrics(vcfg, run_id, extra)
-            metrics = {**score_and_log(vcfg, run_id, predict_split, oracle, figures), **extra}
+            scored = score_and_log(vcfg, run_id, predict_split, oracle, figures, exposures)
+            metrics = {**scored, **extra}
     except Exception as err:
         log.exception("variant %s seed %d failed", variant.name, seed)
         raise VariantFailed(variant.name, seed, run_id, f"{type(err).__name__}: {err}") from err
@@ -349,9 +354,12 @@ def variant_task(
     oracle: pd.DataFrame | None = None,
     tags: dict[str, str] | None = None,
     figures: bool = True,
+    exposures: pd.DataFrame | None = None,
 ) -> VariantOutcome:
     """Prefect wrapper of `run_variant` (a failed variant is a failed task run)."""
-    return run_variant(cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures)
+    return run_variant(
+        cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures, exposures
+    )
 
 
 def outcome_from_state(state: Any, variant: Variant, seed: int) -> VariantOutcome:

@@ -39,7 +39,7 @@ _MODEL_CODE = '''"""alphaloom ranker: MLflow pyfunc model from code (written by 
 
 Rebuilds model.network.SequenceModel from spec.json and loads state_dict.pt with
 torch.load(weights_only=True): nothing is unpickled. Input: a dict of numpy arrays with the batch
-keys of model/batch.py; output: a DataFrame with score = sum_k k * p_k and p0..p3.
+keys of model/batch.py; output: a DataFrame with the model's score (sum_k v_k * p_k) and p0..p3.
 """
 
 import json
@@ -54,7 +54,7 @@ from mlflow.pyfunc import PythonModel
 
 class AlphaloomRanker(PythonModel):
     def load_context(self, context):
-        from alphaloom.model.network import SequenceModel, expected_class_score
+        from alphaloom.model.network import SequenceModel
 
         with open(context.artifacts["spec"]) as handle:
             spec = json.load(handle)
@@ -63,7 +63,6 @@ class AlphaloomRanker(PythonModel):
         model.load_state_dict(state)
         self.model = model.eval()
         self.spec = spec
-        self.score = expected_class_score
         self.keys = spec["input_keys"]
 
     def predict(self, context, model_input, params=None):
@@ -72,7 +71,7 @@ class AlphaloomRanker(PythonModel):
             logits = self.model(batch).float()
         probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
         out = pd.DataFrame(probs, columns=[f"p{k}" for k in range(probs.shape[1])])
-        out.insert(0, "score", self.score(logits).numpy().astype(np.float64))
+        out.insert(0, "score", self.model.score(logits).numpy().astype(np.float64))
         return out
 
 

@@ -221,10 +221,15 @@ def set_tags(cfg: PipelineConfig, run_id: str, tags: Mapping[str, Any]) -> None:
 def log_figures(
     cfg: PipelineConfig, run_id: str, figures: Mapping[str, Any], folder: str = "plots"
 ) -> None:
-    """Log matplotlib figures as PNG artifacts under `folder/`."""
+    """Log matplotlib figures as PNG artifacts under `folder/` (DataFrames as CSV tables)."""
+    import pandas as pd
+
     client = client_for(cfg)
-    for name, fig in figures.items():
-        client.log_figure(run_id, fig, f"{folder}/{name}")
+    for name, item in figures.items():
+        if isinstance(item, pd.DataFrame):
+            client.log_text(run_id, item.to_csv(index=False), f"{folder}/{name}")
+        else:
+            client.log_figure(run_id, item, f"{folder}/{name}")
 
 
 def log_evaluation(

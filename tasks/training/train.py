@@ -167,8 +167,16 @@ def train_loader(info: Any, cfg: PipelineConfig, device: torch.device) -> Any:
         equalize=cfg.loader.equalize,
         rank=rank,
         world_size=world,
+        group_by_date=groups_by_date(cfg),
     )
     return WindowLoader(dataset, num_workers=cfg.loader.num_workers, device=device)
+
+
+def groups_by_date(cfg: PipelineConfig) -> bool:
+    """loader.group_by_date, or when unset: whether the per-day ranking term needs it."""
+    if cfg.loader.group_by_date is None:
+        return cfg.loss.rank_weight > 0
+    return cfg.loader.group_by_date
 
 
 def validate(
@@ -194,7 +202,14 @@ def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> 
 
     seed_everything(cfg.train.seed)
     info = ShardSetInfo.open(shard_dir)
-    model = build_model(info, cfg).to(device)
+    model = build_model(info, cfg)
+    if cfg.model.score == "class_values":
+        from alphaloom.tasks.training.class_values import fit_class_values
+
+        values = fit_class_values(info)
+        log.info("class values fitted on the training split: %s", values.round(4).tolist())
+        model.set_class_values(values)
+    model = model.to(device)
     wrapped: nn.Module = model
     if dist_info()[1] > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -223,13 +238,18 @@ def _join_context(model: nn.Module) -> contextlib.AbstractContextManager:
 def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> torch.Tensor:
     """Forward (bf16 autocast on CUDA), loss in float32, backward, clip, step.
 
-    Returns the detached loss terms [3] on the device: reading them would force a GPU sync
+    Returns the detached loss terms [4] on the device: reading them would force a GPU sync
     per step, which stops the loader's CPU work from overlapping the GPU's.
     """
-    model, optimizer = parts["model"], parts["optimizer"]
+    model, optimizer, loss = parts["model"], parts["optimizer"], parts["loss"]
     with _autocast(parts["device"]):
         logits = model(batch)
-    terms = parts["loss"](logits.float(), batch["label"])
+    logits = logits.float()
+    if loss.needs_days:
+        score = _unwrap(model).score(logits)
+        terms = loss(logits, batch["label"], score, batch["fwd_return"], batch["date"])
+    else:
+        terms = loss(logits, batch["label"])
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.train.grad_clip is not None:
