@@ -74,10 +74,15 @@ class LabelSection(Section):
 
 
 class SplitSection(Section):
-    """Date splits. Explicit end dates win over fractions of the trading calendar."""
+    """Date splits. Explicit end dates win over fractions of the trading calendar.
+
+    `test_end` (optional) ends the test split: later days are in no split (a backtest of an
+    earlier period on data that goes on).
+    """
 
     train_end: dt.date | None = None
     valid_end: dt.date | None = None
+    test_end: dt.date | None = None
     train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
     valid_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     purge_days: int | None = Field(None, ge=0, description="default: label horizon + 1")
@@ -90,6 +95,8 @@ class SplitSection(Section):
             )
         if self.train_end and self.valid_end and self.valid_end <= self.train_end:
             raise ValueError("features.splits.valid_end must be after features.splits.train_end")
+        if self.test_end and (self.valid_end is None or self.test_end <= self.valid_end):
+            raise ValueError("features.splits.test_end needs features.splits.valid_end before it")
         return self
 
 

@@ -56,6 +56,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("test/rank_icir", "test Rank ICIR", 3),
     ("test/ls_sharpe", "L-S Sharpe", 2),
     ("test/accuracy", "test accuracy", 3),
+    ("test/score_vol_corr", "score~vol", 3),
+    ("test/q5_minus_q1", "Q5−Q1 return", 5),
     ("valid/rank_ic", "valid Rank IC", 4),
     ("fit_seconds", "fit s", 0),
 )
@@ -67,15 +69,15 @@ class Variant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["network", "lightgbm"] = "network"
+    kind: Literal["network", "lightgbm", "blend"] = "network"
     overrides: tuple[str, ...] = ()
     params: dict[str, Any] = Field(default_factory=dict, description="LightGBM parameters")
     description: str = ""
 
     @model_validator(mode="after")
     def _params_need_lightgbm(self) -> Variant:
-        if self.params and self.kind != "lightgbm":
-            raise ValueError(f"variant '{self.name}': params are for kind 'lightgbm' only")
+        if self.params and self.kind == "network":
+            raise ValueError(f"variant '{self.name}': params are for kinds 'lightgbm', 'blend'")
         return self
 
 
@@ -180,7 +182,7 @@ def skipped_variants(variants: Iterable[Variant]) -> dict[str, str]:
     if baselines.lightgbm_available():
         return {}
     reason = f"LightGBM is not installed: {baselines.INSTALL_HINT}"
-    return {v.name: reason for v in variants if v.kind == "lightgbm"}
+    return {v.name: reason for v in variants if v.kind in ("lightgbm", "blend")}
 
 
 def variant_config(cfg: PipelineConfig, variant: Variant, seed: int) -> PipelineConfig:
@@ -234,6 +236,14 @@ def child_tags(
 SplitPredictor = Callable[[str], pd.DataFrame]
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a (variant, seed) stands in the comparison, for its progress lines."""
+
+    label: str  # "variant 3/20 cross_entropy seed 1"
+    started: float  # time.time() when the comparison started
+
+
 def score_and_log(
     cfg: PipelineConfig,
     run_id: str,
@@ -259,13 +269,27 @@ def score_and_log(
     return flat
 
 
-def _fit_network(cfg: PipelineConfig, run_id: str, shard_dir: str) -> tuple[SplitPredictor, dict]:
+def _fit_network(
+    cfg: PipelineConfig, run_id: str, shard_dir: str, progress: Progress | None = None
+) -> tuple[SplitPredictor, dict]:
     """Train in this run's own checkpoint dir (a retried task resumes there); never register."""
     from alphaloom.tasks.evaluation.predictions import predict
+    from alphaloom.tasks.training.progress import ProgressReporter
     from alphaloom.tasks.training.train import checkpoint_dir_for, train_model
 
     started = time.perf_counter()
-    result = train_model(shard_dir, cfg, checkpoint_dir_for(cfg, run_id), run_id)
+    reporter = None
+    if progress is not None:
+        reporter = ProgressReporter(
+            cfg.train.epochs, None, artifact=False, label=progress.label, started=progress.started
+        )
+    try:
+        result = train_model(
+            shard_dir, cfg, checkpoint_dir_for(cfg, run_id), run_id, progress=reporter
+        )
+    finally:
+        if reporter is not None:
+            reporter.close()
     extra = {"fit_seconds": time.perf_counter() - started, "best_epoch": float(result.best_epoch)}
 
     def predict_split(split: str) -> pd.DataFrame:
@@ -297,6 +321,38 @@ def _fit_lightgbm(
     return predict_split, extra
 
 
+def _fit_blend(
+    cfg: PipelineConfig,
+    variant: Variant,
+    seed: int,
+    run_id: str,
+    shard_dir: str,
+    progress: Progress | None,
+) -> tuple[SplitPredictor, dict]:
+    """The network (with the variant's overrides) and LightGBM, rank-blended with the weight
+    chosen on the validation split (tasks/comparison/blend.py); both parts' figures are logged
+    beside the blend's so it is measured against each."""
+    from alphaloom.tasks.comparison.blend import blended, choose_weight
+    from alphaloom.tasks.evaluation.metrics import ic_metrics
+
+    network, network_extra = _fit_network(cfg, run_id, shard_dir, progress)
+    lightgbm, lightgbm_extra = _fit_lightgbm(cfg, variant, seed, run_id, shard_dir)
+    parts = {split: (network(split), lightgbm(split)) for split in ("valid", "test")}
+    weight, _ = choose_weight(*parts["valid"])
+    extra = {
+        "fit_seconds": network_extra["fit_seconds"] + lightgbm_extra["fit_seconds"],
+        "blend/network_weight": weight,
+    }
+    for split, (net_preds, gbm_preds) in parts.items():
+        extra[f"blend/{split}_network_rank_ic"] = ic_metrics(net_preds)["rank_ic"]
+        extra[f"blend/{split}_lightgbm_rank_ic"] = ic_metrics(gbm_preds)["rank_ic"]
+
+    def predict_split(split: str) -> pd.DataFrame:
+        return blended(*parts[split], weight)
+
+    return predict_split, extra
+
+
 def run_variant(
     cfg: PipelineConfig,
     variant: Variant,
@@ -307,6 +363,7 @@ def run_variant(
     tags: Mapping[str, str] | None = None,
     figures: bool = True,
     exposures: pd.DataFrame | None = None,
+    progress: Progress | None = None,
 ) -> VariantOutcome:
     """Train and evaluate one variant with one seed inside its own child run.
 
@@ -326,8 +383,10 @@ def run_variant(
                 raise bad_config
             if variant.kind == "lightgbm":
                 predict_split, extra = _fit_lightgbm(vcfg, variant, seed, run_id, shard_dir)
+            elif variant.kind == "blend":
+                predict_split, extra = _fit_blend(vcfg, variant, seed, run_id, shard_dir, progress)
             else:
-                predict_split, extra = _fit_network(vcfg, run_id, shard_dir)
+                predict_split, extra = _fit_network(vcfg, run_id, shard_dir, progress)
             runs.log_metrics(vcfg, run_id, extra)
             scored = score_and_log(vcfg, run_id, predict_split, oracle, figures, exposures)
             metrics = {**scored, **extra}
@@ -355,10 +414,11 @@ def variant_task(
     tags: dict[str, str] | None = None,
     figures: bool = True,
     exposures: pd.DataFrame | None = None,
+    progress: Progress | None = None,
 ) -> VariantOutcome:
     """Prefect wrapper of `run_variant` (a failed variant is a failed task run)."""
     return run_variant(
-        cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures, exposures
+        cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures, exposures, progress
     )
 
 

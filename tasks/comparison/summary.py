@@ -247,3 +247,17 @@ def publish_comparison(summary: Mapping[str, Any]) -> None:
         key="model-comparison",
         description="Baselines and ablations on the same shards and splits",
     )
+
+
+def outcome_line(outcome: VariantOutcome) -> str:
+    """One line on a finished (variant, seed): its headline figures, or why it failed."""
+    if outcome.status != "finished":
+        return f"FAILED ({outcome.error})"
+    metrics = outcome.metrics
+    parts = [f"{title} {metrics[key]:.{decimals}f}" for key, title, decimals in TABLE_COLUMNS[:1]]
+    for key, title in (("valid/rank_ic", "valid Rank IC"), ("test/score_vol_corr", "vol corr")):
+        if key in metrics:
+            parts.append(f"{title} {metrics[key]:.4f}")
+    if "fit_seconds" in metrics:
+        parts.append(f"fit {metrics['fit_seconds']:.0f} s")
+    return ", ".join(parts)

@@ -100,7 +100,9 @@ def quantile_return_figure(table: pd.DataFrame) -> Figure:
     ax = fig.add_subplot()
     bps = table["mean_return"].to_numpy(dtype=float) * 1e4
     colors = ["C3" if value < 0 else "C2" for value in bps]
-    ax.bar(table["quantile"].astype(str), bps, color=colors)
+    positions = np.arange(len(bps))
+    ax.bar(positions, bps, color=colors)
+    ax.set_xticks(positions, [str(int(q)) for q in table["quantile"]])
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_xlabel("score quantile (1 = lowest)")
     ax.set_ylabel("mean forward return (bps)")
