@@ -205,6 +205,8 @@ class VariantOutcome:
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    # split -> {ISO date: that day's Rank IC}, for per-day paired tests between variants
+    daily_rank_ic: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class VariantFailed(RuntimeError):
@@ -251,12 +253,15 @@ def score_and_log(
     oracle: pd.DataFrame | None,
     figures: bool,
     exposures: pd.DataFrame | None = None,
+    daily: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Score valid and test with `evaluate_predictions` and log `<split>/<metric>` (+ plots).
+    """Score valid and test with `evaluate_predictions` and log `<split>/<metric>` (+ plots and
+    the daily Rank IC series as `plots/<split>/daily_rank_ic.csv`, also put into `daily`).
 
     The one scoring path of every variant, network or LightGBM, so their metrics line up.
     """
     from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
+    from alphaloom.tasks.evaluation.metrics import _known, daily_ic
 
     flat: dict[str, float] = {}
     for split in ("valid", "test"):
@@ -264,8 +269,12 @@ def score_and_log(
         metrics, plots = evaluate_predictions(
             preds, cfg.evaluate, oracle, with_figures=figures, exposures=exposures
         )
+        series = daily_ic(_known(preds), "spearman")
+        plots["daily_rank_ic.csv"] = series.rename("rank_ic").rename_axis("date").reset_index()
         runs.log_evaluation(cfg, run_id, split, metrics, plots)
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
+        if daily is not None:
+            daily[split] = {pd.Timestamp(d).date().isoformat(): float(v) for d, v in series.items()}
     return flat
 
 
@@ -388,12 +397,13 @@ def run_variant(
             else:
                 predict_split, extra = _fit_network(vcfg, run_id, shard_dir, progress)
             runs.log_metrics(vcfg, run_id, extra)
-            scored = score_and_log(vcfg, run_id, predict_split, oracle, figures, exposures)
+            daily: dict[str, dict[str, float]] = {}
+            scored = score_and_log(vcfg, run_id, predict_split, oracle, figures, exposures, daily)
             metrics = {**scored, **extra}
     except Exception as err:
         log.exception("variant %s seed %d failed", variant.name, seed)
         raise VariantFailed(variant.name, seed, run_id, f"{type(err).__name__}: {err}") from err
-    return VariantOutcome(variant.name, seed, "finished", run_id, metrics)
+    return VariantOutcome(variant.name, seed, "finished", run_id, metrics, daily_rank_ic=daily)
 
 
 @task(
