@@ -72,7 +72,7 @@ def evaluate_predictions(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """All metrics of one split's predictions, plus matplotlib figures keyed by file name.
 
-    Metric keys carry no split prefix (the tracker adds `val/` or `test/`).
+    Metric keys carry no split prefix (the tracker adds `valid/` or `test/`).
     """
     _require_columns(preds, PRED_COLUMNS, "predictions")
     known = _known(preds)

@@ -59,15 +59,15 @@ class ProgressReporter:
         self.batch_bar.reset(total=self.batches_per_epoch)
         self.batches_done = 0
         self.epoch_bar.update(1)
-        val = event.metrics.get("val/rank_ic")
+        val = event.metrics.get("valid/rank_ic")
         if val is not None:
-            self.epoch_bar.set_postfix(val_rank_ic=f"{val:.4f}")
+            self.epoch_bar.set_postfix(valid_rank_ic=f"{val:.4f}")
         self.logger.info(
-            "epoch %d/%d: train loss %.4f, val Rank IC %.4f (%.0f s)",
+            "epoch %d/%d: train loss %.4f, valid Rank IC %.4f (%.0f s)",
             event.epoch + 1,
             self.epochs,
             event.metrics.get("train/loss", float("nan")),
-            event.metrics.get("val/rank_ic", float("nan")),
+            event.metrics.get("valid/rank_ic", float("nan")),
             event.metrics.get("epoch_seconds", float("nan")),
         )
         _update_artifact(self.artifact_id, 100.0 * (event.epoch + 1) / max(self.epochs, 1))
