@@ -149,3 +149,19 @@ def test_active_run_keeps_an_ended_run_ended(cfg: PipelineConfig) -> None:
         mlflow.set_tag("late", "yes")
     run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["late"] == "yes"
+
+
+def test_the_code_version_covers_every_model_side_module() -> None:
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    covered = set(runs.model_code_modules())
+    folders = ("model", "tasks/training", "tasks/evaluation", "tasks/tracking", "tasks/serving")
+    expected = {
+        "alphaloom." + ".".join(path.relative_to(repo).with_suffix("").parts)
+        for folder in folders
+        for path in (repo / folder).glob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert {"alphaloom.model.batch", "alphaloom.tasks.evaluation.metrics"} <= expected
+    assert expected <= covered

@@ -103,25 +103,33 @@ def git_commit(root: Path = REPO_ROOT) -> str | None:
     return result.stdout.strip() or None
 
 
+MODEL_CODE_PACKAGES = (
+    "alphaloom.model",
+    "alphaloom.tasks.training",
+    "alphaloom.tasks.evaluation",
+    "alphaloom.tasks.tracking",
+    "alphaloom.tasks.serving",
+)
+
+
+def model_code_modules() -> list[str]:
+    """Every module of the packages that turn a shard set into a model (training through
+    registry), found by walking them so that a module split off later is covered too."""
+    import importlib
+    import pkgutil
+
+    names: set[str] = set()
+    for package in MODEL_CODE_PACKAGES:
+        path = importlib.import_module(package).__path__
+        names.update(info.name for info in pkgutil.walk_packages(path, f"{package}."))
+    return sorted(names)
+
+
 def model_code_version() -> str:
-    """Hash of the code that turns a shard set into a model (training through registry)."""
+    """Hash of the source of `model_code_modules()`, the run's `alphaloom.code_version` tag."""
     import importlib
 
-    names = (
-        "alphaloom.model.network",
-        "alphaloom.model.losses",
-        "alphaloom.model.dataset",
-        "alphaloom.model.panels",
-        "alphaloom.model.shard_set",
-        "alphaloom.tasks.training.train",
-        "alphaloom.tasks.evaluation.evaluate",
-        "alphaloom.tasks.evaluation.predictions",
-        "alphaloom.tasks.training.checkpoint",
-        "alphaloom.tasks.tracking.runs",
-        "alphaloom.tasks.serving.model_logging",
-        "alphaloom.tasks.serving.registry",
-    )
-    return code_version(*(importlib.import_module(name) for name in names))
+    return code_version(*(importlib.import_module(name) for name in model_code_modules()))
 
 
 def run_tags(shards: Any) -> dict[str, str]:
