@@ -317,7 +317,8 @@ def _fit_lightgbm(
     runs.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})
     stamp = int(time.time() * 1000)
     curve = [
-        Metric("val/rank_ic", float(v), stamp, step) for step, v in enumerate(fit.history, start=1)
+        Metric("valid/rank_ic", float(v), stamp, step)
+        for step, v in enumerate(fit.history, start=1)
     ]
     client = store.client_for(cfg)
     for start in range(0, len(curve), 900):

@@ -71,17 +71,17 @@ class ProgressReporter:
         self.batch_bar.reset(total=self.batches_per_epoch)
         self.batches_done = 0
         self.epoch_bar.update(1)
-        val = event.metrics.get("val/rank_ic")
+        val = event.metrics.get("valid/rank_ic")
         if val is not None:
-            self.epoch_bar.set_postfix(val_rank_ic=f"{val:.4f}")
+            self.epoch_bar.set_postfix(valid_rank_ic=f"{val:.4f}")
         elapsed = "" if self.started is None else f", {elapsed_text(time.time() - self.started)}"
         self.logger.info(
-            "%sepoch %d/%d: train loss %.4f, val Rank IC %.4f (%.0f s%s)",
+            "%sepoch %d/%d: train loss %.4f, valid Rank IC %.4f (%.0f s%s)",
             f"{self.label}: " if self.label else "",
             event.epoch + 1,
             self.epochs,
             event.metrics.get("train/loss", float("nan")),
-            event.metrics.get("val/rank_ic", float("nan")),
+            event.metrics.get("valid/rank_ic", float("nan")),
             event.metrics.get("epoch_seconds", float("nan")),
             elapsed,
         )

@@ -326,8 +326,8 @@ def _close_epoch(
     row = {
         "epoch": float(state.epoch),
         **{f"train/{key}": train_terms[key] for key in LOSS_TERMS},
-        "val/ic": val["ic"],
-        "val/rank_ic": val["rank_ic"],
+        "valid/ic": val["ic"],
+        "valid/rank_ic": val["rank_ic"],
         "lr": lr,
     }
     state.history.append(row)
@@ -354,7 +354,7 @@ def train_model(
 ) -> TrainResult:
     """Train, resume from `checkpoint_dir`, or return the finished run there; best model back.
 
-    Per-epoch metrics (`train/loss`, `train/focal`, `train/distance`, `val/ic`, `val/rank_ic`,
+    Per-epoch metrics (`train/loss`, `train/focal`, `train/distance`, `valid/ic`, `valid/rank_ic`,
     `lr`) go to MLflow run `run_id` with step = epoch, from rank 0 only. `progress` is called
     after every batch and epoch (an exception raised there aborts training like a crash).
     """
