@@ -3,6 +3,7 @@ without), broken ones are rebuilt, and only transient errors are retried."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -74,17 +75,19 @@ def test_intact_outputs_are_reused_without_running_a_builder(tmp_path, monkeypat
     assert stages(cfg) == first
 
 
-def test_a_deleted_output_is_rebuilt(tmp_path) -> None:
+def test_a_deleted_output_is_rebuilt(tmp_path, caplog) -> None:
     cfg = tiny_config(f"work_dir={tmp_path / 'work'}", *SMALL)
     market, features, _, _ = stages(cfg)
     shutil.rmtree(features.path)
     assert features_task.problem(market, cfg)[1] == "missing"
-    assert features_task.reuse_or_build(market, cfg) == features
+    with caplog.at_level(logging.INFO, logger="alphaloom.tasks.orchestration.caching"):
+        assert features_task.reuse_or_build(market, cfg) == features
+    assert f"output {features.path} is missing: building it" in caplog.text
     assert output_problem(features.path) is None
 
 
 @pytest.mark.parametrize("kind", ["local", "memory"])
-def test_a_shard_file_with_flipped_bytes_is_rebuilt(kind, tmp_path, memory_root) -> None:
+def test_a_shard_file_with_flipped_bytes_is_rebuilt(kind, tmp_path, memory_root, caplog) -> None:
     work = tmp_path / "work" if kind == "local" else memory_root
     cfg = tiny_config(f"work_dir={work}", *SMALL)
     market, features, text, shards = stages(cfg)
@@ -93,7 +96,9 @@ def test_a_shard_file_with_flipped_bytes_is_rebuilt(kind, tmp_path, memory_root)
     shard.fs.pipe_file(shard.path, flip_byte(good))
     problem = shards_task.problem(features, text, market, cfg)[1]
     assert problem == f"corrupt ({shard.name} does not match its sha256 in _COMPLETE.json)"
-    assert shards_task.reuse_or_build(features, text, market, cfg) == shards
+    with caplog.at_level(logging.INFO, logger="alphaloom.tasks.orchestration.caching"):
+        assert shards_task.reuse_or_build(features, text, market, cfg) == shards
+    assert f"output {shards.path} is {problem}: rebuilding it" in caplog.text
     assert shard.read_bytes() == good and output_problem(shards.path) is None
     assert ShardSetInfo.open(shards.path).window_count("train", 10) > 0
 

@@ -138,8 +138,7 @@ class StageTask:
             return self.task
         if problem is None:
             return self.task
-        action = "building" if problem == "missing" else "rebuilding"
-        _logger().info("output %s is %s: %s it", ref.path, problem, action)
+        _logger().info(_rebuild_message(ref, problem))
         return self.refreshing
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -161,8 +160,13 @@ class StageTask:
         if problem is None:
             log.info("%s: reusing %s", self.name, ref.path)
             return ref
-        log.info("%s: output %s is %s: building it", self.name, ref.path, problem)
+        log.info("%s: %s", self.name, _rebuild_message(ref, problem))
         return self.fn(*args, **kwargs)
+
+
+def _rebuild_message(ref: StageRef, problem: str) -> str:
+    action = "building" if problem == "missing" else "rebuilding"
+    return f"output {ref.path} is {problem}: {action} it"
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
