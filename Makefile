@@ -57,8 +57,9 @@ lock:
 	.lock-venv/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	.lock-venv/bin/python -m pip install --quiet ".[$(EXTRAS)]"
 	{ echo "# pip constraints for make install: written by 'make lock' on $$(date -u +%F)"; \
-	  .lock-venv/bin/python -m pip freeze | grep -viE '^(torch|alphaloom)=='; } > $(CONSTRAINTS)
+	  .lock-venv/bin/python -m pip freeze --exclude torch --exclude alphaloom; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	rm -rf .lock-venv
 
 clean:
-	rm -rf outputs mlruns mlflow.db .pytest_cache
+	rm -rf outputs mlruns mlartifacts mlflow.db mlflow.db.lock .pytest_cache

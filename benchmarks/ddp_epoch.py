@@ -73,7 +73,8 @@ def run(shard_dir: Path, out: Path, nprocs: int, threads: int, overrides: list[s
     print(
         f"{nprocs} process(es) x {threads} thread(s): last epoch {seconds:.1f}s train "
         f"(epochs {[round(h['train_seconds'], 1) for h in history]}), "
-        f"val rank IC {history[-1]['val/rank_ic']:.4f}, wall {time.perf_counter() - started:.0f}s",
+        f"valid Rank IC {history[-1]['valid/rank_ic']:.4f}, "
+        f"wall {time.perf_counter() - started:.0f}s",
         flush=True,
     )
     return seconds

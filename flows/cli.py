@@ -143,7 +143,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except CompareError as err:
         print(f"alphaloom: {err}", file=sys.stderr)
         return 2
-    if not lightgbm_available() and any(v.kind == "lightgbm" for v in variants):
+    if not lightgbm_available() and any(v.kind in ("lightgbm", "blend") for v in variants):
         print(f"LightGBM is not installed, so its baseline is skipped; install: {INSTALL_HINT}")
     summary = compare_models(cfg, seeds=args.seeds, variants=variants)
     print(f"\nMLflow parent run: {summary['parent_run_id']} ({summary['experiment']})")

@@ -7,6 +7,7 @@ A failed variant fails its task and child run; the loop goes on and its row says
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.comparison.compare import (
     DEFAULT_VARIANTS,
     REFERENCE,
+    Progress,
     Variant,
     check_variants,
     outcome_from_state,
@@ -27,11 +29,14 @@ from alphaloom.tasks.comparison.compare import (
 from alphaloom.tasks.comparison.summary import (
     log_comparison,
     log_plan,
+    outcome_line,
     parent_tags,
     publish_comparison,
 )
 from alphaloom.tasks.data.ingest import load_saved_oracle
+from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
+from alphaloom.tasks.training.progress import elapsed_text
 
 
 @flow(name="compare-models", log_prints=True)
@@ -53,21 +58,29 @@ def compare_models(
     skipped = skipped_variants(chosen)
     market, shards = data_stages(cfg)
     oracle = load_saved_oracle(market)
+    exposures = market_exposures(market)
     shard_tags = run_tags(shards)
     with tracked_run(cfg, parent_tags(shard_tags, seed_values), "compare") as parent_id:
         log_shard_dataset(cfg, parent_id, shards.path)
         log_plan(cfg, parent_id, chosen, seed_values)
         outcomes = []
+        runnable = [v for v in chosen if v.name not in skipped]
+        total, done, started = len(runnable) * len(seed_values), 0, time.time()
         for variant in chosen:
             if variant.name in skipped:
                 print(f"skipping {variant.name}: {skipped[variant.name]}")
                 continue
             for seed in seed_values:
+                done += 1
+                label = f"variant {done}/{total} {variant.name} seed {seed}"
+                print(f"{label} ({elapsed_text(time.time() - started)})")
                 state = variant_task(
                     cfg, variant, seed, parent_id, shards.path, oracle, shard_tags, figures,
-                    return_state=True,
+                    exposures, Progress(label, started), return_state=True,
                 )  # fmt: skip
-                outcomes.append(outcome_from_state(state, variant, seed))
+                outcome = outcome_from_state(state, variant, seed)
+                outcomes.append(outcome)
+                print(f"{label}: {outcome_line(outcome)}")
         summary = log_comparison(cfg, parent_id, chosen, outcomes, seed_values, skipped, reference)
     publish_comparison(summary)
     print(summary["markdown"])

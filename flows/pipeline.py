@@ -29,6 +29,7 @@ from alphaloom.tasks.dataset.shard_fanout import (
 from alphaloom.tasks.dataset.shards import shards_task
 from alphaloom.tasks.dataset.text import text_task
 from alphaloom.tasks.evaluation.evaluate import evaluate_task
+from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.orchestration.caching import StageRef
 from alphaloom.tasks.orchestration.runners import task_runner_for
 from alphaloom.tasks.serving.registry import register_task
@@ -100,7 +101,8 @@ def model_stages(
     with tracked_run(cfg, run_tags(shards)) as run_id:
         log_shard_dataset(cfg, run_id, shards.path)
         result = train(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
-        metrics = evaluate_task(result.model, shards.path, cfg, run_id, load_saved_oracle(market))
+        oracle, exposures = load_saved_oracle(market), market_exposures(market)
+        metrics = evaluate_task(result.model, shards.path, cfg, run_id, oracle, exposures)
         decision = register_task(cfg, run_id, result, shards.path)
     summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch)
     publish_summary(summary)

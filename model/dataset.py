@@ -19,6 +19,14 @@ files, shuffled it, and loaded it segment by segment. This module makes that exa
   the manifest's window counts, without communication), and DDP cannot hang.
 * State is (epoch, batches yielded): resuming skips whole pools by their manifest counts and
   starts mid-pool at a batch offset, without gathering the skipped batches.
+* `group_by_date`: a pool's windows are ordered day by day instead of one flat permutation (the
+  pool's days in a seeded random order, the windows of a day in a random order), then cut into
+  batches as usual. A batch thus holds whole days of the pool's symbols, except that a day can
+  straddle the cut between two batches; a per-day ranking loss scores each day group it sees.
+  Everything else is unchanged (pool order, batch counts from the manifest, padding, resume),
+  so every window still comes exactly once per epoch and DDP ranks stay disjoint. A day holds
+  only the pool's symbols (k of n shards, drawn afresh every epoch): a random part of the
+  cross-section, which is what the ranking loss needs, not all of it.
 """
 
 from __future__ import annotations
@@ -136,6 +144,7 @@ class ShardedWindowDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
+        group_by_date: bool = False,
     ) -> None:
         super().__init__()
         self.info = shards if isinstance(shards, ShardSetInfo) else ShardSetInfo.open(shards)
@@ -157,6 +166,9 @@ class ShardedWindowDataset(IterableDataset):
             min_valid=min_valid_days,
             dates=None if dates is None else np.unique(dates_to_days(dates)),
         )
+        if group_by_date and not self.shuffle:
+            raise ValueError("group_by_date orders shuffled pools; ordered mode is by date anyway")
+        self.group_by_date = group_by_date
         self.batch_size = batch_size
         self.pool_shards = pool_shards
         self.seed = seed
@@ -363,7 +375,7 @@ class ShardedWindowDataset(IterableDataset):
     ) -> Iterator[Batch]:
         """A pool's batches from batch `first` on: its permuted windows, then padding."""
         size = self.batch_size
-        order = np.random.default_rng([self.seed, epoch, segment.pool]).permutation(len(panel))
+        order = self._pool_order(panel, epoch, segment.pool)
         if segment.pad_batches:
             pad_rng = np.random.default_rng([self.seed, epoch, segment.pool, 1 + consumer])
             padding = np.resize(pad_rng.permutation(len(panel)), segment.pad_batches * size)
@@ -376,6 +388,18 @@ class ShardedWindowDataset(IterableDataset):
                 rows = padding[p * size : (p + 1) * size]
             self.stats.batches_gathered += 1
             yield gather_batch(panel, windows, rows, self.info)
+
+    def _pool_order(self, panel: Panel, epoch: int, pool: int) -> np.ndarray:
+        """The pool's windows in batch order: one seeded permutation, or day by day."""
+        rng = np.random.default_rng([self.seed, epoch, pool])
+        order = rng.permutation(len(panel))
+        if not self.group_by_date:
+            return order
+        days, day_of = np.unique(panel.date, return_inverse=True)
+        day_rank = rng.permutation(len(days))
+        # stable sort of the random permutation by the day's random rank: days in random
+        # order, each day's windows in random order
+        return order[np.argsort(day_rank[day_of[order]], kind="stable")]
 
     def _iter_ordered(self, consumer: int, n_consumers: int, skip: int) -> Iterator[Batch]:
         """Every selected window in (date, symbol) order; this consumer's batches only."""

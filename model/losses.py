@@ -1,4 +1,4 @@
-"""Composite training loss: softmax focal loss + lambda * ordinal distance loss.
+"""Composite training loss: focal loss + lambda * ordinal distance loss (+ a per-day ranking term).
 
 Conventions shared by every loss here:
 - Inputs are logits [B, K] and labels [B] (int64, 0..K-1); label -1 (not yet known) is ignored.
@@ -35,6 +35,8 @@ class LossSpec(Protocol):
     distance_weight: float
     distance_power: float
     distance_normalize: bool
+    rank_weight: float
+    rank_min_names: int
 
 
 def _prepare(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,10 +197,68 @@ class OrdinalDistanceLoss(nn.Module):
         return _masked_mean(distance, known)
 
 
-class CompositeLoss(nn.Module):
-    """loss = classification + distance_weight * distance, with each part returned for logging.
+def day_rank_targets(returns: Tensor, group: Tensor, counts: Tensor) -> Tensor:
+    """Each return's percentile rank within its group, centred: (rank + 1/2) / n - 1/2."""
+    by_return = torch.argsort(returns)
+    order = by_return[torch.argsort(group[by_return], stable=True)]  # by group, then return
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(group)
+    position[order] = torch.arange(len(order), device=group.device)
+    rank = (position - starts[group]).to(returns.dtype)
+    return (rank + 0.5) / counts[group].to(returns.dtype) - 0.5
 
-    `distance=None` (kinds "focal" and "cross_entropy") reports a distance of 0.
+
+class DailyCorrelationLoss(nn.Module):
+    """1 - the mean per-day Pearson correlation of the score with the rank of the forward return.
+
+    Rows are grouped by `days` (a batch of whole days: the loader's `group_by_date` mode); a
+    day's target is the centred percentile rank of its forward returns, so the term is a smooth
+    stand-in for that day's Rank IC, the metric the product is judged by. Days are weighted by
+    their size; days with fewer than `min_names` known returns (e.g. the part of a day cut off at
+    a batch edge) are left out. Rows with a NaN return are ignored. A batch with no usable day
+    gives 0 (attached to the graph).
+    """
+
+    def __init__(self, min_names: int = 10) -> None:
+        super().__init__()
+        if min_names < 2:
+            raise ValueError(f"a correlation needs at least 2 names per day, got {min_names}")
+        self.min_names = int(min_names)
+
+    def forward(self, score: Tensor, returns: Tensor, days: Tensor) -> Tensor:
+        with torch.autocast(device_type=score.device.type, enabled=False):
+            score = score.float()
+            known = torch.isfinite(returns)
+            s, r = score[known], returns[known].float()
+            _, group = torch.unique(days[known], return_inverse=True)
+            counts = torch.bincount(group)
+            target = day_rank_targets(r, group, counts)
+            n_groups = len(counts)
+            n = counts.to(s.dtype).clamp_min(1)
+
+            def by_group(values: Tensor) -> Tensor:
+                return torch.zeros(n_groups, device=s.device, dtype=s.dtype).index_add_(
+                    0, group, values
+                )
+
+            ds = s - (by_group(s) / n)[group]
+            dt = target - (by_group(target) / n)[group]
+            cov, var_s, var_t = by_group(ds * dt), by_group(ds * ds), by_group(dt * dt)
+            corr = cov / torch.sqrt(var_s * var_t + 1e-12)
+            usable = (counts >= self.min_names).to(s.dtype)
+            weight = usable * n
+            total = weight.sum()
+            mean_corr = (corr * weight).sum() / total.clamp_min(1.0)
+            # no usable day: 0 with a zero gradient (a Python branch would sync the GPU)
+            return torch.where(total > 0, 1.0 - mean_corr, score.sum() * 0.0)
+
+
+class CompositeLoss(nn.Module):
+    """loss = classification + distance_weight * distance + rank_weight * rank; each part is
+    returned for logging.
+
+    `distance=None` (kinds "focal" and "cross_entropy") reports a distance of 0, `rank=None` a
+    rank term of 0. The rank term needs the score, forward returns and days of the batch.
     """
 
     def __init__(
@@ -206,32 +266,60 @@ class CompositeLoss(nn.Module):
         classification: FocalLoss,
         distance: OrdinalDistanceLoss | None = None,
         distance_weight: float = 0.0,
+        rank: DailyCorrelationLoss | None = None,
+        rank_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if distance_weight < 0:
-            raise ValueError(f"distance weight must be >= 0, got {distance_weight}")
+        if distance_weight < 0 or rank_weight < 0:
+            raise ValueError(
+                f"loss weights must be >= 0, got distance {distance_weight}, rank {rank_weight}"
+            )
         self.focal = classification
         self.distance = distance
         self.distance_weight = float(distance_weight) if distance is not None else 0.0
+        self.rank = rank
+        self.rank_weight = float(rank_weight) if rank is not None else 0.0
 
-    def forward(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """{"loss": total, "focal": classification term, "distance": distance term} (float32)."""
+    @property
+    def needs_days(self) -> bool:
+        """Whether forward() needs `score`, `returns` and `days` (the ranking term is on)."""
+        return self.rank is not None
+
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        score: Tensor | None = None,
+        returns: Tensor | None = None,
+        days: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """{"loss", "focal", "distance", "rank"}: the total and each term (float32 scalars)."""
         focal = self.focal(logits, labels)
-        if self.distance is None:
-            distance = torch.zeros_like(focal)
+        zero = torch.zeros_like(focal)
+        distance = zero if self.distance is None else self.distance(logits, labels)
+        if self.rank is None:
+            rank = zero
+        elif score is None or returns is None or days is None:
+            raise ValueError("the ranking term needs the batch's score, returns and days")
         else:
-            distance = self.distance(logits, labels)
-        total = focal + self.distance_weight * distance
-        return {"loss": total, "focal": focal, "distance": distance}
+            rank = self.rank(score, returns, days)
+        total = focal + self.distance_weight * distance + self.rank_weight * rank
+        return {"loss": total, "focal": focal, "distance": distance, "rank": rank}
 
 
 def build_loss(spec: LossSpec, n_classes: int = NUM_CLASSES) -> CompositeLoss:
     """The configured loss: "composite" (focal + lambda * distance), "focal", or "cross_entropy".
 
-    "cross_entropy" is the focal loss with gamma 0 and no alpha, which is exactly plain CE.
+    "cross_entropy" is the focal loss with gamma 0 and no alpha, which is exactly plain CE. Any
+    kind adds the per-day ranking term when `rank_weight` > 0.
     """
+    rank = DailyCorrelationLoss(spec.rank_min_names) if spec.rank_weight > 0 else None
     if spec.kind == "cross_entropy":
-        return CompositeLoss(FocalLoss(gamma=0.0, alpha=None, n_classes=n_classes))
+        return CompositeLoss(
+            FocalLoss(gamma=0.0, alpha=None, n_classes=n_classes),
+            rank=rank,
+            rank_weight=spec.rank_weight,
+        )
     if spec.kind not in ("composite", "focal"):
         raise ValueError(f"loss.kind must be composite, focal or cross_entropy, got {spec.kind!r}")
     focal = FocalLoss(
@@ -242,6 +330,6 @@ def build_loss(spec: LossSpec, n_classes: int = NUM_CLASSES) -> CompositeLoss:
         n_classes=n_classes,
     )
     if spec.kind == "focal":
-        return CompositeLoss(focal)
+        return CompositeLoss(focal, rank=rank, rank_weight=spec.rank_weight)
     distance = OrdinalDistanceLoss(spec.distance_power, spec.distance_normalize, n_classes)
-    return CompositeLoss(focal, distance, spec.distance_weight)
+    return CompositeLoss(focal, distance, spec.distance_weight, rank, spec.rank_weight)

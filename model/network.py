@@ -4,7 +4,15 @@ Layout of one forward pass (every bracketed part can be switched off from the co
 
     x [B,T,F] -> input projection -> LSTM -> [self-attention, residual, LayerNorm -> attention pool]
     [industry emb] [index emb] [calendar emb of the end day] [text projection (+ has_text flag)]
-    concat(embeddings, last LSTM state, [attention pool]) -> MLP -> logits [B, 4]
+    concat(embeddings, last LSTM state, [attention pool]) -> MLP -> head -> logits [B, 4]
+
+Heads. "softmax": the MLP gives 4 class logits; the stock score is sum_k v_k p_k over the
+`class_values` buffer v (0, 1, 2, 3 unless fitted from the training split). "ordinal"
+(cumulative link, CORAL-style): the MLP gives one latent utility u per stock and the head holds 3
+ordered thresholds, P(y > k) = sigmoid(u - theta_k). It returns logits log p_k + u: softmax of
+them is the model's class distribution, so every loss reads either head the same way, and
+their logsumexp is u itself, which is the score (`score(logits)`): the stock ranks by its
+utility alone, with no saturation at extreme utilities.
 
 Left padding. Windows are left padded (`mask` False on the oldest days). An LSTM over zero inputs
 still moves its state (biases), so zeroing the padding is not enough. Instead every row is rotated
@@ -34,6 +42,7 @@ CALENDAR_SIZES = {"dow": 7, "month": 12}
 class ModelSpec(Protocol):
     """The attributes SequenceModel reads; tasks.config.ModelSection satisfies it."""
 
+    head: str
     input_dim: int
     lstm_hidden: int
     lstm_layers: int
@@ -54,11 +63,63 @@ class ModelSpec(Protocol):
     mlp_dropout: float
 
 
-def expected_class_score(logits: Tensor) -> Tensor:
-    """The stock score sum_k k * p_k, [B]: monotone in expected return, used for ranking."""
+def expected_class_score(logits: Tensor, values: Tensor | None = None) -> Tensor:
+    """sum_k v_k * p_k, [B] (v = 0, 1, 2, 3 unless `values` are given)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    classes = torch.arange(logits.shape[-1], device=logits.device, dtype=probs.dtype)
-    return probs @ classes
+    if values is None:
+        values = torch.arange(logits.shape[-1], device=logits.device, dtype=probs.dtype)
+    return probs @ values.to(device=probs.device, dtype=probs.dtype)
+
+
+def _log_sigmoid_difference(upper: Tensor, lower: Tensor) -> Tensor:
+    """log(sigmoid(upper) - sigmoid(lower)) for upper > lower, without cancellation."""
+    log_upper = nn.functional.logsigmoid(upper)
+    gap = (nn.functional.logsigmoid(lower) - log_upper).clamp_max(-1e-12)  # log ratio, < 0
+    # log(1 - exp(gap)), accurate on both sides of -log 2 (Maechler's log1mexp). Each branch
+    # gets inputs from its own side only: torch.where passes NaN gradients of the other one.
+    split = -0.6931471805599453
+    near = gap > split
+    log1mexp = torch.where(
+        near,
+        torch.log(-torch.expm1(torch.where(near, gap, split))),
+        torch.log1p(-torch.exp(torch.where(near, split, gap))),
+    )
+    return log_upper + log1mexp
+
+
+class OrdinalHead(nn.Module):
+    """Latent utility -> class log-probabilities of a cumulative logit model (K-1 thresholds).
+
+    Thresholds are a free first one plus softplus increments (at least MIN_GAP), so they stay
+    strictly ordered whatever the optimiser does; they start at the logistic quantiles of an
+    even class split.
+    """
+
+    MIN_GAP = 1e-3
+
+    def __init__(self, in_dim: int, n_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.utility = nn.Linear(in_dim, 1)
+        start = torch.logit(torch.arange(1, n_classes) / n_classes)
+        self.first = nn.Parameter(start[:1].clone())
+        gaps = start.diff()
+        self.raw_gaps = nn.Parameter(torch.log(torch.expm1(gaps)))  # softplus^-1
+
+    def thresholds(self) -> Tensor:
+        """theta_0 < theta_1 < ... (K-1 values)."""
+        increments = nn.functional.softplus(self.raw_gaps) + self.MIN_GAP
+        return torch.cat([self.first, self.first + torch.cumsum(increments, 0)])
+
+    def forward(self, features: Tensor) -> Tensor:
+        """log p_k + u, [B, K]: log_softmax gives log p_k and logsumexp gives u."""
+        u = self.utility(features).float()  # [B, 1]
+        theta = self.thresholds().float().unsqueeze(0)  # [1, K-1]
+        z = u - theta  # z_0 > z_1 > ... ; P(y > k) = sigmoid(z_k)
+        first = nn.functional.logsigmoid(-z[:, :1])  # log P(y = 0)
+        last = nn.functional.logsigmoid(z[:, -1:])  # log P(y = K-1)
+        middle = _log_sigmoid_difference(z[:, :-1], z[:, 1:])
+        log_p = torch.cat([first, middle, last], dim=1)
+        return log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + u
 
 
 def right_align(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,6 +152,8 @@ def _check_spec(spec: ModelSpec, n_features: int, text_dim: int, n_industries: i
         raise ValueError(f"n_industries must be >= 1 (id 0 = unknown), got {n_industries}")
     if spec.use_index and n_indices < 1:
         raise ValueError(f"n_indices must be >= 1 (id 0 = none), got {n_indices}")
+    if spec.head not in ("softmax", "ordinal"):
+        raise ValueError(f"model.head must be 'softmax' or 'ordinal', got {spec.head!r}")
     unknown = [name for name in spec.calendar_fields if name not in CALENDAR_SIZES]
     if spec.use_calendar and unknown:
         raise ValueError(
@@ -98,14 +161,14 @@ def _check_spec(spec: ModelSpec, n_features: int, text_dim: int, n_industries: i
         )
 
 
-def _mlp(in_dim: int, hidden: int, layers: int, dropout: float) -> nn.Sequential:
-    """`layers` hidden blocks (Linear, GELU, Dropout) followed by the 4-way output layer."""
+def _mlp(in_dim: int, hidden: int, layers: int, dropout: float, head: str) -> nn.Sequential:
+    """`layers` hidden blocks (Linear, GELU, Dropout) followed by the output head."""
     blocks: list[nn.Module] = []
     width = in_dim
     for _ in range(layers):
         blocks += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
         width = hidden
-    blocks.append(nn.Linear(width, NUM_CLASSES))
+    blocks.append(OrdinalHead(width) if head == "ordinal" else nn.Linear(width, NUM_CLASSES))
     return nn.Sequential(*blocks)
 
 
@@ -158,8 +221,25 @@ class SequenceModel(nn.Module):
             self.text_proj = nn.Sequential(nn.Linear(text_dim + 1, spec.text_proj_dim), nn.GELU())
             concat += spec.text_proj_dim
             keys += ["text", "has_text"]
-        self.head = _mlp(concat, spec.mlp_hidden, spec.mlp_layers, spec.mlp_dropout)
+        self.head = _mlp(concat, spec.mlp_hidden, spec.mlp_layers, spec.mlp_dropout, spec.head)
+        self.ordinal = spec.head == "ordinal"
         self.input_keys: tuple[str, ...] = tuple(keys)
+        # What each class is worth when scoring (a buffer: saved with the weights and shipped with
+        # the logged model); set_class_values() replaces 0..K-1 by values fitted on training data.
+        self.register_buffer("class_values", torch.arange(NUM_CLASSES, dtype=torch.float32))
+
+    def set_class_values(self, values: Sequence[float] | Tensor) -> None:
+        """Score by these per-class values (increasing, one per class) instead of 0..K-1."""
+        values = torch.as_tensor(values, dtype=torch.float32).flatten()
+        if values.shape != self.class_values.shape or not bool((values.diff() > 0).all()):
+            raise ValueError(f"class values must be {NUM_CLASSES} increasing numbers: {values}")
+        self.class_values.copy_(values.to(self.class_values.device))
+
+    def score(self, logits: Tensor) -> Tensor:
+        """The ranking score [B] (float32): the ordinal head's utility, or sum_k v_k * p_k."""
+        if self.ordinal:
+            return torch.logsumexp(logits.float(), dim=-1)
+        return expected_class_score(logits, self.class_values)
 
     def encode_window(self, x: Tensor, mask: Tensor) -> list[Tensor]:
         """[last LSTM state] (+ [attention pool]) of each window, padding-invariant."""

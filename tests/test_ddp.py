@@ -238,8 +238,8 @@ def test_a_crashed_ddp_job_resumes_from_the_checkpoint_to_the_same_weights(ddp_r
     assert full is not None and resumed is not None
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     assert (
-        full["state"]["history"][-1]["val/rank_ic"]
-        == resumed["state"]["history"][-1]["val/rank_ic"]
+        full["state"]["history"][-1]["valid/rank_ic"]
+        == resumed["state"]["history"][-1]["valid/rank_ic"]
     )
 
 

@@ -38,10 +38,10 @@ def test_torchrun_launch_logs_each_epoch_once_and_returns_the_best_model(
     ckpt = tmp_path / "ckpt"
     result = launch_training(str(tiny.shard_dir), cfg, str(ckpt), run_id, nproc_per_node=2)
     runs.end_run(cfg, run_id, failed=False)
-    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "val/rank_ic")
+    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "valid/rank_ic")
     assert sorted(m.step for m in history) == [0, 1]  # once per epoch: rank 0 only
     assert len(result.history) == 2
-    best = result.history[result.best_epoch]["val/rank_ic"]
+    best = result.history[result.best_epoch]["valid/rank_ic"]
     assert result.best_val_rank_ic == pytest.approx(best)
     assert isinstance(result.model, nn.Module) and not result.model.training
     assert (ckpt / CONFIG_NAME).read_text() == cfg.to_yaml()  # every rank read these settings

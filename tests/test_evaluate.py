@@ -11,6 +11,7 @@ from scipy import stats
 
 from alphaloom.tasks.common.config import EvaluateSection
 from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
+from alphaloom.tasks.evaluation.exposures import exposure_metrics, risk_exposures
 from alphaloom.tasks.evaluation.metrics import (
     EvaluationError,
     classification_metrics,
@@ -18,6 +19,8 @@ from alphaloom.tasks.evaluation.metrics import (
     daily_ic,
     long_short_returns,
     oracle_metrics,
+    quantile_metrics,
+    quantile_returns,
 )
 
 
@@ -167,14 +170,89 @@ def test_missing_column_is_named() -> None:
         evaluate_predictions(preds, EvaluateSection())
 
 
-def test_figures_are_rendered() -> None:
-    _, figures = evaluate_predictions(_preds(n_days=6), EvaluateSection())
-    assert set(figures) == {
+def test_figures_and_the_quantile_table_are_rendered() -> None:
+    metrics, artifacts = evaluate_predictions(_preds(n_days=6), EvaluateSection())
+    assert set(artifacts) == {
         "long_short_cumulative.png",
         "rank_ic_over_time.png",
         "confusion_matrix.png",
         "calibration.png",
+        "quantile_returns.png",
+        "quantile_returns.csv",
     }
-    for fig in figures.values():
+    table = artifacts["quantile_returns.csv"]
+    assert metrics["q1_return"] == pytest.approx(table["mean_return"].iloc[0])
+    assert {"q5_return", "q5_minus_q1"} <= set(metrics)
+    _, tables_only = evaluate_predictions(_preds(n_days=6), EvaluateSection(), with_figures=False)
+    assert set(tables_only) == {"quantile_returns.csv"}
+    for name, fig in artifacts.items():
+        if name.endswith(".csv"):
+            continue
         fig.canvas.draw()
         assert fig.canvas.buffer_rgba().shape[0] > 100
+
+
+# ----------------------------------------------------------------------------------------------
+# what the score ranks: quantile returns and exposures
+
+
+def _day_frame(n_days: int = 30, n_names: int = 50, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    dates = np.repeat(pd.bdate_range("2021-01-04", periods=n_days), n_names)
+    symbols = np.tile([f"S{i:02d}" for i in range(n_names)], n_days)
+    fwd = rng.normal(0.0, 0.02, n_days * n_names)
+    return pd.DataFrame({"symbol": symbols, "date": dates, "fwd_return": fwd})
+
+
+def test_quantile_returns_sort_a_perfect_score_and_flatten_a_random_one() -> None:
+    frame = _day_frame()
+    perfect = frame.assign(score=frame["fwd_return"])
+    table = quantile_returns(perfect, 5)
+    assert table["quantile"].tolist() == [1, 2, 3, 4, 5]
+    assert (table["mean_return"].diff().dropna() > 0).all()
+    assert (table["days"] == 30).all()
+    # each bucket's mean equals the mean of that day-slice, computed by hand for quintile 5
+    top = perfect.groupby("date")["fwd_return"].apply(lambda r: r.nlargest(10).mean()).mean()
+    assert table["mean_return"].iloc[-1] == pytest.approx(top)
+    metrics = quantile_metrics(table)
+    assert metrics["q5_minus_q1"] == pytest.approx(
+        table["mean_return"].iloc[-1] - table["mean_return"].iloc[0]
+    )
+    reversed_score = quantile_metrics(quantile_returns(frame.assign(score=-frame["fwd_return"])))
+    assert reversed_score["q5_minus_q1"] == pytest.approx(-metrics["q5_minus_q1"])
+
+
+def _bars_with_two_regimes() -> pd.DataFrame:
+    """Half the names calm and liquid, half volatile and thin."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(20):
+        vol, volume = (0.005, 1e6) if i % 2 == 0 else (0.04, 1e3)
+        close = 50 * np.exp(np.cumsum(rng.normal(0, vol, 80)))
+        for day, price in zip(pd.bdate_range("2021-01-04", periods=80), close, strict=True):
+            rows.append((f"S{i:02d}", day, price, volume))
+    return pd.DataFrame(rows, columns=["symbol", "date", "close", "volume"])
+
+
+def test_exposures_measure_volatility_and_size_from_bars() -> None:
+    bars = _bars_with_two_regimes()
+    exposures = risk_exposures(bars)
+    assert exposures["vol20"].iloc[:10].isna().all()  # fewer than 10 returns yet
+    by_regime = exposures.assign(volatile=exposures["symbol"].str[1:].astype(int) % 2 == 1)
+    means = by_regime.dropna().groupby("volatile")[["vol20", "log_dollar_volume"]].mean()
+    assert means.loc[True, "vol20"] > 4 * means.loc[False, "vol20"]
+    assert means.loc[True, "log_dollar_volume"] < means.loc[False, "log_dollar_volume"]
+
+
+def test_a_volatility_loving_score_shows_in_score_vol_corr() -> None:
+    bars = _bars_with_two_regimes()
+    exposures = risk_exposures(bars)
+    known = exposures.dropna()
+    preds = known[["symbol", "date"]].copy()
+    noise = np.random.default_rng(2).normal(0, 0.05, len(preds))
+    preds["score"] = np.log(known["vol20"].to_numpy()) + noise  # ranks volatility, nothing else
+    result = exposure_metrics(preds, exposures)
+    assert result["score_vol_corr"] > 0.9
+    assert result["score_size_corr"] < -0.5  # the volatile names are also the thin ones
+    neutral = preds.assign(score=np.random.default_rng(3).normal(size=len(preds)))
+    assert abs(exposure_metrics(neutral, exposures)["score_vol_corr"]) < 0.15

@@ -438,6 +438,18 @@ def test_explicit_end_dates_win_over_fractions() -> None:
     assert (codes[dates > pd.Timestamp("2022-03-31")] != 1).all()
 
 
+def test_test_end_leaves_later_days_in_no_split() -> None:
+    """An earlier test period on data that goes on: days after test_end are unused."""
+    dates = _calendar()
+    splits = SplitSection(train_end="2022-02-15", valid_end="2022-03-31", test_end="2022-04-29")
+    codes, bounds = assign_splits(dates, splits, horizon=1)
+    assert bounds["test"] == ["2022-04-05", "2022-04-29"]
+    later = (dates > pd.Timestamp("2022-04-29")).to_numpy()
+    assert later.any() and (codes[later] == -1).all()
+    with pytest.raises(ValueError, match="test_end"):
+        SplitSection(valid_end="2022-03-31", test_end="2022-03-01")
+
+
 def test_purge_shorter_than_horizon_is_an_error() -> None:
     with pytest.raises(ValueError, match="purge_days"):
         assign_splits(_calendar(), SplitSection(purge_days=1), horizon=3)

@@ -91,8 +91,11 @@ def test_smoke_pipeline_end_to_end(first_run, mlflow_store) -> None:
     assert all(states[name] == "Completed" for name in (*DATA_STAGES, "train-model", "evaluate"))
     run = mlflow.MlflowClient(mlflow_store).get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
-    assert {"test/rank_ic", "test/oracle_rank_ic", "val/rank_ic"} <= set(run.data.metrics)
+    assert {"test/rank_ic", "test/oracle_rank_ic", "valid/rank_ic"} <= set(run.data.metrics)
+    assert not any(name.startswith("val/") for name in run.data.metrics)  # one prefix per split
     assert summary["metrics"]["test/oracle_rank_ic"] > 0
+    # The summary's validation figure is the run's: the final evaluation of the selected model.
+    assert summary["metrics"]["valid/rank_ic"] == run.data.metrics["valid/rank_ic"]
     assert summary["promoted"] is True  # the first model is always the champion
     client = mlflow.MlflowClient(mlflow_store)
     champion = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
@@ -203,9 +206,11 @@ def test_training_failure_is_retried_and_resumes(tmp_path, mlflow_store, monkeyp
     monkeypatch.setattr(train, "train_epoch", fail_once_in_second_epoch)
     summary, states = run_with_states(train_pipeline, smoke(tmp_path))
     assert failures == [1] and states["train-model"] == "Completed"
-    history = mlflow.MlflowClient(mlflow_store).get_metric_history(summary["run_id"], "val/rank_ic")
-    # Resumed from the epoch-0 checkpoint: each epoch was validated once, none twice.
-    assert sorted(m.step for m in history) == [0, 1]
+    client = mlflow.MlflowClient(mlflow_store)
+    history = client.get_metric_history(summary["run_id"], "valid/rank_ic")
+    # Resumed from the epoch-0 checkpoint: each epoch was validated once, none twice; the final
+    # evaluation of the selected model follows at step 2.
+    assert sorted(m.step for m in history) == [0, 1, 2]
 
 
 def test_failing_flow_leaves_mlflow_run_failed(tmp_path, mlflow_store, monkeypatch) -> None:
@@ -247,7 +252,7 @@ def test_nightly_trains_on_new_days_and_promotes_only_when_better(tmp_path, mlfl
     shard_dir = run.data.tags["alphaloom.shard_dir"]
     assert pd.Timestamp(ShardSetInfo.open(shard_dir).last_date) == extended.bars["date"].max()
     metrics = run.data.metrics
-    better = metrics["registry/new_val_rank_ic"] > metrics["registry/champion_val_rank_ic"]
+    better = metrics["registry/new_valid_rank_ic"] > metrics["registry/champion_valid_rank_ic"]
     assert summary["promoted"] is better
     champion = client.get_model_version_by_alias("alphaloom-nightly", "champion")
     assert (champion.run_id == summary["run_id"]) is better

@@ -311,3 +311,60 @@ def test_invalid_arguments_are_rejected(info: ShardSetInfo):
         _dataset(info, rank=2, world_size=2)
     with pytest.raises(ValueError, match="lacks keys"):
         _dataset(info).load_state_dict({"epoch": 1})
+
+
+# ----------------------------------------------------------------------------------------------
+# group_by_date: batches of whole days (for the per-day ranking loss)
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 0), (3, 2)])
+def test_grouped_batches_cover_every_window_once_across_ranks(
+    table: Table, info: ShardSetInfo, world: int, workers: int
+):
+    emitted = Counter()
+    for rank in range(world):
+        batches = _rank_batches(info, rank, world, workers, equalize=False, group_by_date=True)
+        emitted.update(_keys(batches))
+    assert emitted == _expected_keys(table, info, "train")
+
+
+def test_grouped_batches_hold_whole_days_of_their_pool(info: ShardSetInfo):
+    """Within a pool, a day's windows are contiguous: a day spans at most two batches (the
+    cut between them), and a batch holds few days; a flat shuffle mixes every day."""
+    grouped = list(_dataset(info, pool_shards=2, group_by_date=True))
+    flat = list(_dataset(info, pool_shards=2))
+    assert len(grouped) == len(flat)  # same batch plan: counts, equalising, resume unchanged
+    days_per_batch = [len(set(b["date"].tolist())) for b in grouped]
+    windows_per_day = BATCH / np.mean(days_per_batch)
+    assert windows_per_day > 4  # 2 shards of 3 symbols each: up to 6 windows a day
+    assert max(len(set(b["date"].tolist())) for b in flat) > max(days_per_batch)
+    # a (pool, day) run is never interrupted: consecutive rows of the stream share the day
+    # until it is exhausted
+    stream = [d for b in grouped for d in b["date"].tolist()]
+    runs = [day for day, _ in itertools.groupby(stream)]
+    pools = len(_dataset(info, pool_shards=2)._pools(0))
+    assert len(runs) <= len(set(stream)) * pools
+
+
+def test_grouped_stream_is_seeded_and_resumes_exactly(info: ShardSetInfo):
+    def make() -> ShardedWindowDataset:
+        dataset = _dataset(info, group_by_date=True)
+        dataset.set_epoch(2)
+        return dataset
+
+    full = _stream(make())
+    assert full == _stream(make())
+    assert full != _stream(_dataset(info, group_by_date=True, seed=12))
+    interrupted, taken = make(), []
+    for batch in interrupted:
+        taken.append(batch)
+        if len(taken) == 3:
+            break
+    resumed = make()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert _keys(taken) + _stream(resumed) == full
+
+
+def test_group_by_date_needs_the_shuffled_mode(info: ShardSetInfo):
+    with pytest.raises(ValueError, match="group_by_date"):
+        _dataset(info, "valid", group_by_date=True)

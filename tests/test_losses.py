@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from alphaloom.model.losses import (
     CompositeLoss,
+    DailyCorrelationLoss,
     FocalLoss,
     OrdinalDistanceLoss,
     batch_class_weights,
     build_loss,
+    day_rank_targets,
 )
 from alphaloom.tasks.common.config import LossSection
 
@@ -133,7 +135,8 @@ def test_composite_returns_parts_and_build_loss_kinds():
     labels = torch.randint(0, 4, (16,))
     spec = LossSection(kind="composite", alpha=None, distance_weight=0.7)
     parts = build_loss(spec)(logits, labels)
-    assert set(parts) == {"loss", "focal", "distance"}
+    assert set(parts) == {"loss", "focal", "distance", "rank"}
+    assert parts["rank"].item() == 0.0  # off unless loss.rank_weight > 0
     torch.testing.assert_close(parts["loss"], parts["focal"] + 0.7 * parts["distance"])
     assert parts["distance"] > 0
 
@@ -181,3 +184,76 @@ def test_no_nan_at_extreme_logits_also_under_bf16_autocast(kind, gamma):
         assert torch.isfinite(weight.grad).all()
         if kind == "cross_entropy":  # two rows cost ~2e4 nats each: the mean is ~1e4, not inf
             assert parts["loss"].item() == pytest.approx(big, rel=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-day ranking term
+
+
+def test_rank_targets_are_centred_percentiles_per_day():
+    days = torch.tensor([5, 5, 5, 9, 9])
+    returns = torch.tensor([0.3, -0.1, 0.2, 7.0, -7.0])
+    _, group = torch.unique(days, return_inverse=True)
+    targets = day_rank_targets(returns, group, torch.bincount(group))
+    torch.testing.assert_close(targets, torch.tensor([1 / 3, -1 / 3, 0.0, 0.25, -0.25]))
+
+
+def test_daily_correlation_loss_scores_each_day_by_rank():
+    gen = torch.Generator().manual_seed(0)
+    days = torch.repeat_interleave(torch.arange(4), 25)
+    returns = torch.randn(100, generator=gen)
+    _, group = torch.unique(days, return_inverse=True)
+    ranks = day_rank_targets(returns, group, torch.bincount(group))
+    loss = DailyCorrelationLoss(min_names=10)
+    assert loss(ranks, returns, days).item() == pytest.approx(0.0, abs=1e-5)
+    assert loss(-ranks, returns, days).item() == pytest.approx(2.0, abs=1e-5)
+    # a per-day shift does not matter (a day's level is not ranked), a cross-day one neither
+    shifted = ranks + days.float() * 10
+    assert loss(shifted, returns, days).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_daily_correlation_loss_skips_small_days_and_unknown_returns():
+    gen = torch.Generator().manual_seed(1)
+    big = torch.randn(30, generator=gen)
+    score = torch.cat([big, torch.tensor([1.0, 2.0, 3.0])])
+    returns = torch.cat([big, torch.tensor([3.0, 2.0, 1.0])])  # a perfectly wrong tiny day
+    days = torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+    loss = DailyCorrelationLoss(min_names=10)
+    alone = loss(big, big, torch.zeros(30, dtype=torch.long))
+    torch.testing.assert_close(loss(score, returns, days), alone)
+    returns_nan = returns.clone()
+    returns_nan[:5] = float("nan")
+    assert torch.isfinite(loss(score, returns_nan, days))
+    none_usable = loss(score[30:], returns[30:], days[30:])
+    assert none_usable.item() == 0.0
+
+
+def test_one_gradient_step_on_the_ranking_term_raises_the_day_correlation():
+    gen = torch.Generator().manual_seed(2)
+    days = torch.repeat_interleave(torch.arange(3), 40)
+    returns = torch.randn(120, generator=gen)
+    score = torch.randn(120, generator=gen, requires_grad=True)
+    loss = DailyCorrelationLoss()
+    before = loss(score, returns, days)
+    before.backward()
+    with torch.no_grad():
+        after = loss(score - 5.0 * score.grad, returns, days)
+    assert after < before
+
+
+def test_composite_adds_the_weighted_rank_term_and_needs_its_inputs():
+    torch.manual_seed(3)
+    logits = torch.randn(40, 4)
+    labels = torch.randint(0, 4, (40,))
+    returns = torch.randn(40)
+    days = torch.repeat_interleave(torch.arange(2), 20)
+    composite = build_loss(LossSection(alpha=None, rank_weight=0.5, rank_min_names=5))
+    assert composite.needs_days
+    score = logits.softmax(-1) @ torch.arange(4.0)
+    parts = composite(logits, labels, score, returns, days)
+    expected = parts["focal"] + 0.5 * parts["distance"] + 0.5 * parts["rank"]
+    torch.testing.assert_close(parts["loss"], expected)
+    assert 0.0 < parts["rank"].item() < 2.0
+    with pytest.raises(ValueError, match="score, returns and days"):
+        composite(logits, labels)
+    assert not build_loss(LossSection()).needs_days

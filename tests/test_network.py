@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from alphaloom.model.batch import NUM_CLASSES
-from alphaloom.model.network import SequenceModel, expected_class_score, right_align
+from alphaloom.model.network import (
+    OrdinalHead,
+    SequenceModel,
+    expected_class_score,
+    right_align,
+)
 from alphaloom.tasks.common.config import ModelSection
 
 F_DIM, TEXT_DIM, N_INDUSTRIES, N_INDICES = 6, 8, 5, 3
@@ -171,3 +176,82 @@ def test_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(make_batch())
     assert torch.isfinite(logits.float()).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the ordinal head and the score
+
+
+def test_ordinal_logits_carry_class_probabilities_and_the_utility():
+    model = make_model(head="ordinal").eval()
+    batch = make_batch(batch=16)
+    with torch.no_grad():
+        logits = model(batch)
+        features = torch.cat(
+            [*model.encode_window(batch["x"], batch["mask"])]
+            + [table(batch[name]) for name, table in model.embeddings.items()]
+            + [model.text_proj(torch.cat([batch["text"], batch["has_text"][:, None]], -1))],
+            dim=-1,
+        )
+        utility = model.head[-1].utility(model.head[:-1](features)).squeeze(1)
+    torch.testing.assert_close(logits.softmax(dim=1).sum(dim=1), torch.ones(16))
+    torch.testing.assert_close(model.score(logits), utility, atol=1e-5, rtol=1e-5)
+
+
+def test_ordinal_thresholds_stay_ordered_and_the_score_ranks_by_utility():
+    head = OrdinalHead(in_dim=1)
+    with torch.no_grad():
+        head.raw_gaps.copy_(torch.tensor([-30.0, 5.0]))  # any values: still increasing
+        head.first.fill_(3.0)
+        head.utility.weight.fill_(1.0)
+        head.utility.bias.zero_()
+    theta = head.thresholds()
+    assert (theta.diff() > 0).all()
+    u = torch.linspace(-40, 40, 81).unsqueeze(1)
+    logits = head(u)
+    assert torch.isfinite(logits).all()
+    probs = logits.softmax(dim=1)
+    # P(y > k) = sigmoid(u - theta_k): the cumulative link holds for every k
+    above = torch.flip(torch.cumsum(torch.flip(probs, [1]), 1), [1])[:, 1:]
+    torch.testing.assert_close(above, torch.sigmoid(u - theta), atol=1e-5, rtol=1e-4)
+    model = make_model(head="ordinal")
+    score = model.score(logits)
+    torch.testing.assert_close(score, u.squeeze(1), atol=1e-4, rtol=1e-5)
+    assert (score.diff() > 0).all()  # strictly monotone, no saturation at extreme utilities
+
+
+def test_class_values_change_the_score_and_travel_with_the_weights():
+    model = make_model()
+    batch = make_batch()
+    with torch.no_grad():
+        logits = model.eval()(batch)
+        by_index = model.score(logits)
+        model.set_class_values([-0.35, -0.05, 0.25, 0.45])
+        fitted = model.score(logits)
+    assert not torch.allclose(by_index, fitted)
+    copy = make_model()
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy.class_values, torch.tensor([-0.35, -0.05, 0.25, 0.45]))
+    with pytest.raises(ValueError, match="increasing"):
+        model.set_class_values([0.0, 2.0, 1.0, 3.0])
+
+
+def test_ordinal_model_exports_and_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = make_model(head="ordinal", mlp_dropout=0.0)
+    batch = make_batch(batch=64, steps=8, seed=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch), batch["label"]).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(batch).argmax(1) == batch["label"]).float().mean().item()
+    assert accuracy >= 0.9
+    inputs = {key: batch[key] for key in model.input_keys}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        exported = torch.export.export(model, (inputs,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(inputs), model(inputs), atol=1e-5, rtol=1e-5)

@@ -93,13 +93,13 @@ def test_champion_moves_only_on_a_better_score_and_both_scores_are_logged(
     run_id, decision = outcomes["2"]
     metrics = client.get_run(run_id).data.metrics
     tags = client.get_run(run_id).data.tags
-    assert metrics["registry/new_val_rank_ic"] == pytest.approx(0.020)
-    assert metrics["registry/champion_val_rank_ic"] == pytest.approx(on_window["1"])
+    assert metrics["registry/new_valid_rank_ic"] == pytest.approx(0.020)
+    assert metrics["registry/champion_valid_rank_ic"] == pytest.approx(on_window["1"])
     assert metrics["registry/promoted"] == 0.0
     assert tags["registry.champion_version"] == "1" and tags["registry.promoted"] == "false"
     assert decision.reason in tags["registry.reason"]
     version_tags = client.get_model_version(cfg.tracking.registered_model, "2").tags
-    assert version_tags["promoted"] == "false" and float(version_tags["val_rank_ic"]) == 0.02
+    assert version_tags["promoted"] == "false" and float(version_tags["valid_rank_ic"]) == 0.02
 
     run_id, _ = outcomes["3"]
     assert client.get_run(run_id).data.metrics["registry/promoted"] == 1.0
@@ -119,7 +119,7 @@ def test_an_incomparable_champion_loses_and_says_why(cfg: PipelineConfig) -> Non
     client = store.client_for(cfg)
     tags = client.get_run(second).data.tags
     assert "feature set differs" in tags["registry.reason"]
-    assert "registry/champion_val_rank_ic" not in client.get_run(second).data.metrics
+    assert "registry/champion_valid_rank_ic" not in client.get_run(second).data.metrics
     assert (
         str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
         == "2"
@@ -156,14 +156,20 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
     tiny: TinyData, trained: TrainResult, cfg: PipelineConfig, tmp_path: Path
 ) -> None:
     run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
+    client = store.client_for(run_cfg)
     with runs.tracked_run(run_cfg) as run_id:
         first = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
+        assert client.get_run(run_id).info.status == "RUNNING"  # logging did not end the run
     assert first.promoted
-    client = store.client_for(run_cfg)
+    assert mlflow.active_run() is None
     version = client.get_model_version(cfg.tracking.registered_model, first.new_version)
     run = client.get_run(run_id)
     (output,) = run.outputs.model_outputs  # the run's logged model, in the run's experiment
-    assert client.get_logged_model(output.model_id).experiment_id == run.info.experiment_id
+    logged = client.get_logged_model(output.model_id)
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run_id
+    assert logged.model_type == "alphaloom-ranker"
+    default = client.get_experiment_by_name("Default")
+    assert default is None or not client.search_logged_models([default.experiment_id])
     assert version.source == f"models:/{output.model_id}" and version.run_id == run_id
 
     batch = next(iter(eval_dataset(tiny.shard_dir, "test", run_cfg)))

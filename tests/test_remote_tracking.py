@@ -85,7 +85,7 @@ def test_pipeline_logs_registers_and_scores_through_a_tracking_server(
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded via the server
-    assert {"val/rank_ic", "test/rank_ic"} <= set(run.data.metrics)
+    assert {"valid/rank_ic", "test/rank_ic"} <= set(run.data.metrics)
     champion = client.get_model_version_by_alias("alphaloom-remote", "champion")
     assert champion.run_id == summary["run_id"]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -18,7 +18,7 @@ def cfg(mlflow_uri: str) -> PipelineConfig:
 
 def test_a_failure_inside_a_tracked_run_leaves_it_failed(cfg: PipelineConfig) -> None:
     with pytest.raises(RuntimeError, match="boom"), runs.tracked_run(cfg) as run_id:
-        runs.log_metrics(cfg, run_id, {"ic": 0.1}, prefix="val/")
+        runs.log_metrics(cfg, run_id, {"ic": 0.1}, prefix="valid/")
         raise RuntimeError("boom")
     run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
     assert run.info.status == "FAILED"
@@ -84,3 +84,84 @@ def test_concurrent_processes_create_one_fresh_store(tmp_path) -> None:
         ids = pool.map(_open_store, [uri] * 3)
     assert len(set(ids)) == 1
     assert mlflow.MlflowClient(uri).get_experiment_by_name("race").experiment_id == ids[0]
+
+
+def test_the_final_evaluation_is_the_runs_latest_value_after_the_epoch_history(
+    cfg: PipelineConfig,
+) -> None:
+    with runs.tracked_run(cfg) as run_id:
+        for epoch, rank_ic in enumerate((0.01, 0.05, 0.03)):  # per-epoch, step = epoch
+            runs.log_metrics(cfg, run_id, {"rank_ic": rank_ic}, step=epoch, prefix="valid/")
+        runs.log_evaluation(cfg, run_id, "valid", {"rank_ic": 0.05, "accuracy": 0.4})
+        runs.log_evaluation(cfg, run_id, "test", {"rank_ic": 0.02})
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["valid/rank_ic"] == 0.05 and metrics["test/rank_ic"] == 0.02
+    history = client.get_metric_history(run_id, "valid/rank_ic")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 0.01),
+        (1, 0.05),
+        (2, 0.03),
+        (3, 0.05),
+    ]
+    assert [m.step for m in client.get_metric_history(run_id, "valid/accuracy")] == [3]
+    assert [m.step for m in client.get_metric_history(run_id, "test/rank_ic")] == [0]
+
+
+def test_active_run_is_per_thread_and_leaves_the_run_running(cfg: PipelineConfig) -> None:
+    import threading
+
+    barrier = threading.Barrier(2, timeout=60)
+    errors: list[BaseException] = []
+
+    def log_as(run_id: str, who: str) -> None:
+        try:
+            with runs.active_run(cfg, run_id):
+                barrier.wait()  # both runs are active at once, each in its own thread
+                mlflow.log_param("who", who)  # the fluent API: logs to this thread's run
+                barrier.wait()
+        except BaseException as err:
+            errors.append(err)
+
+    with runs.tracked_run(cfg) as first, runs.tracked_run(cfg) as second:
+        threads = [
+            threading.Thread(target=log_as, args=(first, "first")),
+            threading.Thread(target=log_as, args=(second, "second")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+        assert not errors
+        assert client.get_run(first).info.status == "RUNNING"  # the flow still owns the run
+        assert client.get_run(second).info.status == "RUNNING"
+        assert mlflow.active_run() is None  # nothing leaked into this thread
+    assert client.get_run(first).data.params["who"] == "first"
+    assert client.get_run(second).data.params["who"] == "second"
+    assert client.get_run(first).info.status == "FINISHED"
+
+
+def test_active_run_keeps_an_ended_run_ended(cfg: PipelineConfig) -> None:
+    with runs.tracked_run(cfg) as run_id:
+        pass
+    with runs.active_run(cfg, run_id):
+        mlflow.set_tag("late", "yes")
+    run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["late"] == "yes"
+
+
+def test_the_code_version_covers_every_model_side_module() -> None:
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    covered = set(runs.model_code_modules())
+    folders = ("model", "tasks/training", "tasks/evaluation", "tasks/tracking", "tasks/serving")
+    expected = {
+        "alphaloom." + ".".join(path.relative_to(repo).with_suffix("").parts)
+        for folder in folders
+        for path in (repo / folder).glob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert {"alphaloom.model.batch", "alphaloom.tasks.evaluation.metrics"} <= expected
+    assert expected <= covered

@@ -71,7 +71,7 @@ def test_training_beats_an_untrained_model_on_validation_rank_ic(
     assert after == pytest.approx(reference.best_val_rank_ic)
     assert after > before + 0.01
     assert len(reference.history) == tiny.cfg.train.epochs
-    assert reference.history[reference.best_epoch]["val/rank_ic"] == reference.best_val_rank_ic
+    assert reference.history[reference.best_epoch]["valid/rank_ic"] == reference.best_val_rank_ic
 
 
 def test_a_crash_in_epoch_two_resumes_to_identical_weights(
@@ -137,7 +137,7 @@ def test_epoch_metrics_reach_mlflow_with_the_epoch_as_step(
     (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
     assert dataset_input.dataset.digest == sha256_file(tiny.shard_dir / "manifest.json")[:20]
     assert json.loads(dataset_input.dataset.schema)["mlflow_colspec"][0]["name"] == "KMID"
-    for key in ("train/loss", "train/focal", "train/distance", "val/ic", "val/rank_ic", "lr"):
+    for key in ("train/loss", "train/focal", "train/distance", "valid/ic", "valid/rank_ic", "lr"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [0, 1], key
         by_step = {m.step: m.value for m in history}
@@ -151,7 +151,7 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     cfg = tiny_config("train.epochs=10", "train.patience=2")
     model = torch.nn.Linear(2, 1)
     state = _State()
-    terms = {"loss": 1.0, "focal": 1.0, "distance": 0.0}
+    terms = {"loss": 1.0, "focal": 1.0, "distance": 0.0, "rank": 0.0}
     for score in (0.02, 0.05, 0.04, math.nan):
         with torch.no_grad():
             model.weight.fill_(score if math.isfinite(score) else -1.0)

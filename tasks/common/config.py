@@ -74,10 +74,15 @@ class LabelSection(Section):
 
 
 class SplitSection(Section):
-    """Date splits. Explicit end dates win over fractions of the trading calendar."""
+    """Date splits. Explicit end dates win over fractions of the trading calendar.
+
+    `test_end` (optional) ends the test split: later days are in no split (a backtest of an
+    earlier period on data that goes on).
+    """
 
     train_end: dt.date | None = None
     valid_end: dt.date | None = None
+    test_end: dt.date | None = None
     train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
     valid_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     purge_days: int | None = Field(None, ge=0, description="default: label horizon + 1")
@@ -90,6 +95,8 @@ class SplitSection(Section):
             )
         if self.train_end and self.valid_end and self.valid_end <= self.train_end:
             raise ValueError("features.splits.valid_end must be after features.splits.train_end")
+        if self.test_end and (self.valid_end is None or self.test_end <= self.valid_end):
+            raise ValueError("features.splits.test_end needs features.splits.valid_end before it")
         return self
 
 
@@ -143,11 +150,22 @@ class LoaderSection(Section):
     min_valid_days: int = Field(20, ge=1)
     prefetch: bool = True
     equalize: bool = Field(True, description="equal batch counts on every DDP rank (repeats a few)")
+    group_by_date: bool | None = Field(
+        None, description="batches of whole days (None: on exactly when loss.rank_weight > 0)"
+    )
 
 
 class ModelSection(Section):
-    """SequenceModel architecture; every component can be switched off for ablations."""
+    """SequenceModel architecture; every component can be switched off for ablations.
 
+    `head`: "softmax" (4 class logits) or "ordinal" (one latent utility and ordered thresholds,
+    a cumulative logit model, ranked by the utility). `score` (softmax head): what a stock is
+    ranked by, sum_k v_k p_k with v_k = k ("expected_class") or v_k = class k's mean per-day rank
+    of the forward return on the training split ("class_values").
+    """
+
+    head: Literal["softmax", "ordinal"] = "softmax"
+    score: Literal["expected_class", "class_values"] = "expected_class"
     input_dim: int = Field(64, ge=1)
     lstm_hidden: int = Field(64, ge=1)
     lstm_layers: int = Field(1, ge=1)
@@ -167,9 +185,21 @@ class ModelSection(Section):
     mlp_hidden: int = Field(64, ge=1)
     mlp_dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
+    @model_validator(mode="after")
+    def _score_fits_the_head(self) -> ModelSection:
+        if self.head == "ordinal" and self.score != "expected_class":
+            raise ValueError(
+                f"model.score={self.score!r} applies to the softmax head; "
+                "model.head=ordinal ranks by its utility"
+            )
+        return self
+
 
 class LossSection(Section):
-    """Focal loss with batch alpha plus lambda times the ordinal distance loss."""
+    """Focal loss with batch alpha plus lambda times the ordinal distance loss, plus an optional
+    per-day ranking term (`rank_weight` times 1 - the day's correlation of the score with the
+    rank of the forward return, averaged over the days of a batch; needs date-grouped batches).
+    """
 
     kind: Literal["composite", "focal", "cross_entropy"] = "composite"
     gamma: float = Field(2.0, ge=0.0)
@@ -179,6 +209,8 @@ class LossSection(Section):
     distance_weight: float = Field(0.5, ge=0.0)
     distance_power: float = Field(2.0, gt=0.0)
     distance_normalize: bool = True
+    rank_weight: float = Field(0.0, ge=0.0, description="weight of the per-day ranking term")
+    rank_min_names: int = Field(10, ge=2, description="smallest day group the term scores")
 
 
 class TrainSection(Section):
@@ -255,6 +287,15 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"loader.min_valid_days ({self.loader.min_valid_days}) exceeds "
                 f"shards.window ({self.shards.window})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ranking_needs_days(self) -> PipelineConfig:
+        if self.loss.rank_weight > 0 and self.loader.group_by_date is False:
+            raise ValueError(
+                f"loss.rank_weight ({self.loss.rank_weight}) needs batches of whole days, but "
+                "loader.group_by_date is false"
             )
         return self
 

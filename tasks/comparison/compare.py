@@ -56,6 +56,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("test/rank_icir", "test Rank ICIR", 3),
     ("test/ls_sharpe", "L-S Sharpe", 2),
     ("test/accuracy", "test accuracy", 3),
+    ("test/score_vol_corr", "score~vol", 3),
+    ("test/q5_minus_q1", "Q5−Q1 return", 5),
     ("valid/rank_ic", "valid Rank IC", 4),
     ("fit_seconds", "fit s", 0),
 )
@@ -67,15 +69,15 @@ class Variant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["network", "lightgbm"] = "network"
+    kind: Literal["network", "lightgbm", "blend"] = "network"
     overrides: tuple[str, ...] = ()
     params: dict[str, Any] = Field(default_factory=dict, description="LightGBM parameters")
     description: str = ""
 
     @model_validator(mode="after")
     def _params_need_lightgbm(self) -> Variant:
-        if self.params and self.kind != "lightgbm":
-            raise ValueError(f"variant '{self.name}': params are for kind 'lightgbm' only")
+        if self.params and self.kind == "network":
+            raise ValueError(f"variant '{self.name}': params are for kinds 'lightgbm', 'blend'")
         return self
 
 
@@ -180,7 +182,7 @@ def skipped_variants(variants: Iterable[Variant]) -> dict[str, str]:
     if baselines.lightgbm_available():
         return {}
     reason = f"LightGBM is not installed: {baselines.INSTALL_HINT}"
-    return {v.name: reason for v in variants if v.kind == "lightgbm"}
+    return {v.name: reason for v in variants if v.kind in ("lightgbm", "blend")}
 
 
 def variant_config(cfg: PipelineConfig, variant: Variant, seed: int) -> PipelineConfig:
@@ -203,6 +205,8 @@ class VariantOutcome:
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    # split -> {ISO date: that day's Rank IC}, for per-day paired tests between variants
+    daily_rank_ic: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class VariantFailed(RuntimeError):
@@ -234,35 +238,67 @@ def child_tags(
 SplitPredictor = Callable[[str], pd.DataFrame]
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a (variant, seed) stands in the comparison, for its progress lines."""
+
+    label: str  # "variant 3/20 cross_entropy seed 1"
+    started: float  # time.time() when the comparison started
+
+
 def score_and_log(
     cfg: PipelineConfig,
     run_id: str,
     predict_split: SplitPredictor,
     oracle: pd.DataFrame | None,
     figures: bool,
+    exposures: pd.DataFrame | None = None,
+    daily: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Score valid and test with `evaluate_predictions` and log `<split>/<metric>` (+ plots).
+    """Score valid and test with `evaluate_predictions` and log `<split>/<metric>` (+ plots and
+    the daily Rank IC series as `plots/<split>/daily_rank_ic.csv`, also put into `daily`).
 
     The one scoring path of every variant, network or LightGBM, so their metrics line up.
     """
     from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
+    from alphaloom.tasks.evaluation.metrics import _known, daily_ic
 
     flat: dict[str, float] = {}
     for split in ("valid", "test"):
         preds = predict_split(split)
-        metrics, plots = evaluate_predictions(preds, cfg.evaluate, oracle, with_figures=figures)
+        metrics, plots = evaluate_predictions(
+            preds, cfg.evaluate, oracle, with_figures=figures, exposures=exposures
+        )
+        series = daily_ic(_known(preds), "spearman")
+        plots["daily_rank_ic.csv"] = series.rename("rank_ic").rename_axis("date").reset_index()
         runs.log_evaluation(cfg, run_id, split, metrics, plots)
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
+        if daily is not None:
+            daily[split] = {pd.Timestamp(d).date().isoformat(): float(v) for d, v in series.items()}
     return flat
 
 
-def _fit_network(cfg: PipelineConfig, run_id: str, shard_dir: str) -> tuple[SplitPredictor, dict]:
+def _fit_network(
+    cfg: PipelineConfig, run_id: str, shard_dir: str, progress: Progress | None = None
+) -> tuple[SplitPredictor, dict]:
     """Train in this run's own checkpoint dir (a retried task resumes there); never register."""
     from alphaloom.tasks.evaluation.predictions import predict
+    from alphaloom.tasks.training.progress import ProgressReporter
     from alphaloom.tasks.training.train import checkpoint_dir_for, train_model
 
     started = time.perf_counter()
-    result = train_model(shard_dir, cfg, checkpoint_dir_for(cfg, run_id), run_id)
+    reporter = None
+    if progress is not None:
+        reporter = ProgressReporter(
+            cfg.train.epochs, None, artifact=False, label=progress.label, started=progress.started
+        )
+    try:
+        result = train_model(
+            shard_dir, cfg, checkpoint_dir_for(cfg, run_id), run_id, progress=reporter
+        )
+    finally:
+        if reporter is not None:
+            reporter.close()
     extra = {"fit_seconds": time.perf_counter() - started, "best_epoch": float(result.best_epoch)}
 
     def predict_split(split: str) -> pd.DataFrame:
@@ -281,7 +317,8 @@ def _fit_lightgbm(
     runs.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})
     stamp = int(time.time() * 1000)
     curve = [
-        Metric("val/rank_ic", float(v), stamp, step) for step, v in enumerate(fit.history, start=1)
+        Metric("valid/rank_ic", float(v), stamp, step)
+        for step, v in enumerate(fit.history, start=1)
     ]
     client = store.client_for(cfg)
     for start in range(0, len(curve), 900):
@@ -290,6 +327,38 @@ def _fit_lightgbm(
 
     def predict_split(split: str) -> pd.DataFrame:
         return predict_lightgbm(fit, shard_dir, split, cfg)
+
+    return predict_split, extra
+
+
+def _fit_blend(
+    cfg: PipelineConfig,
+    variant: Variant,
+    seed: int,
+    run_id: str,
+    shard_dir: str,
+    progress: Progress | None,
+) -> tuple[SplitPredictor, dict]:
+    """The network (with the variant's overrides) and LightGBM, rank-blended with the weight
+    chosen on the validation split (tasks/comparison/blend.py); both parts' figures are logged
+    beside the blend's so it is measured against each."""
+    from alphaloom.tasks.comparison.blend import blended, choose_weight
+    from alphaloom.tasks.evaluation.metrics import ic_metrics
+
+    network, network_extra = _fit_network(cfg, run_id, shard_dir, progress)
+    lightgbm, lightgbm_extra = _fit_lightgbm(cfg, variant, seed, run_id, shard_dir)
+    parts = {split: (network(split), lightgbm(split)) for split in ("valid", "test")}
+    weight, _ = choose_weight(*parts["valid"])
+    extra = {
+        "fit_seconds": network_extra["fit_seconds"] + lightgbm_extra["fit_seconds"],
+        "blend/network_weight": weight,
+    }
+    for split, (net_preds, gbm_preds) in parts.items():
+        extra[f"blend/{split}_network_rank_ic"] = ic_metrics(net_preds)["rank_ic"]
+        extra[f"blend/{split}_lightgbm_rank_ic"] = ic_metrics(gbm_preds)["rank_ic"]
+
+    def predict_split(split: str) -> pd.DataFrame:
+        return blended(*parts[split], weight)
 
     return predict_split, extra
 
@@ -303,6 +372,8 @@ def run_variant(
     oracle: pd.DataFrame | None = None,
     tags: Mapping[str, str] | None = None,
     figures: bool = True,
+    exposures: pd.DataFrame | None = None,
+    progress: Progress | None = None,
 ) -> VariantOutcome:
     """Train and evaluate one variant with one seed inside its own child run.
 
@@ -322,14 +393,18 @@ def run_variant(
                 raise bad_config
             if variant.kind == "lightgbm":
                 predict_split, extra = _fit_lightgbm(vcfg, variant, seed, run_id, shard_dir)
+            elif variant.kind == "blend":
+                predict_split, extra = _fit_blend(vcfg, variant, seed, run_id, shard_dir, progress)
             else:
-                predict_split, extra = _fit_network(vcfg, run_id, shard_dir)
+                predict_split, extra = _fit_network(vcfg, run_id, shard_dir, progress)
             runs.log_metrics(vcfg, run_id, extra)
-            metrics = {**score_and_log(vcfg, run_id, predict_split, oracle, figures), **extra}
+            daily: dict[str, dict[str, float]] = {}
+            scored = score_and_log(vcfg, run_id, predict_split, oracle, figures, exposures, daily)
+            metrics = {**scored, **extra}
     except Exception as err:
         log.exception("variant %s seed %d failed", variant.name, seed)
         raise VariantFailed(variant.name, seed, run_id, f"{type(err).__name__}: {err}") from err
-    return VariantOutcome(variant.name, seed, "finished", run_id, metrics)
+    return VariantOutcome(variant.name, seed, "finished", run_id, metrics, daily_rank_ic=daily)
 
 
 @task(
@@ -349,9 +424,13 @@ def variant_task(
     oracle: pd.DataFrame | None = None,
     tags: dict[str, str] | None = None,
     figures: bool = True,
+    exposures: pd.DataFrame | None = None,
+    progress: Progress | None = None,
 ) -> VariantOutcome:
     """Prefect wrapper of `run_variant` (a failed variant is a failed task run)."""
-    return run_variant(cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures)
+    return run_variant(
+        cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures, exposures, progress
+    )
 
 
 def outcome_from_state(state: Any, variant: Variant, seed: int) -> VariantOutcome:

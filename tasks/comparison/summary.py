@@ -53,6 +53,33 @@ def paired_gain(
     return mean, std, len(diffs)
 
 
+def paired_daily_test(
+    reference: Sequence[VariantOutcome], other: Sequence[VariantOutcome], split: str = "test"
+) -> tuple[float, float, int]:
+    """Per-day paired test of reference - other in daily Rank IC: (mean daily difference,
+    its t-statistic = mean / (std / sqrt(days)), days).
+
+    Each day's difference is averaged over the seeds where both variants finished (days every
+    such seed scored), so the test asks whether the gain holds day after day, not just on
+    average over a few seeds. NaN with fewer than two days.
+    """
+    ref = {o.seed: o.daily_rank_ic.get(split, {}) for o in reference if o.status == "finished"}
+    pairs = [
+        (ref[o.seed], o.daily_rank_ic.get(split, {}))
+        for o in other
+        if o.status == "finished" and o.seed in ref
+    ]
+    if not pairs:
+        return math.nan, math.nan, 0
+    days = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
+    if len(days) < 2:
+        return math.nan, math.nan, len(days)
+    diffs = np.mean([[a[d] - b[d] for d in days] for a, b in pairs], axis=0)
+    mean, std = float(diffs.mean()), float(diffs.std(ddof=1))
+    t_stat = mean / (std / math.sqrt(len(days))) if std > 0 else math.nan
+    return mean, t_stat, len(days)
+
+
 def _status(outcomes: Sequence[VariantOutcome], skipped: str | None) -> tuple[str, str | None]:
     if skipped is not None:
         return "skipped", skipped
@@ -94,6 +121,8 @@ def summarise(
         has_gain = variant.name != reference and ref_outcomes
         gain = paired_gain(ref_outcomes, runs) if has_gain else (math.nan, math.nan, 0)
         row["gain_mean"], row["gain_std"], row["gain_n"] = gain
+        daily = paired_daily_test(ref_outcomes, runs) if has_gain else (math.nan, math.nan, 0)
+        row["daily_gain_mean"], row["daily_gain_t"], row["daily_gain_days"] = daily
         row["error"] = error or ""
         row["run_ids"] = " ".join(o.run_id for o in runs if o.run_id)
         rows.append(row)
@@ -132,7 +161,7 @@ def comparison_markdown(
 ) -> str:
     """The comparison as a markdown table with a legend."""
     gain_title = f"{reference} − variant (test Rank IC)"
-    titles = ["variant", *(t for _, t, _ in TABLE_COLUMNS[:1]), gain_title]
+    titles = ["variant", *(t for _, t, _ in TABLE_COLUMNS[:1]), gain_title, "per-day t"]
     titles += [t for _, t, _ in TABLE_COLUMNS[1:]] + ["status"]
     lines = ["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles)]
     for row in rows:
@@ -141,7 +170,14 @@ def comparison_markdown(
             cells.append(_cell(row[f"{key}_mean"], row[f"{key}_std"], decimals))
             if i == 0:
                 gain = _cell(row["gain_mean"], row["gain_std"], 4)
-                cells.append("—" if row["variant"] == reference else f"{gain} (n={row['gain_n']})")
+                is_reference = row["variant"] == reference
+                cells.append("—" if is_reference else f"{gain} (n={row['gain_n']})")
+                t_stat = row["daily_gain_t"]
+                cells.append(
+                    "—"
+                    if is_reference or not math.isfinite(t_stat)
+                    else f"{t_stat:.2f} ({row['daily_gain_days']} d)"
+                )
         cells.append(_status_cell(row))
         lines.append("| " + " | ".join(cells) + " |")
     if oracle is not None:
@@ -150,7 +186,9 @@ def comparison_markdown(
         "",
         f"Cells are mean ± std (ddof=1) over seeds {list(seeds)}. The gain column is the "
         f"mean ± std of the per-seed paired difference `{reference}` − variant in test Rank IC "
-        "over the n seeds where both finished: positive means the full model beats the variant.",
+        "over the n seeds where both finished: positive means the full model beats the variant. "
+        "Per-day t: the daily test Rank IC difference (averaged over those seeds) divided by its "
+        "standard error over the d test days; |t| > 2 is a difference that holds day by day.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -247,3 +285,17 @@ def publish_comparison(summary: Mapping[str, Any]) -> None:
         key="model-comparison",
         description="Baselines and ablations on the same shards and splits",
     )
+
+
+def outcome_line(outcome: VariantOutcome) -> str:
+    """One line on a finished (variant, seed): its headline figures, or why it failed."""
+    if outcome.status != "finished":
+        return f"FAILED ({outcome.error})"
+    metrics = outcome.metrics
+    parts = [f"{title} {metrics[key]:.{decimals}f}" for key, title, decimals in TABLE_COLUMNS[:1]]
+    for key, title in (("valid/rank_ic", "valid Rank IC"), ("test/score_vol_corr", "vol corr")):
+        if key in metrics:
+            parts.append(f"{title} {metrics[key]:.4f}")
+    if "fit_seconds" in metrics:
+        parts.append(f"fit {metrics['fit_seconds']:.0f} s")
+    return ", ".join(parts)

@@ -42,7 +42,8 @@ def assign_splits(
 
     The calendar is the sorted unique dates. `purge_days` trading days are dropped between train
     and valid and between valid and test, so the last training label (which reads close up to
-    t + 1 + horizon) ends before the first validation day when purge_days = horizon + 1.
+    t + 1 + horizon) ends before the first validation day when purge_days = horizon + 1. Days
+    after `test_end` (when set) are in no split.
     """
     purge = resolve_purge_days(splits, horizon)
     calendar = pd.DatetimeIndex(np.unique(pd.to_datetime(dates).to_numpy("datetime64[ns]")))
@@ -53,10 +54,11 @@ def assign_splits(
         calendar, splits.valid_end, valid_first + round(splits.valid_fraction * n) - 1
     )
     test_first = valid_last + 1 + purge
+    test_last = _end_index(calendar, splits.test_end, n - 1)
     ranges = {
         "train": (0, train_last),
         "valid": (valid_first, valid_last),
-        "test": (test_first, n - 1),
+        "test": (test_first, test_last),
     }
     for name, (first, last) in ranges.items():
         if not 0 <= first <= last < n:

@@ -23,6 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alphaloom.tasks.common.config import EvaluateSection, PipelineConfig
+from alphaloom.tasks.evaluation.exposures import exposure_metrics
 from alphaloom.tasks.evaluation.metrics import (
     PRED_COLUMNS,
     PROB_COLUMNS,
@@ -37,8 +38,12 @@ from alphaloom.tasks.evaluation.metrics import (
     oracle_metrics,
     portfolio_metrics,
     predicted_class,
+    quantile_metrics,
+    quantile_returns,
 )
 from alphaloom.tasks.evaluation.predictions import predict
+
+QUANTILES = 5  # score quintiles in the quantile-return table
 
 # ----------------------------------------------------------------------------------------------
 # validation helpers
@@ -69,10 +74,16 @@ def evaluate_predictions(
     cfg: EvaluateSection,
     oracle: pd.DataFrame | None = None,
     with_figures: bool = True,
+    exposures: pd.DataFrame | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """All metrics of one split's predictions, plus matplotlib figures keyed by file name.
+    """All metrics of one split's predictions, plus artifacts keyed by file name (matplotlib
+    figures, and tables as DataFrames).
 
-    Metric keys carry no split prefix (the tracker adds `val/` or `test/`).
+    Metric keys carry no split prefix (the tracker adds `valid/` or `test/`). Always: the IC
+    family, classification, the long-short book, and the mean forward return of each score
+    quintile (`q1_return` .. `q5_return`, `q5_minus_q1`; table `quantile_returns.csv`). With
+    `exposures` (tasks/evaluation/exposures.py): `score_vol_corr` and `score_size_corr`.
+    With the oracle: its Rank IC and the model's share of it.
     """
     _require_columns(preds, PRED_COLUMNS, "predictions")
     known = _known(preds)
@@ -84,22 +95,29 @@ def evaluate_predictions(
     metrics.update(classification_metrics(cm))
     daily = long_short_returns(known, cfg.long_short_quantile, cfg.cost_bps)
     metrics.update(portfolio_metrics(daily, cfg.annualization_days))
+    quantiles = quantile_returns(known, QUANTILES)
+    metrics.update(quantile_metrics(quantiles))
+    if exposures is not None:
+        metrics.update(exposure_metrics(known, exposures))
     if oracle is not None:
         metrics.update(oracle_metrics(known, oracle))
         ratio = metrics["rank_ic"] / metrics["oracle_rank_ic"]
         metrics["rank_ic_vs_oracle"] = ratio if np.isfinite(ratio) else math.nan
-    figures: dict[str, Any] = {}
+    artifacts: dict[str, Any] = {"quantile_returns.csv": quantiles}
     if with_figures:
         from alphaloom.tasks.evaluation import plots
 
-        figures = plots.evaluation_figures(
-            daily=daily,
-            rank_ic=daily_ic(known, "spearman"),
-            cm=cm,
-            probs=labelled[PROB_COLUMNS].to_numpy(dtype=float),
-            labels=labelled["label"].to_numpy(),
+        artifacts.update(
+            plots.evaluation_figures(
+                daily=daily,
+                rank_ic=daily_ic(known, "spearman"),
+                cm=cm,
+                probs=labelled[PROB_COLUMNS].to_numpy(dtype=float),
+                labels=labelled["label"].to_numpy(),
+                quantiles=quantiles,
+            )
         )
-    return metrics, figures
+    return metrics, artifacts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,12 +141,13 @@ def evaluate_splits(
     oracle: pd.DataFrame | None = None,
     splits: tuple[str, ...] = ("valid", "test"),
     device: torch.device | str = "cpu",
+    exposures: pd.DataFrame | None = None,
 ) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
     """(metrics, figures) of each split, scored by the in-memory model."""
     out = {}
     for split in splits:
         preds = predict(model, shard_dir, split, cfg, device=device)
-        out[split] = evaluate_predictions(preds, cfg.evaluate, oracle=oracle)
+        out[split] = evaluate_predictions(preds, cfg.evaluate, oracle=oracle, exposures=exposures)
     return out
 
 
@@ -140,8 +159,9 @@ def evaluate_and_log(
     oracle: pd.DataFrame | None = None,
     splits: tuple[str, ...] = ("valid", "test"),
     device: torch.device | str = "cpu",
+    exposures: pd.DataFrame | None = None,
 ) -> dict[str, float]:
-    """Evaluate every split and log `<split>/<metric>` plus plots to run `run_id`.
+    """Evaluate every split and log `<split>/<metric>` plus plots and tables to run `run_id`.
 
     Returns the flat metrics ("test/rank_ic", ...).
     """
@@ -149,7 +169,7 @@ def evaluate_and_log(
 
     flat: dict[str, float] = {}
     for split, (metrics, figures) in evaluate_splits(
-        model, shard_dir, cfg, oracle, splits, device
+        model, shard_dir, cfg, oracle, splits, device, exposures
     ).items():
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
         if run_id is not None:
@@ -164,6 +184,7 @@ def evaluate_task(
     cfg: PipelineConfig,
     run_id: str | None,
     oracle: pd.DataFrame | None = None,
+    exposures: pd.DataFrame | None = None,
 ) -> dict[str, float]:
     """Prefect wrapper of `evaluate_and_log` (validation and test splits)."""
-    return evaluate_and_log(model, shard_dir, cfg, run_id, oracle)
+    return evaluate_and_log(model, shard_dir, cfg, run_id, oracle, exposures=exposures)

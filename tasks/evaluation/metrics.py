@@ -233,3 +233,37 @@ def oracle_metrics(preds: pd.DataFrame, oracle: pd.DataFrame) -> dict[str, float
         raise EvaluationError("oracle shares no (symbol, date) rows with the predictions")
     oracle_ic = ic_metrics(joined, score="expected_return")
     return {"oracle_ic": oracle_ic["ic"], "oracle_rank_ic": oracle_ic["rank_ic"]}
+
+
+def quantile_returns(preds: pd.DataFrame, n_quantiles: int = 5) -> pd.DataFrame:
+    """Mean forward return of each daily score quantile (1 = lowest scores), averaged over days.
+
+    Each day's names are split into `n_quantiles` equal groups by score rank (ties by order of
+    appearance, as alphalens' quantile buckets by rank); a day with fewer names than quantiles
+    is skipped. Returns one row per quantile: quantile, mean_return, days.
+    """
+    _require_columns(preds, ["date", "score", "fwd_return"], "predictions")
+    frame = _known(preds)[["date", "score", "fwd_return"]].dropna(subset=["score"])
+    size = frame.groupby("date")["score"].transform("size")
+    frame = frame[size >= n_quantiles]
+    pct = frame.groupby("date")["score"].rank(method="first", pct=True)
+    bucket = np.ceil(pct.to_numpy() * n_quantiles).astype(int).clip(1, n_quantiles)
+    daily = frame.assign(quantile=bucket).groupby(["date", "quantile"])["fwd_return"].mean()
+    table = daily.groupby(level="quantile").agg(["mean", "size"])
+    table = table.reindex(range(1, n_quantiles + 1))
+    return pd.DataFrame(
+        {
+            "quantile": table.index.to_numpy(),
+            "mean_return": table["mean"].to_numpy(dtype=float),
+            "days": table["size"].fillna(0).to_numpy(dtype=int),
+        }
+    )
+
+
+def quantile_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """q1_return .. qN_return and qN_minus_q1 (top minus bottom quantile) from the table."""
+    pairs = zip(table["quantile"], table["mean_return"], strict=True)
+    out = {f"q{int(q)}_return": float(r) for q, r in pairs}
+    top, bottom = table["mean_return"].iloc[-1], table["mean_return"].iloc[0]
+    out[f"q{len(table)}_minus_q1"] = float(top - bottom)
+    return out

@@ -93,17 +93,39 @@ def calibration_figure(probs: np.ndarray, labels: np.ndarray) -> Figure:
     return fig
 
 
+def quantile_return_figure(table: pd.DataFrame) -> Figure:
+    """Mean daily forward return per score quantile, in basis points: does the score sort
+    returns monotonically, or only at one end?"""
+    fig = _figure(5.5, 4.0)
+    ax = fig.add_subplot()
+    bps = table["mean_return"].to_numpy(dtype=float) * 1e4
+    colors = ["C3" if value < 0 else "C2" for value in bps]
+    positions = np.arange(len(bps))
+    ax.bar(positions, bps, color=colors)
+    ax.set_xticks(positions, [str(int(q)) for q in table["quantile"]])
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel("score quantile (1 = lowest)")
+    ax.set_ylabel("mean forward return (bps)")
+    ax.set_title("Forward return by score quantile")
+    fig.tight_layout()
+    return fig
+
+
 def evaluation_figures(
     daily: pd.DataFrame,
     rank_ic: pd.Series,
     cm: np.ndarray,
     probs: np.ndarray,
     labels: np.ndarray,
+    quantiles: pd.DataFrame | None = None,
 ) -> dict[str, Figure]:
     """All evaluation figures keyed by their artifact file name."""
-    return {
+    figures = {
         "long_short_cumulative.png": cumulative_return_figure(daily),
         "rank_ic_over_time.png": ic_figure(rank_ic),
         "confusion_matrix.png": confusion_figure(cm),
         "calibration.png": calibration_figure(probs, labels),
     }
+    if quantiles is not None:
+        figures["quantile_returns.png"] = quantile_return_figure(quantiles)
+    return figures

@@ -40,9 +40,7 @@ def eval_dataset(
 
 
 def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> ScoreFn:
-    """Score batches with an in-memory network: (sum_k k * p_k, probabilities)."""
-    from alphaloom.model.network import expected_class_score
-
+    """Score batches with an in-memory network: (its `score`, class probabilities)."""
     device = torch.device(device)
     model = model.to(device).eval()
     autocast = (
@@ -56,7 +54,7 @@ def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> 
         with autocast:
             logits = model(move_batch(batch, device)).float()
         probs = torch.softmax(logits, dim=-1)
-        return expected_class_score(logits).cpu().numpy(), probs.cpu().numpy()
+        return model.score(logits).cpu().numpy(), probs.cpu().numpy()
 
     return score
 
@@ -71,7 +69,7 @@ def predict_with(
     """Score every window of `split` (or ending on `dates`) with `score_fn`.
 
     Returns one row per window in (date, symbol) order: symbol (str), date (datetime64),
-    score = sum_k k * p_k, p0..p3, label and fwd_return (-1 / NaN when not yet known).
+    score (the model's ranking score), p0..p3, label and fwd_return (-1 / NaN when unknown).
     """
     dataset = eval_dataset(shard_dir, split, cfg, dates)
     parts: list[dict[str, np.ndarray]] = []

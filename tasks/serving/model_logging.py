@@ -2,7 +2,9 @@
 
 Models are logged as MLflow "models from code" pyfunc models: a small script (written from
 `_MODEL_CODE` below) rebuilds `alphaloom.model.network.SequenceModel` from a JSON spec and loads a
-plain state_dict with `torch.load(weights_only=True)`, so loading never unpickles anything. The
+plain state_dict with `torch.load(weights_only=True)`, so loading never unpickles anything. They
+are logged with the public `mlflow.pyfunc.log_model`, which logs to the active run only, so the
+call runs inside `runs.active_run` (that run active in the calling thread for the one call). The
 PyTorch flavor's default `pt2` format was measured against it (benchmarks/model_format.py), unused:
 it takes only a tensor or a list of tensors (the network takes a dict batch, so it needs an
 adapter per input-key set), has no pyfunc flavor, and was slower to log (4.9 s vs 1.3 s) and to
@@ -20,11 +22,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import Model, ModelSignature
+from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.tracking.store import client_for
+from alphaloom.tasks.tracking.runs import active_run
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,15 @@ MODEL_INPUT_KEYS = ("x", "mask", "text", "has_text", "industry", "index", "dow",
 OUTPUT_COLUMNS = ("score", "p0", "p1", "p2", "p3")
 
 
-_MODEL_CODE = '''"""alphaloom ranker: MLflow pyfunc model from code (written by tasks/tracking.py).
+MODEL_TYPE = "alphaloom-ranker"  # the logged model's type, to search for in the MLflow UI
 
-Rebuilds model.network.SequenceModel from spec.json and loads state_dict.pt with
-torch.load(weights_only=True): nothing is unpickled. Input: a dict of numpy arrays with the batch
-keys of model/batch.py; output: a DataFrame with score = sum_k k * p_k and p0..p3.
+
+_MODEL_CODE = '''"""alphaloom ranker: MLflow pyfunc model from code.
+
+Written by alphaloom.tasks.serving.model_logging. Rebuilds alphaloom.model.network.SequenceModel
+from spec.json and loads state_dict.pt with torch.load(weights_only=True): nothing is unpickled.
+Input: a dict of numpy arrays with the batch keys of alphaloom.model.batch; output: a DataFrame
+with the model's score (its utility, or sum_k v_k * p_k) and p0..p3.
 """
 
 import json
@@ -54,7 +60,7 @@ from mlflow.pyfunc import PythonModel
 
 class AlphaloomRanker(PythonModel):
     def load_context(self, context):
-        from alphaloom.model.network import SequenceModel, expected_class_score
+        from alphaloom.model.network import SequenceModel
 
         with open(context.artifacts["spec"]) as handle:
             spec = json.load(handle)
@@ -63,7 +69,6 @@ class AlphaloomRanker(PythonModel):
         model.load_state_dict(state)
         self.model = model.eval()
         self.spec = spec
-        self.score = expected_class_score
         self.keys = spec["input_keys"]
 
     def predict(self, context, model_input, params=None):
@@ -72,7 +77,7 @@ class AlphaloomRanker(PythonModel):
             logits = self.model(batch).float()
         probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
         out = pd.DataFrame(probs, columns=[f"p{k}" for k in range(probs.shape[1])])
-        out.insert(0, "score", self.score(logits).numpy().astype(np.float64))
+        out.insert(0, "score", self.model.score(logits).numpy().astype(np.float64))
         return out
 
 
@@ -150,17 +155,6 @@ def log_ranker(
     `feature_names` are recorded so the registry can tell whether a later shard set still fits.
     Returns (model URI, registered version or None).
     """
-    client = client_for(cfg)
-    run = client.get_run(run_id)
-    # Created here so the model lives in the run's experiment: Model.log would otherwise put it
-    # in the fluent "current" experiment (Default, artifacts under ./mlruns) in this thread.
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id,
-        name="model",
-        source_run_id=run_id,
-        params=dict(run.data.params),
-        model_type="alphaloom-ranker",
-    )
     spec = {
         "model": cfg.model.model_dump(mode="json"),
         "dims": {k: int(v) for k, v in dims.items()},
@@ -174,24 +168,24 @@ def log_ranker(
         torch.save(state, tmp_dir / "state_dict.pt")
         code = tmp_dir / "alphaloom_ranker.py"
         code.write_text(_MODEL_CODE)
-        info = Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            python_model=str(code),
-            artifacts={
-                "spec": str(tmp_dir / "spec.json"),
-                "state_dict": str(tmp_dir / "state_dict.pt"),
-            },
-            code_paths=[str(package_source(tmp_dir / "code"))],
-            pip_requirements=pip_requirements(),
-            signature=_signature(example),
-            input_example=dict(example) if with_example else None,
-            registered_model_name=cfg.tracking.registered_model if register else None,
-            await_registration_for=0,
-            model_id=logged.model_id,
-        )
+        # mlflow.pyfunc.log_model takes no run id: it logs to the calling thread's active run,
+        # and creates the logged model in that run's experiment (not the fluent default one).
+        with active_run(cfg, run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),  # a file path: a model from code, nothing pickled
+                artifacts={
+                    "spec": str(tmp_dir / "spec.json"),
+                    "state_dict": str(tmp_dir / "state_dict.pt"),
+                },
+                code_paths=[str(package_source(tmp_dir / "code"))],
+                pip_requirements=pip_requirements(),
+                signature=_signature(example),
+                input_example=dict(example) if with_example else None,
+                registered_model_name=cfg.tracking.registered_model if register else None,
+                await_registration_for=0,
+                model_type=MODEL_TYPE,
+            )
     version = info.registered_model_version
     log.info("logged model %s (version %s)", info.model_uri, version)
     return info.model_uri, None if version is None else str(version)

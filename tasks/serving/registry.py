@@ -177,11 +177,11 @@ def _log_decision(
     decision: PromotionDecision,
 ) -> None:
     metrics = {
-        "registry/new_val_rank_ic": decision.new_score,
+        "registry/new_valid_rank_ic": decision.new_score,
         "registry/promoted": float(decision.promoted),
     }
     if decision.champion_score is not None:
-        metrics["registry/champion_val_rank_ic"] = decision.champion_score
+        metrics["registry/champion_valid_rank_ic"] = decision.champion_score
     runs.log_metrics(cfg, run_id, metrics)
     tags = {
         "registry.promoted": str(decision.promoted).lower(),
@@ -191,7 +191,7 @@ def _log_decision(
     }
     runs.set_tags(cfg, run_id, tags)
     version_tags = {
-        "val_rank_ic": f"{decision.new_score:.6f}",
+        "valid_rank_ic": f"{decision.new_score:.6f}",
         "promoted": str(decision.promoted).lower(),
         "decision": decision.reason,
     }

@@ -25,7 +25,7 @@ HEADLINE_METRICS = (
     "test/ls_ann_return",
     "test/ls_sharpe",
     "test/max_drawdown",
-    "val/rank_ic",
+    "valid/rank_ic",
 )
 
 

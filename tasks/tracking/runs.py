@@ -1,9 +1,12 @@
 """MLflow tracking: one run per pipeline run, logged through `MlflowClient` with explicit run ids.
 
 MLflow's fluent "active run" is thread-local, and Prefect runs tasks in worker threads, so nothing
-here relies on it: the flow opens a run with `tracked_run`, passes the run id to every task, and
-each task logs with the client. The default store is `sqlite:///<cwd>/mlflow.db`; it is created
-once under a file lock because several processes migrating a fresh SQLite store at once break it.
+relies on one being open: the flow opens a run with `tracked_run`, passes the run id to every task,
+and each task logs with the client. The few public APIs that log only to the active run
+(`mlflow.log_input`, `mlflow.pyfunc.log_model`) are called inside `active_run(cfg, run_id)`, which
+makes that run active in the calling thread for the one call. The default store is
+`sqlite:///<cwd>/mlflow.db`; it is created once under a file lock because several processes
+migrating a fresh SQLite store at once break it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import ColSpec, Schema
 
@@ -99,25 +103,33 @@ def git_commit(root: Path = REPO_ROOT) -> str | None:
     return result.stdout.strip() or None
 
 
+MODEL_CODE_PACKAGES = (
+    "alphaloom.model",
+    "alphaloom.tasks.training",
+    "alphaloom.tasks.evaluation",
+    "alphaloom.tasks.tracking",
+    "alphaloom.tasks.serving",
+)
+
+
+def model_code_modules() -> list[str]:
+    """Every module of the packages that turn a shard set into a model (training through
+    registry), found by walking them so that a module split off later is covered too."""
+    import importlib
+    import pkgutil
+
+    names: set[str] = set()
+    for package in MODEL_CODE_PACKAGES:
+        path = importlib.import_module(package).__path__
+        names.update(info.name for info in pkgutil.walk_packages(path, f"{package}."))
+    return sorted(names)
+
+
 def model_code_version() -> str:
-    """Hash of the code that turns a shard set into a model (training through registry)."""
+    """Hash of the source of `model_code_modules()`, the run's `alphaloom.code_version` tag."""
     import importlib
 
-    names = (
-        "alphaloom.model.network",
-        "alphaloom.model.losses",
-        "alphaloom.model.dataset",
-        "alphaloom.model.panels",
-        "alphaloom.model.shard_set",
-        "alphaloom.tasks.training.train",
-        "alphaloom.tasks.evaluation.evaluate",
-        "alphaloom.tasks.evaluation.predictions",
-        "alphaloom.tasks.training.checkpoint",
-        "alphaloom.tasks.tracking.runs",
-        "alphaloom.tasks.serving.model_logging",
-        "alphaloom.tasks.serving.registry",
-    )
-    return code_version(*(importlib.import_module(name) for name in names))
+    return code_version(*(importlib.import_module(name) for name in model_code_modules()))
 
 
 def run_tags(shards: Any) -> dict[str, str]:
@@ -185,6 +197,27 @@ def tracked_run(
     end_run(cfg, run_id, failed=False)
 
 
+@contextlib.contextmanager
+def active_run(cfg: PipelineConfig, run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Make run `run_id` MLflow's active run in the calling thread for the block, then deactivate
+    it in its previous status.
+
+    For public APIs that take no run id and log to the active run (`mlflow.log_input`,
+    `mlflow.pyfunc.log_model`). MLflow keeps the active-run stack per thread, so two tasks doing
+    this at once in Prefect's worker threads each see their own; `nested=True` lets a caller that
+    already has an active run use it too. Leaving the block restores the status the run had
+    (normally RUNNING: the flow's `tracked_run` ends it), where `with mlflow.start_run()` would
+    mark it FINISHED mid-pipeline.
+    """
+    client = client_for(cfg)  # also points MLflow's global tracking URI at the configured store
+    status = client.get_run(run_id).info.status
+    run = mlflow.start_run(run_id=run_id, nested=True)
+    try:
+        yield run
+    finally:
+        mlflow.end_run(status=status)
+
+
 def log_metrics(
     cfg: PipelineConfig,
     run_id: str,
@@ -221,10 +254,15 @@ def set_tags(cfg: PipelineConfig, run_id: str, tags: Mapping[str, Any]) -> None:
 def log_figures(
     cfg: PipelineConfig, run_id: str, figures: Mapping[str, Any], folder: str = "plots"
 ) -> None:
-    """Log matplotlib figures as PNG artifacts under `folder/`."""
+    """Log matplotlib figures as PNG artifacts under `folder/` (DataFrames as CSV tables)."""
+    import pandas as pd
+
     client = client_for(cfg)
-    for name, fig in figures.items():
-        client.log_figure(run_id, fig, f"{folder}/{name}")
+    for name, item in figures.items():
+        if isinstance(item, pd.DataFrame):
+            client.log_text(run_id, item.to_csv(index=False), f"{folder}/{name}")
+        else:
+            client.log_figure(run_id, item, f"{folder}/{name}")
 
 
 def log_evaluation(
@@ -233,11 +271,29 @@ def log_evaluation(
     split: str,
     metrics: Mapping[str, float],
     figures: Mapping[str, Any] | None = None,
+    step: int | None = None,
 ) -> None:
-    """Log one split's evaluation as `<split>/<metric>` plus its plots under plots/<split>/."""
-    log_metrics(cfg, run_id, metrics, prefix=f"{split}/")
+    """Log one split's evaluation as `<split>/<metric>` plus its plots under plots/<split>/.
+
+    The metrics go in at `step`, by default one past the highest step the run already has for
+    any `<split>/` metric (training logs `valid/ic` and `valid/rank_ic` per epoch at step =
+    epoch): MLflow shows the value at the highest step as a metric's value, so the evaluation of
+    the selected model is what the run reports, and the per-epoch history stays intact.
+    """
+    prefix = f"{split}/"
+    if step is None:
+        step = next_step(cfg, run_id, prefix)
+    log_metrics(cfg, run_id, metrics, step=step, prefix=prefix)
     if figures:
         log_figures(cfg, run_id, figures, folder=f"plots/{split}")
+
+
+def next_step(cfg: PipelineConfig, run_id: str, prefix: str) -> int:
+    """One past the highest step of the run's metrics named `<prefix>...`; 0 when it has none."""
+    client = client_for(cfg)
+    names = [name for name in client.get_run(run_id).data.metrics if name.startswith(prefix)]
+    steps = [metric.step for name in names for metric in client.get_metric_history(run_id, name)]
+    return max(steps) + 1 if steps else 0
 
 
 def log_shard_dataset(
@@ -254,7 +310,6 @@ def log_shard_dataset(
     manifest = json.loads(manifest_bytes)
     features = manifest.get("feature_names") or []
     schema = Schema([ColSpec("double", str(name)) for name in features]) if features else None
-    client = client_for(cfg)
     source = _dataset_source(location)
     if source is not None:
         dataset = MetaDataset(
@@ -263,10 +318,9 @@ def log_shard_dataset(
             digest=hashlib.sha256(manifest_bytes).hexdigest()[:20],
             schema=schema,
         )
-        entity = DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
-        )
-        client.log_inputs(run_id, datasets=[entity])
+        with active_run(cfg, run_id):  # mlflow.log_input logs to the active run only
+            mlflow.log_input(dataset, context=context)
+    client = client_for(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "manifest.json"
         copy.write_bytes(manifest_bytes)
@@ -277,11 +331,13 @@ def log_shard_dataset(
 def _dataset_source(location: Location) -> Any:
     """MLflow's dataset source for a shard location: a local path, or a URL scheme MLflow knows
     (s3://, gs://, ...); None for others (memory://), whose runs keep the tag and manifest."""
-    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.sources import LocalArtifactDatasetSource
 
     if isinstance(location, Path):
-        local = [s for s in get_registered_sources() if s._get_source_type() == "local"][:1]
-        return resolve_dataset_source(str(location.resolve()), candidate_sources=local)
+        # Named directly: MLflow registers two local sources, and resolving a path warns that
+        # it matches both.
+        return LocalArtifactDatasetSource(str(location.resolve()))
     try:
         return resolve_dataset_source(location)
     except MlflowException:

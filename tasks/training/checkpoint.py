@@ -29,7 +29,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 BEST_STATE_NAME = "best_model.pt"
 
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the rank term joined the loss terms
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -77,7 +77,7 @@ class _State:
     finished: bool = False
 
 
-LOSS_TERMS = ("loss", "focal", "distance")
+LOSS_TERMS = ("loss", "focal", "distance", "rank")
 
 
 _STATE_FIELDS = tuple(_State.__dataclass_fields__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +36,19 @@ ProgressFn = Callable[[TrainProgress], None]
 class ProgressReporter:
     """Epoch and batch bars on stderr plus a Prefect progress artifact updated once per epoch."""
 
-    def __init__(self, epochs: int, batches_per_epoch: int | None, artifact: bool = True) -> None:
+    def __init__(
+        self,
+        epochs: int,
+        batches_per_epoch: int | None,
+        artifact: bool = True,
+        label: str = "",
+        started: float | None = None,
+    ) -> None:
+        """`label` prefixes each epoch line (e.g. "variant 3/20 cross_entropy seed 1"), and with
+        `started` (a time.time()) the line says how long the whole job has run."""
         self.epochs = epochs
+        self.label = label
+        self.started = started
         self.batches_per_epoch = batches_per_epoch
         disable = not sys.stderr.isatty()
         self.epoch_bar = tqdm(total=epochs, desc="epochs", unit="epoch", disable=disable)
@@ -59,16 +71,19 @@ class ProgressReporter:
         self.batch_bar.reset(total=self.batches_per_epoch)
         self.batches_done = 0
         self.epoch_bar.update(1)
-        val = event.metrics.get("val/rank_ic")
+        val = event.metrics.get("valid/rank_ic")
         if val is not None:
-            self.epoch_bar.set_postfix(val_rank_ic=f"{val:.4f}")
+            self.epoch_bar.set_postfix(valid_rank_ic=f"{val:.4f}")
+        elapsed = "" if self.started is None else f", {elapsed_text(time.time() - self.started)}"
         self.logger.info(
-            "epoch %d/%d: train loss %.4f, val Rank IC %.4f (%.0f s)",
+            "%sepoch %d/%d: train loss %.4f, valid Rank IC %.4f (%.0f s%s)",
+            f"{self.label}: " if self.label else "",
             event.epoch + 1,
             self.epochs,
             event.metrics.get("train/loss", float("nan")),
-            event.metrics.get("val/rank_ic", float("nan")),
+            event.metrics.get("valid/rank_ic", float("nan")),
             event.metrics.get("epoch_seconds", float("nan")),
+            elapsed,
         )
         _update_artifact(self.artifact_id, 100.0 * (event.epoch + 1) / max(self.epochs, 1))
 
@@ -76,6 +91,15 @@ class ProgressReporter:
         self.batch_bar.close()
         self.epoch_bar.close()
         _update_artifact(self.artifact_id, 100.0)
+
+
+def elapsed_text(seconds: float) -> str:
+    """'elapsed 1 h 02 min' / 'elapsed 4 min 05 s'."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"elapsed {hours} h {minutes:02d} min"
+    return f"elapsed {minutes} min {secs:02d} s"
 
 
 def _run_logger() -> Any:

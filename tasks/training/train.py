@@ -162,8 +162,16 @@ def train_loader(info: Any, cfg: PipelineConfig, device: torch.device) -> Any:
         equalize=cfg.loader.equalize,
         rank=rank,
         world_size=world,
+        group_by_date=groups_by_date(cfg),
     )
     return WindowLoader(dataset, num_workers=cfg.loader.num_workers, device=device)
+
+
+def groups_by_date(cfg: PipelineConfig) -> bool:
+    """loader.group_by_date, or when unset: whether the per-day ranking term needs it."""
+    if cfg.loader.group_by_date is None:
+        return cfg.loss.rank_weight > 0
+    return cfg.loader.group_by_date
 
 
 def validate(
@@ -189,7 +197,14 @@ def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> 
 
     seed_everything(cfg.train.seed)
     info = ShardSetInfo.open(shard_dir)
-    model = build_model(info, cfg).to(device)
+    model = build_model(info, cfg)
+    if cfg.model.score == "class_values":
+        from alphaloom.tasks.training.class_values import fit_class_values
+
+        values = fit_class_values(info)
+        log.info("class values fitted on the training split: %s", values.round(4).tolist())
+        model.set_class_values(values)
+    model = model.to(device)
     wrapped: nn.Module = model
     if dist_info()[1] > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -218,13 +233,18 @@ def _join_context(model: nn.Module) -> contextlib.AbstractContextManager:
 def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> torch.Tensor:
     """Forward (bf16 autocast on CUDA), loss in float32, backward, clip, step.
 
-    Returns the detached loss terms [3] on the device: reading them would force a GPU sync
+    Returns the detached loss terms [4] on the device: reading them would force a GPU sync
     per step, which stops the loader's CPU work from overlapping the GPU's.
     """
-    model, optimizer = parts["model"], parts["optimizer"]
+    model, optimizer, loss = parts["model"], parts["optimizer"], parts["loss"]
     with _autocast(parts["device"]):
         logits = model(batch)
-    terms = parts["loss"](logits.float(), batch["label"])
+    logits = logits.float()
+    if loss.needs_days:
+        score = _unwrap(model).score(logits)
+        terms = loss(logits, batch["label"], score, batch["fwd_return"], batch["date"])
+    else:
+        terms = loss(logits, batch["label"])
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.train.grad_clip is not None:
@@ -301,8 +321,8 @@ def _close_epoch(
     row = {
         "epoch": float(state.epoch),
         **{f"train/{key}": train_terms[key] for key in LOSS_TERMS},
-        "val/ic": val["ic"],
-        "val/rank_ic": val["rank_ic"],
+        "valid/ic": val["ic"],
+        "valid/rank_ic": val["rank_ic"],
         "lr": lr,
     }
     state.history.append(row)
@@ -329,7 +349,7 @@ def train_model(
 ) -> TrainResult:
     """Train, resume from `checkpoint_dir`, or return the finished run there; best model back.
 
-    Per-epoch metrics (`train/loss`, `train/focal`, `train/distance`, `val/ic`, `val/rank_ic`,
+    Per-epoch metrics (`train/loss`, `train/focal`, `train/distance`, `valid/ic`, `valid/rank_ic`,
     `lr`) go to MLflow run `run_id` with step = epoch, from rank 0 only. `progress` is called
     after every batch and epoch (an exception raised there aborts training like a crash).
     """
