@@ -71,13 +71,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    """Ingest the configured data and build the factor table (no Prefect server needed)."""
-    from alphaloom.tasks.data.features import run_features_stage
-    from alphaloom.tasks.data.ingest import run_ingest_stage
+    """Ingest the configured data and build the factor table (no Prefect server needed); an
+    intact output of the same inputs is reused, as the pipeline's cache would."""
+    from alphaloom.tasks.data.features import features_task
+    from alphaloom.tasks.data.ingest import ingest_task
 
     cfg = _config(args)
-    market = run_ingest_stage(cfg)
-    features = run_features_stage(market, cfg)
+    market = ingest_task.reuse_or_build(cfg)
+    features = features_task.reuse_or_build(market, cfg)
     print(f"market:   {market.path}")
     print(f"features: {features.path}")
     return 0

@@ -1,15 +1,21 @@
 """Which filesystem a path or URL lives on, for fsspec and for pyarrow readers.
 
-The lowest layer of storage: the loader (model/data.py) opens shard sets at URLs with it, and
-tasks/storage.py builds its atomic writes and verified copies on it.
+The lowest layer of storage: the loader (model/shard_set.py) opens shard sets at URLs with it,
+and tasks/common/storage.py resolves every location through `resolve` once, so the code above
+it reads files without asking whether they are local.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import fsspec
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 from pyarrow import fs as pafs
 
 
@@ -18,10 +24,20 @@ def is_url(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path
 
 
-def url_filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) of a URL; an unknown scheme names the URL."""
-    import fsspec
+def resolve(location: str | Path) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) of a local path, a file:// URL or any fsspec URL.
 
+    Local paths and file:// URLs resolve to fsspec's LocalFileSystem with an absolute path; an
+    unknown scheme, or a file:// URL naming another host, is an error that names the location.
+    """
+    if not is_url(location):
+        return LocalFileSystem(), Path(os.path.abspath(location)).as_posix()
+    url = str(location)
+    if url.startswith("file://"):
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{url}: a file:// URL must name a local path (file:///...)")
+        return LocalFileSystem(), Path(os.path.abspath(url2pathname(parsed.path))).as_posix()
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:
@@ -39,5 +55,5 @@ def arrow_filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(str(location))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        fs, inner = url_filesystem(str(location))
+        fs, inner = resolve(location)
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner

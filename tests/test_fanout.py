@@ -149,8 +149,23 @@ def test_the_feature_stage_on_a_local_dask_cluster_matches_the_single_task(
     assert len(list((tmp_path / "raw_factors").iterdir())) == 3
 
 
+def count_factor_computations(monkeypatch) -> list[list[str]]:
+    """Record the symbols of every partition whose raw factors are computed from now on."""
+    import alphaloom.tasks.data.partitions as partitions
+
+    computed: list[list[str]] = []
+    compute = partitions.compute_alpha158
+
+    def counted(bars, names):
+        computed.append(sorted(bars["symbol"].unique()))
+        return compute(bars, names)
+
+    monkeypatch.setattr(partitions, "compute_alpha158", counted)
+    return computed
+
+
 def test_thread_runner_reuses_each_partition_when_only_the_labels_change(
-    prefect_harness, single_task, tmp_path: Path
+    prefect_harness, single_task, tmp_path: Path, monkeypatch
 ) -> None:
     from alphaloom.flows.pipeline import features_stage
 
@@ -164,10 +179,37 @@ def test_thread_runner_reuses_each_partition_when_only_the_labels_change(
     assert len(raw_files) == 4
 
     relabelled = smoke(tmp_path, "runner.partitions=4", "features.label.mode=threshold")
+    computed = count_factor_computations(monkeypatch)
     second = features_stage(market, relabelled)
-    assert second.key != first.key and second.key == features_location(market, relabelled)[0]
+    assert computed == []  # every partition came from the cache
+    assert second.key != first.key and second.key == features_location(market, relabelled).key
     assert sorted((tmp_path / "raw_factors").glob(f"*/{RAW_FILE}")) == raw_files
     assert [p.stat().st_mtime_ns for p in raw_files] == stamps  # no partition was recomputed
     bars = load_saved_market(market.dir).bars
     expected = build_feature_table(bars, relabelled.features).frame
     pd.testing.assert_frame_equal(feature_files(second)[0], expected, check_exact=True)
+
+
+def test_a_corrupt_partition_is_recomputed_and_the_others_come_from_the_cache(
+    prefect_harness, single_task, tmp_path: Path, monkeypatch
+) -> None:
+    """Mapped stage tasks get the same check as single ones: a partition output with flipped
+    bytes is rebuilt (not reported Cached), an intact one is not recomputed."""
+    import shutil
+
+    from alphaloom.flows.pipeline import features_stage
+    from alphaloom.tasks.common.storage import output_problem
+
+    _, (frame, _) = single_task
+    cfg = smoke(tmp_path, "runner.partitions=4", "runner.workers=2")
+    market = run_ingest_stage(cfg)
+    first = features_stage(market, cfg)
+    victim = sorted((tmp_path / "raw_factors").glob(f"*/{RAW_FILE}"))[0]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    shutil.rmtree(first.path)  # so the fan-out is planned again
+    computed = count_factor_computations(monkeypatch)
+    again = features_stage(market, cfg)
+    assert len(computed) == 1  # the corrupt partition only
+    assert victim.read_bytes() == good and output_problem(victim.parent) is None
+    pd.testing.assert_frame_equal(feature_files(again)[0], frame, check_exact=True)

@@ -538,7 +538,8 @@ def test_build_feature_table_contract(table: FeatureTable) -> None:
 
 def test_feature_table_round_trips(tmp_path, table: FeatureTable) -> None:
     out = save_feature_table(table, tmp_path / "features")
-    assert sorted(p.name for p in out.iterdir()) == ["features.json", "features.parquet"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["_COMPLETE.json", "features.json", "features.parquet"]  # checksums last
     back = load_feature_table(out)
     pd.testing.assert_frame_equal(back.frame, table.frame)
     assert back.feature_names == table.feature_names
@@ -563,7 +564,7 @@ def test_failed_save_leaves_nothing(tmp_path, table: FeatureTable) -> None:
 
 
 def test_features_stage_builds_once_from_the_ingested_market(tmp_path) -> None:
-    from alphaloom.tasks.data.features import run_features_stage
+    from alphaloom.tasks.data.features import features_task, run_features_stage
     from alphaloom.tasks.data.ingest import run_ingest_stage
 
     cfg = load_config(
@@ -575,7 +576,7 @@ def test_features_stage_builds_once_from_the_ingested_market(tmp_path) -> None:
     assert table.feature_names == select_factors(cfg.features.factors, cfg.features.windows)
     assert table.frame["symbol"].nunique() == 12
     stamp = (ref.dir / "features.parquet").stat().st_mtime_ns
-    again = run_features_stage(market, cfg)
+    again = features_task.reuse_or_build(market, cfg)  # verified and reused, not rebuilt
     assert again == ref and (ref.dir / "features.parquet").stat().st_mtime_ns == stamp
     changed = run_features_stage(market, cfg.model_copy(update={"features": FeaturesSection()}))
     assert changed.key != ref.key

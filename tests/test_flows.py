@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -19,8 +20,10 @@ from prefect.client.schemas.filters import (
 from alphaloom.flows.nightly import nightly_retrain
 from alphaloom.flows.pipeline import train_pipeline
 from alphaloom.flows.score import score_latest
+from alphaloom.model.shard_format import ShardSetError
 from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import PipelineConfig, load_config
+from alphaloom.tasks.common.storage import output_problem
 from alphaloom.tasks.data.synthetic import extend_market, generate_market, write_market
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,6 +109,56 @@ def test_rerun_hits_the_cache_for_data_stages(first_run) -> None:
     assert states["train-model"] == "Completed"
 
 
+def flip_byte(path: Path) -> None:
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+
+
+def without_registering(cfg: PipelineConfig) -> PipelineConfig:
+    """The same config, with the module's champion left as it is."""
+    changed = cfg.model_copy(deep=True)
+    changed.tracking.log_model = False
+    return changed
+
+
+def test_a_deleted_output_is_rebuilt_not_reported_cached(first_run) -> None:
+    cfg, _, _ = first_run
+    (features_dir,) = (Path(cfg.work_dir) / "features").iterdir()
+    shutil.rmtree(features_dir)
+    _, states = run_with_states(train_pipeline, without_registering(cfg))
+    assert states["features"] == "Completed"
+    assert states["ingest"] == states["text"] == states["shards"] == "Cached"
+    assert output_problem(features_dir) is None
+
+
+def test_a_shard_file_with_flipped_bytes_is_rebuilt_not_reported_cached(first_run) -> None:
+    cfg, _, _ = first_run
+    (shard_dir,) = (Path(cfg.work_dir) / "shards").iterdir()
+    shard = shard_dir / ShardSetInfo.open(shard_dir).shards[0].file
+    good = shard.read_bytes()
+    flip_byte(shard)
+    _, states = run_with_states(train_pipeline, without_registering(cfg))
+    assert states["shards"] == "Completed" and states["train-model"] == "Completed"
+    assert states["ingest"] == states["features"] == states["text"] == "Cached"
+    assert shard.read_bytes() == good and output_problem(shard_dir) is None
+
+
+def test_a_deterministic_training_error_fails_without_a_retry(first_run, monkeypatch) -> None:
+    import alphaloom.tasks.training.train as train
+
+    attempts = []
+
+    def shard_error(*args, **kwargs):
+        attempts.append(1)
+        raise ShardSetError("shard-00000.parquet: corrupt or truncated (injected)")
+
+    monkeypatch.setattr(train, "train_epoch", shard_error)
+    cfg, _, _ = first_run
+    state = train_pipeline(config=without_registering(cfg), return_state=True)
+    assert state.is_failed() and len(attempts) == 1
+
+
 def test_train_config_change_keeps_data_stages_cached(first_run) -> None:
     cfg, _, _ = first_run
     changed = cfg.model_copy(deep=True)
@@ -146,8 +199,8 @@ def test_training_failure_is_retried_and_resumes(tmp_path, mlflow_store, monkeyp
 
     def fail_once_in_second_epoch(parts, state, cfg, *args, **kwargs):
         if state.epoch == 1 and not failures:
-            failures.append(state.epoch)
-            raise RuntimeError("injected crash in epoch 1")
+            failures.append(state.epoch)  # transient: only those are retried
+            raise ConnectionResetError("injected dropped connection in epoch 1")
         return original(parts, state, cfg, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_epoch", fail_once_in_second_epoch)

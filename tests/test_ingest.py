@@ -14,6 +14,7 @@ from alphaloom.tasks.common.config import DataSection, PipelineConfig, Synthetic
 from alphaloom.tasks.data.checks import DataValidationError
 from alphaloom.tasks.data.ingest import (
     MarketData,
+    ingest_task,
     load_market,
     load_saved_market,
     run_ingest_stage,
@@ -348,7 +349,7 @@ def test_run_ingest_stage_reuses_output_until_inputs_change(tmp_path) -> None:
     market = load_saved_market(ref.path)
     assert market.bars["symbol"].nunique() == 2
     stamp = (ref.dir / "meta.json").stat().st_mtime_ns
-    again = run_ingest_stage(cfg)
+    again = ingest_task.reuse_or_build(cfg)  # what the CLI and the cache do: verify, reuse
     assert again == ref
     assert (ref.dir / "meta.json").stat().st_mtime_ns == stamp  # reused, not rewritten
     raw.loc[0, "Close"] += 0.5

@@ -11,6 +11,7 @@ from alphaloom.model.shard_format import MANIFEST_NAME
 from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common import storage
 from alphaloom.tasks.common.config import PipelineConfig, load_config
+from alphaloom.tasks.common.hashing import sha256_file
 from alphaloom.tasks.data.features import run_features_stage
 from alphaloom.tasks.data.ingest import run_ingest_stage
 from alphaloom.tasks.dataset.shard_fanout import finish_shard_set, plan_shard_jobs, write_shard_job
@@ -49,7 +50,7 @@ def contents(ref: StageRef) -> tuple[dict[str, str], dict]:
     """(sha256 of every file, manifest without its creation time) of a shard set."""
     local = ref.dir
     files = {
-        p.name: storage.sha256_of(p)
+        p.name: sha256_file(p)
         for p in sorted(local.iterdir())
         if p.name not in (MANIFEST_NAME, storage.COMPLETE_MARKER)
     }
@@ -112,14 +113,17 @@ def test_overlapping_plans_write_apart_and_stray_temp_files_are_not_promoted(tmp
         finish_shard_set(features, text, market, mixed, smoke(tmp_path / "other"))
 
 
-def test_a_local_directory_without_a_manifest_is_an_error_not_a_shard_set(tmp_path) -> None:
+def test_a_local_set_without_its_manifest_is_replanned_and_rebuilt(single, tmp_path) -> None:
     cfg = smoke(tmp_path)
     features, text, market = upstream(cfg)
     final = tmp_path / "shards" / run_shards_stage(features, text, market, cfg).key
     (final / MANIFEST_NAME).unlink()
-    assert storage.output_complete(final) and not storage.output_complete(final, MANIFEST_NAME)
-    with pytest.raises(ShardBuildError, match=r"has no manifest\.json"):
-        run_shards_stage(features, text, market, cfg)
+    assert storage.output_complete(final)  # the marker is there, but the set is not whole
+    assert storage.output_problem(final) == "incomplete (manifest.json is missing)"
+    assert plan_shard_jobs(features, text, market, cfg)  # not taken for a finished set
+    ref = fan_out_by_hand(cfg)
+    assert Path(ref.path) == final and storage.output_problem(final) is None
+    assert contents(ref) == single[1]
 
 
 def test_a_shard_job_names_the_symbols_it_cannot_find(tmp_path) -> None:

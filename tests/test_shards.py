@@ -247,9 +247,18 @@ def test_missing_or_foreign_manifest_is_an_error_naming_the_directory(
 
 def test_directory_without_manifest_is_not_silently_reused(tmp_path: Path, table: Table):
     built = _build(table, tmp_path)
+    manifest = (built / MANIFEST_NAME).read_bytes()
     (built / MANIFEST_NAME).unlink()
-    with pytest.raises(ShardBuildError, match=r"has no manifest\.json"):
+    assert _build(table, tmp_path) == built  # the broken set is replaced by a rebuilt one
+    assert (
+        json.loads((built / MANIFEST_NAME).read_bytes())["shards"] == json.loads(manifest)["shards"]
+    )
+    assert ShardSetInfo.open(built).window_count("train", 10) > 0
+    (built / MANIFEST_NAME).unlink()
+    (built / "_COMPLETE.json").unlink()  # now nothing says alphaloom wrote this directory
+    with pytest.raises(FileExistsError, match=r"not written by alphaloom"):
         _build(table, tmp_path)
+    assert not (built / MANIFEST_NAME).exists()  # a foreign directory is never overwritten
 
 
 @pytest.mark.parametrize(

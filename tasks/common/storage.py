@@ -1,14 +1,17 @@
-"""Atomic writes, locally or at fsspec URLs: outputs appear complete or not at all.
+"""Where outputs live and how they are written: one type for local paths and fsspec URLs.
 
-Locally, every stage writes into a temporary sibling and renames it into place, so a crash leaves
-nothing that looks finished and two writers of the same content cannot corrupt each other.
+`FsPath.of(location)` resolves a path or URL (local, file://, s3://, gs://, memory://, ...) once
+into an fsspec filesystem and a path on it; code below that reads and writes through it and
+never asks whether a location is a URL.
 
-Object stores (s3://, gs://, memory://, ...) have no atomic directory rename, so an output
-directory at a URL is built in a local temporary directory, uploaded file by file, and marked
-complete by a `_COMPLETE.json` written last (file names and sha256s, as Hadoop/Spark's
-`_SUCCESS`). Readers treat a URL directory without that marker as absent and read a complete one
-through a verified local copy (`local_copy`) or directly (pyarrow/fsspec). Single files at a URL
-are uploaded in one PUT, which object stores apply atomically.
+Every stage output is a directory written by `atomic_dir` and sealed by `_COMPLETE.json`, its
+checksum record (every file's sha256, Hadoop/Spark's `_SUCCESS` with content hashes), written
+last. Locally the directory is built in a temporary sibling and renamed into place. Object
+stores have no atomic rename, so there it is built in a local temporary directory and uploaded
+file by file, data before metadata and the marker last; a URL directory without its marker
+counts as absent. `output_problem` re-checks an output against its record, and `local_copy`
+gives a verified local copy of a URL output. Single files (`atomic_file`) are renamed into
+place locally and uploaded in one PUT, which object stores apply atomically.
 """
 
 from __future__ import annotations
@@ -16,168 +19,170 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
-from urllib.request import url2pathname
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from alphaloom.model.filesystems import is_url, url_filesystem
+from fsspec.implementations.local import LocalFileSystem
+
+from alphaloom.model.filesystems import resolve
 from alphaloom.tasks.common.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "_COMPLETE.json"
+CACHE_DIR_ENV = "ALPHALOOM_CACHE_DIR"
+
+
+class StorageError(ValueError):
+    """An output is incomplete or corrupt; the message names the location and the file."""
+
+
+@dataclass(frozen=True)
+class FsPath:
+    """A file or directory on some filesystem: the fsspec filesystem, its path there, and the
+    name users, pandas and pyarrow know it by (the local path, or the URL as given)."""
+
+    fs: Any
+    path: str
+    url: str
+
+    @classmethod
+    def of(cls, location: Location) -> FsPath:
+        """Resolve a path, a file:// URL or any fsspec URL (an FsPath is returned as is)."""
+        if isinstance(location, FsPath):
+            return location
+        fs, path = resolve(location)
+        local = isinstance(fs, LocalFileSystem)
+        return cls(fs, path, path if local else str(location).rstrip("/"))
+
+    def __truediv__(self, name: str) -> FsPath:
+        return FsPath(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.url.rstrip('/')}/{name}")
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def local(self) -> Path | None:
+        """The local path, or None for a location on another filesystem."""
+        return Path(self.path) if isinstance(self.fs, LocalFileSystem) else None
+
+    @property
+    def name(self) -> str:
+        """The last component ('AAPL.csv')."""
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def id(self) -> str:
+        """A stable text identity: the resolved local path, or the URL."""
+        return str(self.local.resolve()) if self.local is not None else self.url
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def is_file(self) -> bool:
+        return bool(self.fs.isfile(self.path))
+
+    def is_dir(self) -> bool:
+        return bool(self.fs.isdir(self.path))
+
+    def iterdir(self) -> list[FsPath]:
+        """A directory's entries, sorted by name."""
+        names = sorted(
+            posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)
+        )
+        return [self / name for name in names]
+
+    def open(self, mode: str = "rb") -> Any:
+        return self.fs.open(self.path, mode)
+
+    def read_bytes(self) -> bytes:
+        return bytes(self.fs.cat_file(self.path))
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def sha256(self) -> str:
+        """Hex sha256 of the file's bytes, streamed."""
+        with self.open() as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+
+    def remove(self) -> None:
+        """Delete the file if it is there."""
+        if self.fs.isfile(self.path):
+            self.fs.rm_file(self.path)
+
+
+Location = str | Path | FsPath  # anything that names a place: a path, a URL or an FsPath
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a local temporary directory that becomes `final` only if the block succeeds.
+def atomic_dir(final: Location) -> Iterator[Path]:
+    """Yield a local temporary directory that becomes `final`, sealed with its checksum record,
+    only if the block succeeds.
 
-    If `final` already exists (another writer finished the same content first), the temporary
-    copy is discarded and the existing directory is kept. At a URL, "becomes" means uploaded
-    with its completion marker last (see `publish_dir`).
+    An intact output already at `final` (another writer finished the same content first) is
+    kept; a broken one (missing files, a checksum that does not match) is replaced; a local
+    directory this code did not write (no marker) is an error, never overwritten.
     """
-    final = local_or_url(final)
-    if isinstance(final, str):
+    out = FsPath.of(final)
+    target = out.local
+    if target is None:
         with tempfile.TemporaryDirectory(prefix="alphaloom-upload-") as staging:
             yield Path(staging)
-            publish_dir(Path(staging), final)
+            publish_dir(Path(staging), out)
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        promote_dir(tmp, final)
+        mark_complete(tmp, checksums(tmp))
+        promote_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | Path) -> Iterator[Path]:
-    """Yield a local temporary path that replaces `final` (a path or URL) only if the block
-    succeeds; at a URL the finished file is uploaded in one PUT."""
-    final = local_or_url(final)
-    if isinstance(final, str):
+def atomic_file(final: Location) -> Iterator[Path]:
+    """Yield a local temporary path that replaces `final` only if the block succeeds; at a URL
+    the finished file is uploaded in one PUT."""
+    out = FsPath.of(final)
+    target = out.local
+    if target is None:
         with tempfile.TemporaryDirectory(prefix="alphaloom-upload-") as staging:
-            tmp = Path(staging) / base_name(final)
+            tmp = Path(staging) / out.name
             yield tmp
-            fs, inner = url_filesystem(final)
-            fs.makedirs(posixpath.dirname(inner), exist_ok=True)
-            fs.put_file(str(tmp), inner)
+            out.fs.makedirs(posixpath.dirname(out.path), exist_ok=True)
+            out.fs.put_file(str(tmp), out.path)
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        os.replace(tmp, final)
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_text_atomic(final: str | Path, text: str) -> None:
+def write_text_atomic(final: Location, text: str) -> None:
     """Write a small text file atomically (a path or a URL)."""
     with atomic_file(final) as tmp:
         tmp.write_text(text)
-
-
-# ----------------------------------------------------------------------------------------------
-# Locations: local paths, file:// URLs and any fsspec URL (s3://, gs://, memory://, ...)
-#
-# Local paths (and file:// URLs, turned into paths) keep the plain pathlib code path; other URLs
-# go through fsspec. Inputs and outputs (work_dir) may be either.
-
-Location = Path | str
-COMPLETE_MARKER = "_COMPLETE.json"
-CACHE_DIR_ENV = "ALPHALOOM_CACHE_DIR"
-
-
-def local_or_url(path: str | Path) -> Path | str:
-    """A plain path or a file:// URL as a Path; any other URL unchanged (read through fsspec)."""
-    if isinstance(path, str) and path.startswith("file://"):
-        parsed = urlparse(path)
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"{path}: a file:// URL must name a local path (file:///...)")
-        return Path(url2pathname(parsed.path))
-    return path if is_url(path) else Path(path)
-
-
-def child(parent: Path | str, name: str) -> Path | str:
-    """`parent / name` for a path or a URL."""
-    return parent / name if isinstance(parent, Path) else f"{parent.rstrip('/')}/{name}"
-
-
-def base_name(path: Path | str) -> str:
-    """The last component of a path or URL ('AAPL.csv')."""
-    if isinstance(path, Path):
-        return path.name
-    return PurePosixPath(urlparse(path).path).name
-
-
-def is_file(path: Path | str) -> bool:
-    if isinstance(path, Path):
-        return path.is_file()
-    fs, inner = url_filesystem(path)
-    return bool(fs.isfile(inner))
-
-
-def is_dir(path: Path | str) -> bool:
-    if isinstance(path, Path):
-        return path.is_dir()
-    fs, inner = url_filesystem(path)
-    return bool(fs.isdir(inner))
-
-
-def exists(path: Path | str) -> bool:
-    if isinstance(path, Path):
-        return path.exists()
-    fs, inner = url_filesystem(path)
-    return bool(fs.exists(inner))
-
-
-def list_dir(path: Path | str) -> list[Path | str]:
-    """A directory's entries sorted by name (URLs come back as URLs of the same scheme)."""
-    if isinstance(path, Path):
-        return sorted(path.iterdir())
-    fs, inner = url_filesystem(path)
-    return [fs.unstrip_protocol(p) for p in sorted(fs.ls(inner, detail=False))]
-
-
-def sha256_of(path: Path | str) -> str:
-    """Hex sha256 of a local file or of a URL's bytes (streamed either way)."""
-    if isinstance(path, Path):
-        return sha256_file(path)
-    fs, inner = url_filesystem(path)
-    with fs.open(inner, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# Output directories at URLs
-
-
-def location_id(location: str | Path) -> str:
-    """A stable text identity of a location: the absolute path, or the URL itself."""
-    location = local_or_url(location)
-    return str(location.resolve()) if isinstance(location, Path) else location.rstrip("/")
-
-
-class StorageError(ValueError):
-    """A URL output is incomplete or corrupt; the message names the URL and the file."""
-
-
-def output_complete(location: str | Path, required: str | None = None) -> bool:
-    """Whether an output directory written by `atomic_dir` is there (complete) at `location`,
-    and holds the file `required` if one is named (a directory someone made by hand does not)."""
-    location = local_or_url(location)
-    if isinstance(location, Path):
-        done = location.is_dir()
-    else:
-        done = is_file(child(location, COMPLETE_MARKER))
-    return done and (required is None or is_file(child(location, required)))
 
 
 def upload_order(local: Path) -> list[Path]:
@@ -187,56 +192,170 @@ def upload_order(local: Path) -> list[Path]:
     return sorted(files, key=lambda path: (path.suffix == ".json", path.as_posix()))
 
 
-def publish_dir(local: Path, url: str) -> None:
-    """Upload the finished directory `local` to `url`, the completion marker last.
-
-    A directory already complete at `url` is kept (outputs are content-addressed, so it holds the
-    same content); that is checked again before the metadata goes up, so a writer that loses a
-    race does not overwrite the winner's metadata. If the upload fails, what was uploaded is
-    removed (best effort) unless another writer completed the output meanwhile; without the
-    marker it would be treated as absent anyway, and the next run overwrites it.
-    """
-    if output_complete(url):
-        return
-    fs, inner = url_filesystem(url)
-    checksums: dict[str, str] = {}
-    uploaded: list[str] = []
-    try:
-        for path in upload_order(local):
-            if path.suffix == ".json" and output_complete(url):
-                return  # another writer finished the same content first
-            relative = path.relative_to(local).as_posix()
-            target = f"{inner.rstrip('/')}/{relative}"
-            fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            fs.put_file(str(path), target)
-            uploaded.append(target)
-            checksums[relative] = sha256_file(path)
-        mark_complete(url, checksums)
-    except BaseException:
-        if not output_complete(url):
-            for target in uploaded:
-                with contextlib.suppress(Exception):
-                    fs.rm_file(target)
-        raise
+def checksums(local: Path) -> dict[str, str]:
+    """sha256 of every file of a local directory by relative name (its marker excluded)."""
+    return {
+        path.relative_to(local).as_posix(): sha256_file(path)
+        for path in upload_order(local)
+        if path.name != COMPLETE_MARKER
+    }
 
 
-def mark_complete(url: str, checksums: dict[str, str]) -> None:
-    """Write the completion marker of a URL output whose files (relative name -> sha256) are all
-    uploaded: one PUT, the last write of the output."""
-    fs, inner = url_filesystem(url)
-    marker = json.dumps({"files": checksums}, indent=1, sort_keys=True)
-    fs.pipe_file(f"{inner.rstrip('/')}/{COMPLETE_MARKER}", marker.encode())
+def mark_complete(where: Location, files: dict[str, str]) -> None:
+    """Write the completion marker of a directory whose files (relative name -> sha256) are all
+    in place: one write, the last of the output."""
+    marker = FsPath.of(where) / COMPLETE_MARKER
+    marker.fs.pipe_file(
+        marker.path, json.dumps({"files": files}, indent=1, sort_keys=True).encode()
+    )
+
+
+def withdraw(where: Location) -> None:
+    """Remove an output's marker, so the output counts as absent while it is rebuilt."""
+    (FsPath.of(where) / COMPLETE_MARKER).remove()
 
 
 def promote_dir(staging: Path, final: Path) -> None:
-    """Rename a finished local staging directory to `final`; if another writer got there first
-    (same content: outputs are content-addressed), drop the staging copy."""
+    """Rename a finished, sealed local directory to `final`.
+
+    If `final` is there already: kept when intact (another writer of the same content got there
+    first: outputs are content-addressed), replaced when it is a broken output, refused when it
+    has no marker (not written by this code).
+    """
+    try:
+        os.rename(staging, final)
+        return
+    except OSError:
+        if not final.is_dir():
+            raise
+    problem = output_problem(final)
+    if problem is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    if not (final / COMPLETE_MARKER).is_file():
+        raise FileExistsError(
+            f"{final}: exists but was not written by alphaloom (no {COMPLETE_MARKER}); "
+            "delete it or choose another directory"
+        )
+    log.warning("%s is %s: replacing it", final, problem)
+    aside = final.with_name(f".{final.name}.broken-{uuid.uuid4().hex[:8]}")
+    os.rename(final, aside)
     try:
         os.rename(staging, final)
     except OSError:
         if not final.is_dir():
             raise
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a concurrent writer replaced it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish_dir(local: Path, url: FsPath) -> None:
+    """Upload the finished directory `local` to `url`, the completion marker last.
+
+    An intact output already at `url` is kept; a broken one is withdrawn first (its marker
+    removed) and overwritten. Before the metadata goes up the marker is checked again, so a
+    writer that loses a race does not overwrite the winner's metadata. If the upload fails, what
+    was uploaded is removed (best effort) unless another writer completed the output meanwhile.
+    """
+    if output_problem(url) is None:
+        return
+    withdraw(url)
+    files: dict[str, str] = {}
+    uploaded: list[FsPath] = []
+    try:
+        for path in upload_order(local):
+            if path.suffix == ".json" and output_complete(url):
+                return  # another writer finished the same content first
+            relative = path.relative_to(local).as_posix()
+            target = url / relative
+            url.fs.makedirs(posixpath.dirname(target.path), exist_ok=True)
+            url.fs.put_file(str(path), target.path)
+            uploaded.append(target)
+            files[relative] = sha256_file(path)
+        mark_complete(url, files)
+    except BaseException:
+        if not output_complete(url):
+            for target in uploaded:
+                with contextlib.suppress(Exception):
+                    url.fs.rm_file(target.path)
+        raise
+
+
+def parts_dir(final: Location) -> FsPath:
+    """Where the files of an output that several workers write go until it is complete.
+
+    Locally a fresh hidden sibling directory (one per call, so overlapping runs cannot mix their
+    files; workers must share the filesystem), renamed into place by `complete_parts`; at a URL
+    the output's own location, withdrawn so that it counts as absent until it is marked complete.
+    """
+    out = FsPath.of(final)
+    if out.local is None:
+        withdraw(out)
+        return out
+    parts = out.local.parent / f".{out.local.name}.parts-{uuid.uuid4().hex[:8]}"
+    parts.mkdir(parents=True, exist_ok=True)
+    return FsPath.of(parts)
+
+
+def complete_parts(parts: Location, final: Location, files: dict[str, str]) -> None:
+    """Make the finished `parts_dir` the output at `final`: every file in `files` (relative name
+    -> sha256) must be there; others (temp files of a worker killed mid-write) are dropped; then
+    the marker is written and, locally, the directory renamed into place."""
+    parts, out = FsPath.of(parts), FsPath.of(final)
+    present = {entry.name for entry in parts.iterdir()} - {COMPLETE_MARKER}
+    absent = sorted(set(files) - present)
+    if absent:
+        raise StorageError(f"{out}: files missing before completion: {absent[:5]}")
+    for stray in sorted(present - set(files)):
+        (parts / stray).remove()
+    mark_complete(parts, files)
+    if parts.local is not None and out.local is not None and parts.local != out.local:
+        promote_dir(parts.local, out.local)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading outputs back
+
+
+def output_complete(where: Location) -> bool:
+    """Whether the output at `where` carries its completion marker (cheap: nothing is hashed)."""
+    return (FsPath.of(where) / COMPLETE_MARKER).is_file()
+
+
+def _marker_files(out: FsPath) -> dict[str, str]:
+    """The files (relative name -> sha256) an output's marker lists; errors name the marker."""
+    marker = out / COMPLETE_MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except FileNotFoundError:
+        raise StorageError(
+            f"{out}: no complete output there (its {COMPLETE_MARKER} is missing); "
+            "rerun the stage that writes it"
+        ) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise StorageError(f"{marker}: not a completion record ({err})") from None
+    if not isinstance(files, dict):
+        raise StorageError(f"{marker}: 'files' is not a mapping of file names to sha256s")
+    return files
+
+
+def output_problem(where: Location) -> str | None:
+    """Why the output at `where` cannot be used as it is ("missing", "incomplete: ...",
+    "corrupt: ..."), or None when every file its marker lists is there with that sha256."""
+    out = FsPath.of(where)
+    if not output_complete(out):
+        return f"incomplete (no {COMPLETE_MARKER})" if out.exists() else "missing"
+    try:
+        files = _marker_files(out)
+    except StorageError as err:
+        return f"corrupt ({err})"
+    for relative, expected in files.items():
+        path = out / relative
+        if not path.is_file():
+            return f"incomplete ({relative} is missing)"
+        if path.sha256() != expected:
+            return f"corrupt ({relative} does not match its sha256 in {COMPLETE_MARKER})"
+    return None
 
 
 def cache_root() -> Path:
@@ -246,80 +365,85 @@ def cache_root() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "alphaloom"
 
 
-def local_work_dir(work_dir: str | Path, name: str) -> Path:
+def local_work_dir(work_dir: Location, name: str) -> Path:
     """`<work_dir>/<name>` when work_dir is local, else `<cache_root>/<name>`: for caches that
     are read file by file and cheap to rebuild (the text-embedding cache)."""
-    location = local_or_url(work_dir)
-    return location / name if isinstance(location, Path) else cache_root() / name
+    local = FsPath.of(work_dir).local
+    return local / name if local is not None else cache_root() / name
 
 
-def read_text(location: str | Path) -> str:
-    """A small text file at a path or URL."""
-    location = local_or_url(location)
-    if isinstance(location, Path):
-        return location.read_text()
-    fs, inner = url_filesystem(location)
-    return fs.cat_file(inner).decode()
-
-
-def read_bytes(location: str | Path) -> bytes:
-    """A file's bytes at a path or URL."""
-    location = local_or_url(location)
-    if isinstance(location, Path):
-        return location.read_bytes()
-    fs, inner = url_filesystem(location)
-    return bytes(fs.cat_file(inner))
-
-
-def remove_file(location: str | Path) -> None:
-    """Delete a file at a path or URL if it is there."""
-    location = local_or_url(location)
-    if isinstance(location, Path):
-        location.unlink(missing_ok=True)
-        return
-    fs, inner = url_filesystem(location)
-    if fs.isfile(inner):
-        fs.rm_file(inner)
-
-
-def local_copy(location: str | Path) -> Path:
-    """A local directory holding the complete output at `location` (itself when local).
+def local_copy(where: Location) -> Path:
+    """A local directory holding the complete output at `where` (itself when local).
 
     A URL output is downloaded once into `<cache_root>/urls/<hash of the URL>`, every file checked
     against the sha256 in its completion marker; later calls reuse that copy while the marker is
     unchanged. Errors name the URL and the file.
     """
-    location = local_or_url(location)
-    if isinstance(location, Path):
-        return location
-    marker_url = child(location, COMPLETE_MARKER)
-    if not is_file(marker_url):
-        raise StorageError(
-            f"{location}: no complete output there (its {COMPLETE_MARKER} is missing); "
-            "rerun the stage that writes it"
-        )
-    marker = read_text(marker_url)
-    digest = hashlib.sha256(location_id(location).encode()).hexdigest()[:24]
-    target = cache_root() / "urls" / digest
-    copied_marker = target / COMPLETE_MARKER
-    if copied_marker.is_file() and copied_marker.read_text() == marker:
+    out = FsPath.of(where)
+    if out.local is not None:
+        return out.local
+    files = _marker_files(out)  # a clear error when the marker is missing or malformed
+    target = cache_root() / "urls" / hashlib.sha256(out.id.encode()).hexdigest()[:24]
+    if output_complete(target) and _marker_files(FsPath.of(target)) == files:
         return target
     shutil.rmtree(target, ignore_errors=True)  # a copy of older content under the same URL
-    fs, inner = url_filesystem(location)
     with atomic_dir(target) as tmp:
-        for relative, expected in json.loads(marker)["files"].items():
+        for relative, expected in files.items():
             local = tmp / relative
             local.parent.mkdir(parents=True, exist_ok=True)
             try:
-                fs.get_file(f"{inner.rstrip('/')}/{relative}", str(local))
+                out.fs.get_file((out / relative).path, str(local))
             except FileNotFoundError:
                 raise StorageError(
-                    f"{child(location, relative)}: listed in {COMPLETE_MARKER} but missing"
+                    f"{out / relative}: listed in {COMPLETE_MARKER} but missing"
                 ) from None
             if sha256_file(local) != expected:
                 raise StorageError(
-                    f"{child(location, relative)}: checksum does not match {COMPLETE_MARKER} "
+                    f"{out / relative}: checksum does not match {COMPLETE_MARKER} "
                     "(corrupt or partially overwritten output)"
                 )
-        (tmp / COMPLETE_MARKER).write_text(marker)
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Path-or-URL functions for callers that hold plain strings and Paths (tracking, DDP launcher)
+
+
+def local_or_url(path: Location) -> Path | str:
+    """A local path or file:// URL as a Path; any other URL as its string."""
+    where = FsPath.of(path)
+    return where.local if where.local is not None else where.url
+
+
+def child(parent: Location, name: str) -> Path | str:
+    """`parent / name` for a path or a URL, in the same spelling."""
+    return local_or_url(FsPath.of(parent) / name)
+
+
+def base_name(path: Location) -> str:
+    """The last component of a path or URL ('AAPL.csv')."""
+    return FsPath.of(path).name
+
+
+def location_id(location: Location) -> str:
+    """A stable text identity of a location: the resolved path, or the URL itself."""
+    return FsPath.of(location).id
+
+
+def is_file(path: Location) -> bool:
+    return FsPath.of(path).is_file()
+
+
+def read_text(location: Location) -> str:
+    """A small text file at a path or URL."""
+    return FsPath.of(location).read_text()
+
+
+def read_bytes(location: Location) -> bytes:
+    """A file's bytes at a path or URL."""
+    return FsPath.of(location).read_bytes()
+
+
+def remove_file(location: Location) -> None:
+    """Delete a file at a path or URL if it is there."""
+    FsPath.of(location).remove()

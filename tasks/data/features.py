@@ -14,7 +14,6 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,21 +23,13 @@ from alphaloom.tasks.common.config import (
     FeaturesSection,
     PipelineConfig,
 )
-from alphaloom.tasks.common.storage import (
-    Location,
-    atomic_dir,
-    child,
-    is_file,
-    local_or_url,
-    output_complete,
-    read_text,
-)
+from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir
 from alphaloom.tasks.data import alpha158
 from alphaloom.tasks.data.alpha158 import compute_alpha158, validate_bars
 from alphaloom.tasks.data.factor_names import ALPHA158_NAMES, select_factors
 from alphaloom.tasks.data.labels import compute_labels
 from alphaloom.tasks.data.splits import SPLIT_CODES, assign_splits
-from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
+from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
 
 __all__ = [
     "ALPHA158_NAMES",
@@ -174,13 +165,12 @@ def build_feature_table(
     return FeatureTable(frame, names, stats, split_dates)
 
 
-def save_feature_table(table: FeatureTable, out_dir: str | Path) -> Location:
-    """Write `features.parquet` + `features.json` atomically; an existing `out_dir` is kept.
+def save_feature_table(table: FeatureTable, out_dir: Location) -> Location:
+    """Write `features.parquet` + `features.json` atomically; return `out_dir`.
 
-    Callers name `out_dir` by the content key of the inputs, so an existing directory already
-    holds this table (see tasks/storage.atomic_dir).
+    Callers name `out_dir` by the content key of the inputs, so an intact directory already
+    there holds this table and is kept (see tasks/common/storage.atomic_dir).
     """
-    out_dir = local_or_url(out_dir)
     _require_columns(table.frame, [*_KEY_COLUMNS, *table.feature_names, *_TARGET_COLUMNS], "table")
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -200,11 +190,11 @@ _META_KEYS = ("schema_version", "feature_names", "stats", "split_dates")
 _TARGET_COLUMNS = ("label", "fwd_return", "split")
 
 
-def _read_meta(path: Location) -> dict[str, Any]:
-    if not is_file(path):
+def _read_meta(path: FsPath) -> dict[str, Any]:
+    if not path.is_file():
         raise FileNotFoundError(f"feature table metadata not found: {path}")
     try:
-        meta = json.loads(read_text(path))
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from None
     missing = [k for k in _META_KEYS if k not in meta]
@@ -217,16 +207,16 @@ def _read_meta(path: Location) -> dict[str, Any]:
     return meta
 
 
-def load_feature_table(out_dir: str | Path, symbols: list[str] | None = None) -> FeatureTable:
+def load_feature_table(out_dir: Location, symbols: list[str] | None = None) -> FeatureTable:
     """Read a table written by `save_feature_table` (a path or URL), checking its columns against
     its metadata; with `symbols`, only their rows are read (a parquet filter: fanned-out tasks)."""
-    out_dir = local_or_url(out_dir)
-    meta = _read_meta(child(out_dir, META_FILE))
-    data_path = child(out_dir, FEATURES_FILE)
-    if not is_file(data_path):
+    out = FsPath.of(out_dir)
+    meta = _read_meta(out / META_FILE)
+    data_path = out / FEATURES_FILE
+    if not data_path.is_file():
         raise FileNotFoundError(f"feature table data not found: {data_path}")
     filters = None if symbols is None else [("symbol", "in", list(symbols))]
-    frame = pd.read_parquet(data_path, filters=filters)
+    frame = pd.read_parquet(str(data_path), filters=filters)
     names = list(meta["feature_names"])
     _require_columns(frame, [*_KEY_COLUMNS, *names, *_TARGET_COLUMNS], str(data_path))
     if symbols is None and "n_rows" in meta and len(frame) != meta["n_rows"]:
@@ -242,28 +232,22 @@ def load_feature_table(out_dir: str | Path, symbols: list[str] | None = None) ->
 # The stage
 
 
-def features_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Location]:
-    """The features stage's key (market key + features section + code) and directory."""
+def features_location(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """The features stage's output: key = market key + features section + code."""
     key = stage_key("features", [market.key], cfg.features, (sys.modules[__name__], alpha158))
-    return key, stage_dir(cfg.work_dir, "features", key)
+    return StageRef.at(cfg.work_dir, "features", key)
 
 
 def run_features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
-    """Build the feature table of an ingested market under `<work_dir>/features/<key>`.
-
-    An existing directory is reused; any change to the market, the section or the code rebuilds.
-    """
+    """Build the feature table of an ingested market under `<work_dir>/features/<key>`."""
     from alphaloom.tasks.data.ingest import (
         load_saved_market,  # ingest -> synthetic -> features: import late
     )
 
-    key, out = features_location(market, cfg)
-    if output_complete(out, META_FILE):
-        logger.info("features %s already built at %s", key, out)
-    else:
-        bars = load_saved_market(market.dir).bars
-        save_feature_table(build_feature_table(bars, cfg.features), out)
-    return StageRef(stage="features", key=key, path=str(out))
+    ref = features_location(market, cfg)
+    bars = load_saved_market(market.dir).bars
+    save_feature_table(build_feature_table(bars, cfg.features), ref.path)
+    return ref
 
 
 @stage_task("features", features_location)

@@ -26,18 +26,7 @@ import pandas as pd
 
 from alphaloom.tasks.common.config import DataSection, PipelineConfig
 from alphaloom.tasks.common.hashing import combine, hash_frame, hash_json, sha256_file
-from alphaloom.tasks.common.storage import (
-    Location,
-    atomic_dir,
-    base_name,
-    child,
-    is_file,
-    local_copy,
-    local_or_url,
-    output_complete,
-    read_text,
-    sha256_of,
-)
+from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir, local_copy
 from alphaloom.tasks.data import synthetic
 from alphaloom.tasks.data.checks import (
     DataValidationError,
@@ -50,7 +39,7 @@ from alphaloom.tasks.data.readers import (
     read_instruments,
     read_oracle,
 )
-from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
+from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +71,7 @@ class MarketData:
 # --------------------------------------------------------------------------- market
 
 
-def _input_files(
-    data: DataSection,
-) -> tuple[list[Path | str], Path | str | None, Path | str | None]:
+def _input_files(data: DataSection) -> tuple[list[FsPath], FsPath | None, FsPath | None]:
     """(bar files, instruments file, oracle file) a files-source config reads."""
     assert data.bars_path is not None  # guaranteed by DataSection's validator
     instruments = data.instruments_path or _companion(
@@ -93,8 +80,8 @@ def _input_files(
     oracle = data.oracle_path or _companion(data.bars_path, ("oracle.parquet",))
     return (
         bar_files(data.bars_path),
-        local_or_url(instruments) if instruments else None,
-        local_or_url(oracle) if oracle else None,
+        FsPath.of(instruments) if instruments else None,
+        FsPath.of(oracle) if oracle else None,
     )
 
 
@@ -111,7 +98,7 @@ def source_fingerprint(data: DataSection) -> str:
     for role, files in (("bars", bars), ("instruments", [instruments]), ("oracle", [oracle])):
         for path in files:
             if path is not None:
-                parts += [role, base_name(path), sha256_of(path)]
+                parts += [role, path.name, path.sha256()]
     return combine(*parts)
 
 
@@ -146,20 +133,19 @@ def load_market(data: DataSection, min_history: int) -> MarketData:
     return MarketData(bars, instruments, oracle, _content_hash(bars, instruments, oracle))
 
 
-def save_market(market: MarketData, out_dir: str | Path) -> Path:
-    """Write bars/instruments/oracle parquet and meta.json (with checksums) atomically.
+def save_market(market: MarketData, out_dir: Location) -> Location:
+    """Write bars/instruments/oracle parquet and meta.json (with checksums) atomically; return
+    `out_dir`.
 
     `out_dir` is meant to be content-addressed (named by `source_hash`): if it already holds the
-    same market it is kept; if it holds a different one that is an error, never an overwrite.
+    same market intact it is kept (a broken one is replaced, see `atomic_dir`); if it holds a
+    different one that is an error, never an overwrite.
     """
-    out = local_or_url(out_dir)
-    present = out.exists() if isinstance(out, Path) else output_complete(out)
-    if present:
-        meta = _read_meta(out) if is_file(child(out, "meta.json")) else None
-        if meta is not None and meta.get("source_hash") == market.source_hash:
-            return out
+    out = FsPath.of(out_dir)
+    held = _held_source_hash(out)
+    if held is not None and held != market.source_hash:
         raise FileExistsError(
-            f"{out}: already exists and holds {'a different market' if meta else 'other files'}; "
+            f"{out}: already exists and holds a different market; "
             "choose a directory named by the market's source_hash"
         )
     tables = {"bars": market.bars, "instruments": market.instruments, "oracle": market.oracle}
@@ -180,14 +166,25 @@ def save_market(market: MarketData, out_dir: str | Path) -> Path:
             "files": checksums,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+    return out_dir
 
 
-def _read_meta(out: Location) -> dict:
-    """meta.json of a saved market (a path or URL), or a clear error."""
-    path = child(out, "meta.json")
+def _held_source_hash(out: FsPath) -> str | None:
+    """The source hash of the market already at `out`, or None if there is no readable one."""
+    meta = out / "meta.json"
+    if not meta.is_file():
+        return None
     try:
-        return json.loads(read_text(path))
+        return json.loads(meta.read_text()).get("source_hash")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _read_meta(out: FsPath) -> dict:
+    """meta.json of a saved market (a path or URL), or a clear error."""
+    path = out / "meta.json"
+    try:
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise DataValidationError(f"{path}: not found; {out} is not a saved market") from None
     except json.JSONDecodeError as err:
@@ -198,7 +195,7 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
     """Read a market written by `save_market`, verifying every file's checksum first (a URL
     market is read through its verified local copy)."""
     out = local_copy(out_dir)
-    meta = _read_meta(out)
+    meta = _read_meta(FsPath.of(out))
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataValidationError(
             f"{out / 'meta.json'}: schema_version {meta.get('schema_version')} is not "
@@ -223,7 +220,7 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
 def load_saved_oracle(market: StageRef) -> pd.DataFrame | None:
     """The generator's true expected returns of a saved market, or None for real data."""
     meta = _read_meta(market.location)
-    return pd.read_parquet(market.file("oracle.parquet")) if meta["has_oracle"] else None
+    return pd.read_parquet(str(market.file("oracle.parquet"))) if meta["has_oracle"] else None
 
 
 def min_history_for(cfg: PipelineConfig) -> int:
@@ -231,8 +228,8 @@ def min_history_for(cfg: PipelineConfig) -> int:
     return cfg.shards.window + cfg.features.label.horizon
 
 
-def ingest_location(cfg: PipelineConfig) -> tuple[str, Location]:
-    """The market stage's key and directory.
+def ingest_location(cfg: PipelineConfig) -> StageRef:
+    """The market stage's output: `<work_dir>/market/<key>`.
 
     The key hashes the input files' bytes (or the synthetic section), the data section, the
     minimum history and this module's and the generator's code, so any change re-ingests.
@@ -244,17 +241,14 @@ def ingest_location(cfg: PipelineConfig) -> tuple[str, Location]:
         {"data": cfg.data.model_dump(mode="json"), "min_history": min_history},
         (sys.modules[__name__], synthetic),
     )
-    return key, stage_dir(cfg.work_dir, "market", key)
+    return StageRef.at(cfg.work_dir, "market", key)
 
 
 def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
-    """Load, validate and save the market under `<work_dir>/market/<key>`, reusing it if there."""
-    key, out = ingest_location(cfg)
-    if output_complete(out, "meta.json"):
-        logger.info("market %s already ingested at %s", key, out)
-    else:
-        save_market(load_market(cfg.data, min_history_for(cfg)), out)
-    return StageRef(stage="market", key=key, path=str(out))
+    """Load, validate and save the market under `<work_dir>/market/<key>`."""
+    ref = ingest_location(cfg)
+    save_market(load_market(cfg.data, min_history_for(cfg)), ref.path)
+    return ref
 
 
 @stage_task("ingest", ingest_location)

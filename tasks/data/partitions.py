@@ -29,24 +29,18 @@ from pydantic import BaseModel
 
 from alphaloom.tasks.common.config import FeaturesSection, PipelineConfig
 from alphaloom.tasks.common.hashing import hash_frame
-from alphaloom.tasks.common.storage import (
-    Location,
-    atomic_dir,
-    child,
-    local_or_url,
-    output_complete,
-)
+from alphaloom.tasks.common.storage import FsPath, atomic_dir, output_problem
 from alphaloom.tasks.data import alpha158
 from alphaloom.tasks.data.alpha158 import compute_alpha158
 from alphaloom.tasks.data.factor_names import select_factors
 from alphaloom.tasks.data.features import (
-    META_FILE,
     FeatureTable,
     build_feature_table,
     features_location,
     save_feature_table,
 )
-from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
+from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
+from alphaloom.tasks.orchestration.retries import retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +93,15 @@ def partitions_of_bars(bars: pd.DataFrame, market_path: str, n_partitions: int) 
 
 
 def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
-    """Partitions still to compute: none when the features output already exists."""
+    """Partitions to compute: none when the features output is there intact (checksums
+    verified: a corrupt one is planned, rebuilt and replaced)."""
     from alphaloom.tasks.data.ingest import (
         load_saved_market,  # ingest -> synthetic -> features: import late
     )
 
-    _, out = features_location(market, cfg)
-    if output_complete(out, META_FILE):
-        log.info("features already built at %s: no partition to compute", out)
+    features = features_location(market, cfg)
+    if output_problem(features.location) is None:
+        log.info("features already built at %s: no partition to compute", features.path)
         return []
     bars = load_saved_market(market.dir).bars
     return partitions_of_bars(bars, market.path, cfg.runner.partitions)
@@ -116,20 +111,20 @@ def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
 # one partition
 
 
-def raw_location(partition: Partition, cfg: PipelineConfig) -> tuple[str, Location]:
+def raw_location(partition: Partition, cfg: PipelineConfig) -> StageRef:
     """Key: the partition's bars + the selected factor names + the factor code. Labels, splits
     and normalisation are not in it: changing them reuses every partition."""
     names = select_factors(cfg.features.factors, cfg.features.windows)
     key = stage_key(
         "raw_factors", [partition.key], {"factors": names}, (alpha158, sys.modules[__name__])
     )
-    return key, stage_dir(cfg.work_dir, "raw_factors", key)
+    return StageRef.at(cfg.work_dir, "raw_factors", key)
 
 
 def partition_bars(partition: Partition) -> pd.DataFrame:
     """The partition's rows of the saved market's bars (only those symbols are decoded)."""
-    path = child(local_or_url(partition.market_path), BARS_FILE)
-    bars = pd.read_parquet(path, filters=[("symbol", "in", partition.symbols)])
+    path = FsPath.of(partition.market_path) / BARS_FILE
+    bars = pd.read_parquet(str(path), filters=[("symbol", "in", partition.symbols)])
     found = set(bars["symbol"].unique())
     if found != set(partition.symbols):
         missing = sorted(set(partition.symbols) - found)[:5]
@@ -138,14 +133,13 @@ def partition_bars(partition: Partition) -> pd.DataFrame:
 
 
 def run_raw_factors(partition: Partition, cfg: PipelineConfig) -> StageRef:
-    """Raw Alpha158 factors of one partition under `<work_dir>/raw_factors/<key>` (reused)."""
-    key, out = raw_location(partition, cfg)
-    if not output_complete(out, RAW_FILE):
-        names = select_factors(cfg.features.factors, cfg.features.windows)
-        raw = compute_alpha158(partition_bars(partition), names)
-        with atomic_dir(out) as tmp:
-            raw.to_parquet(tmp / RAW_FILE, index=False)
-    return StageRef(stage="raw_factors", key=key, path=str(out))
+    """Raw Alpha158 factors of one partition under `<work_dir>/raw_factors/<key>`."""
+    ref = raw_location(partition, cfg)
+    names = select_factors(cfg.features.factors, cfg.features.windows)
+    raw = compute_alpha158(partition_bars(partition), names)
+    with atomic_dir(ref.path) as tmp:
+        raw.to_parquet(tmp / RAW_FILE, index=False)
+    return ref
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,21 +194,24 @@ def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineCo
     """The features stage's output (same key and directory) from the partitions' raw factors."""
     from alphaloom.tasks.data.ingest import load_saved_market
 
-    key, out = features_location(market, cfg)
-    if output_complete(out, META_FILE):
-        log.info("features %s already built at %s", key, out)
-    else:
-        bars = load_saved_market(market.dir).bars
-        parts = [pd.read_parquet(ref.file(RAW_FILE)) for ref in raw]
-        save_feature_table(table_from_partitions(bars, parts, cfg.features), out)
-    return StageRef(stage="features", key=key, path=str(out))
+    ref = features_location(market, cfg)
+    bars = load_saved_market(market.dir).bars
+    parts = [pd.read_parquet(str(part.file(RAW_FILE))) for part in raw]
+    save_feature_table(table_from_partitions(bars, parts, cfg.features), ref.path)
+    return ref
 
 
 # ----------------------------------------------------------------------------------------------
 # Prefect tasks and the runner
 
 
-@task(name="plan-partitions", cache_policy=NO_CACHE, persist_result=False, retries=2)
+@task(
+    name="plan-partitions",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_condition_fn=retry_transient,
+)
 def plan_partitions_task(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
     """Prefect task: cheap (reads the bars and hashes each partition), so never cached."""
     return plan_partitions(market, cfg)

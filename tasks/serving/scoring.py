@@ -15,9 +15,8 @@ from prefect import task
 
 from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.common.storage import atomic_file, child
+from alphaloom.tasks.common.storage import FsPath, atomic_file
 from alphaloom.tasks.evaluation.predictions import predict_with
-from alphaloom.tasks.orchestration.caching import stage_dir
 from alphaloom.tasks.serving.registry import CHAMPION, champion_uri, registered_score_fn
 
 log = logging.getLogger(__name__)
@@ -56,9 +55,9 @@ def score_latest_date(
     score_fn = registered_score_fn(model_uri, info.feature_names)
     preds = predict_with(score_fn, shard_dir, None, cfg, dates=[latest])
     ranked = rank_scores(preds)
-    out_dir = stage_dir(cfg.work_dir, "scores", "")
+    out_dir = FsPath.of(cfg.work_dir) / "scores"
     stem = f"scores_{latest:%Y-%m-%d}"
-    parquet, csv = child(out_dir, f"{stem}.parquet"), child(out_dir, f"{stem}.csv")
+    parquet, csv = out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"
     with atomic_file(parquet) as tmp:
         ranked.to_parquet(tmp, index=False)
     with atomic_file(csv) as tmp:

@@ -5,24 +5,17 @@ The loop state, RNG states as plain tensors, atomic writes, and resuming from th
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from alphaloom.tasks.common.storage import (
-    Location,
-    atomic_file,
-    is_file,
-    read_bytes,
-)
+from alphaloom.tasks.common.storage import FsPath, Location, atomic_file
 from alphaloom.tasks.training.runtime import (
     dist_info,
 )
@@ -116,15 +109,15 @@ def save_checkpoint(path: Location, state: _State, parts: dict[str, Any], fp: st
 
 
 def load_weights(path: Location) -> Any:
-    """`torch.load(..., weights_only=True)` of a local file or of a URL's bytes: no code runs."""
-    source = path if isinstance(path, Path) else io.BytesIO(read_bytes(path))
-    return torch.load(source, map_location="cpu", weights_only=True)
+    """`torch.load(..., weights_only=True)` of a local file or a URL: no code runs."""
+    with FsPath.of(path).open() as handle:
+        return torch.load(handle, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path: Location) -> dict[str, Any] | None:
     """The checkpoint at `path`, a file or URL (weights_only: no code runs while loading), or
     None."""
-    if not is_file(path):
+    if not FsPath.of(path).is_file():
         return None
     try:
         return load_weights(path)

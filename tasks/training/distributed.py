@@ -46,6 +46,7 @@ from alphaloom.tasks.common.storage import (
     remove_file,
     write_text_atomic,
 )
+from alphaloom.tasks.orchestration.retries import retry_transient
 from alphaloom.tasks.training.checkpoint import BEST_STATE_NAME, load_weights
 from alphaloom.tasks.training.runtime import select_device
 from alphaloom.tasks.training.train import TrainResult, build_model, model_dims, train_model
@@ -238,16 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_data(cfg: PipelineConfig) -> str:
-    """The shard set of a config, built (or reused: content-addressed) without Prefect."""
-    from alphaloom.tasks.data.features import run_features_stage
-    from alphaloom.tasks.data.ingest import run_ingest_stage
-    from alphaloom.tasks.dataset.shards import run_shards_stage
-    from alphaloom.tasks.dataset.text import run_text_stage
+    """The shard set of a config without Prefect: each stage's intact output is reused (its
+    checksums verified), a missing or broken one is built."""
+    from alphaloom.tasks.data.features import features_task
+    from alphaloom.tasks.data.ingest import ingest_task
+    from alphaloom.tasks.dataset.shards import shards_task
+    from alphaloom.tasks.dataset.text import text_task
 
-    market = run_ingest_stage(cfg)
-    features = run_features_stage(market, cfg)
-    text = run_text_stage(market, cfg)
-    return run_shards_stage(features, text, market, cfg).path
+    market = ingest_task.reuse_or_build(cfg)
+    features = features_task.reuse_or_build(market, cfg)
+    text = text_task.reuse_or_build(market, cfg)
+    return shards_task.reuse_or_build(features, text, market, cfg).path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -360,7 +362,7 @@ def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -
         best_epoch=int(meta["best_epoch"]),
         best_val_rank_ic=float(meta["best_val_rank_ic"]),
         history=list(meta["history"]),
-        model_state_path=best_path,
+        model_state_path=str(best_path),
         dims=model_dims(info),
         feature_names=list(info.feature_names),
         device="cpu",
@@ -372,6 +374,7 @@ def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -
     name="train-model-ddp",
     retries=1,
     retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,  # IO/network/timeouts only: a data error fails at once
     timeout_seconds=12 * 3600,
     cache_policy=NO_CACHE,  # side effects (MLflow metrics); the checkpoint is the cache
     persist_result=False,  # the result holds a live nn.Module

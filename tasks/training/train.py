@@ -32,16 +32,11 @@ from torch import nn
 from alphaloom.model.batch import Batch
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.hashing import hash_json
-from alphaloom.tasks.common.storage import (
-    Location,
-    atomic_file,
-    child,
-    local_or_url,
-    sha256_of,
-)
+from alphaloom.tasks.common.storage import FsPath, Location, atomic_file
 from alphaloom.tasks.evaluation.metrics import ic_metrics
 from alphaloom.tasks.evaluation.predictions import predict
 from alphaloom.tasks.orchestration.caching import stage_dir
+from alphaloom.tasks.orchestration.retries import retry_transient
 from alphaloom.tasks.training.checkpoint import (
     BEST_STATE_NAME,
     CHECKPOINT_NAME,
@@ -73,7 +68,7 @@ class TrainResult:
     best_epoch: int
     best_val_rank_ic: float
     history: list[dict[str, float]]
-    model_state_path: Location
+    model_state_path: str  # the best weights: a local path or a URL
     dims: dict[str, int]
     feature_names: list[str]
     device: str
@@ -145,7 +140,7 @@ def fingerprint(cfg: PipelineConfig, shard_dir: str | Path) -> str:
         sections["train"].pop(volatile, None)  # resuming on another device is fine
     sections["loader"].pop("num_workers", None)
     sections["loader"].pop("prefetch", None)
-    manifest_hash = sha256_of(child(local_or_url(shard_dir), "manifest.json"))
+    manifest_hash = (FsPath.of(shard_dir) / "manifest.json").sha256()
     return hash_json({"sections": sections, "manifest": manifest_hash})
 
 
@@ -348,7 +343,7 @@ def _close_epoch(
 def train_model(
     shard_dir: str | Path,
     cfg: PipelineConfig,
-    checkpoint_dir: str | Path,
+    checkpoint_dir: Location,
     run_id: str | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
@@ -362,7 +357,7 @@ def train_model(
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
     rank, _ = dist_info()
-    ckpt_path = child(local_or_url(checkpoint_dir), CHECKPOINT_NAME)
+    ckpt_path = FsPath.of(checkpoint_dir) / CHECKPOINT_NAME
     parts = _setup(shard_dir, cfg, device)
     fp = fingerprint(cfg, shard_dir)
     state, resumed = _resume_or_fresh(ckpt_path, fp, parts)
@@ -393,7 +388,7 @@ def train_model(
             state.epoch, state.batch, state.seen = state.epoch + 1, 0, 0
             state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
         state.finished = _broadcast(state.finished)
-    return _result(state, parts, local_or_url(checkpoint_dir), resumed_at)
+    return _result(state, parts, FsPath.of(checkpoint_dir), resumed_at)
 
 
 def _report_epoch(
@@ -416,14 +411,14 @@ def _report_epoch(
 def _result(
     state: _State,
     parts: dict[str, Any],
-    checkpoint_dir: Location,
+    checkpoint_dir: FsPath,
     resumed_at: tuple[int, int] | None,
 ) -> TrainResult:
     model = _unwrap(parts["model"])
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()
-    best_path = child(checkpoint_dir, BEST_STATE_NAME)
+    best_path = checkpoint_dir / BEST_STATE_NAME
     if dist_info()[0] == 0:
         with atomic_file(best_path) as tmp:
             torch.save(_cpu_state(model), tmp)
@@ -433,7 +428,7 @@ def _result(
         best_epoch=state.best_epoch,
         best_val_rank_ic=state.best_score,
         history=state.history,
-        model_state_path=best_path,
+        model_state_path=str(best_path),
         dims=model_dims(info),
         feature_names=list(info.feature_names),
         device=str(parts["device"]),
@@ -445,7 +440,7 @@ def _result(
 # Prefect wrapper
 
 
-def checkpoint_dir_for(cfg: PipelineConfig, run_id: str) -> Location:
+def checkpoint_dir_for(cfg: PipelineConfig, run_id: str) -> FsPath:
     """`<work_dir>/checkpoints/<run id>` (a path or URL): a retried task of this run resumes
     there; another run starts fresh (its checkpoint would be for other data or settings)."""
     return stage_dir(cfg.work_dir, "checkpoints", run_id)
@@ -455,6 +450,7 @@ def checkpoint_dir_for(cfg: PipelineConfig, run_id: str) -> Location:
     name="train-model",
     retries=2,
     retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,  # IO/network/timeouts only: a data error fails at once
     timeout_seconds=12 * 3600,
     cache_policy=NO_CACHE,  # side effects (MLflow metrics); the checkpoint is the cache
     persist_result=False,  # the result holds a live nn.Module
