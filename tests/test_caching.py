@@ -218,3 +218,32 @@ def test_every_stage_and_training_task_retries_only_transient_errors() -> None:
     for prefect_task in [stage.task for stage in stage_tasks] + plain:
         assert prefect_task.retries >= 1, prefect_task.name
         assert prefect_task.retry_condition_fn is retry_transient, prefect_task.name
+
+
+def test_a_stage_key_covers_the_helper_modules_its_stage_imports(tmp_path, monkeypatch) -> None:
+    """Editing a module that a stage module imports (not only the stage's own file) changes
+    the stage key, so the output is rebuilt."""
+    import importlib
+    import sys
+
+    from alphaloom.tasks.common.hashing import package_closure
+    from alphaloom.tasks.data import features
+    from alphaloom.tasks.orchestration.caching import stage_key
+
+    closure = {m.__name__.rsplit(".", 1)[1] for m in package_closure(features)}
+    assert {"features", "labels", "splits", "alpha158", "factor_names", "rolling"} <= closure
+
+    package = tmp_path / "keypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "stage.py").write_text("def later():\n    from keypkg import helper\n")
+    (package / "helper.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage = importlib.import_module("keypkg.stage")
+    before = stage_key("demo", [], {}, (stage,))
+    (package / "helper.py").write_text("VALUE = 2\n")
+    sys.modules.pop("keypkg.helper", None)
+    importlib.invalidate_caches()
+    assert stage_key("demo", [], {}, (stage,)) != before
+    for name in ("keypkg.stage", "keypkg.helper", "keypkg"):
+        sys.modules.pop(name, None)

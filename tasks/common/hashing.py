@@ -6,9 +6,12 @@ reruns with identical inputs reuse outputs and any change rebuilds exactly what 
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
 import inspect
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,6 +53,50 @@ def code_version(*modules: ModuleType) -> str:
     for module in modules:
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()[:16]
+
+
+def _imported_names(module: ModuleType) -> set[str]:
+    """Modules named by `module`'s imports (anywhere in it: deferred imports count too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def package_closure(*modules: ModuleType) -> tuple[ModuleType, ...]:
+    """The modules plus every module of their own package that they import, transitively.
+
+    A stage's code is more than its own file (features.py builds on labels, splits, factor_names,
+    rolling and alpha158); hashing the closure means a change to any of them rebuilds the stage,
+    with no hand-kept list to forget a module in. Only the modules' own packages are followed
+    (a stage's upstream stages are in its key already), sorted by name for a stable hash.
+    """
+    found: dict[str, ModuleType] = {}
+    todo = list(modules)
+    while todo:
+        module = todo.pop()
+        if module.__name__ in found:
+            continue
+        found[module.__name__] = module
+        package = module.__name__.rpartition(".")[0]
+        for name in _imported_names(module):
+            if name.rpartition(".")[0] == package and name not in found:
+                imported = sys.modules.get(name) or _try_import(name)
+                if imported is not None:
+                    todo.append(imported)
+    return tuple(found[name] for name in sorted(found))
+
+
+def _try_import(name: str) -> ModuleType | None:
+    """The module `name`, or None when it is not a module (a class imported from a package)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def combine(*parts: str) -> str:

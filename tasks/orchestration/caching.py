@@ -29,7 +29,7 @@ from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from alphaloom.tasks.common.hashing import code_version, combine, hash_json
+from alphaloom.tasks.common.hashing import code_version, combine, hash_json, package_closure
 from alphaloom.tasks.common.storage import FsPath, Location, local_copy, output_problem
 from alphaloom.tasks.orchestration.retries import retry_transient
 
@@ -72,8 +72,13 @@ def stage_key(
     modules: tuple[ModuleType, ...],
     extra: str = "",
 ) -> str:
-    """The content key of a stage: upstream keys + config section + code version (+ extra)."""
-    return combine(stage, *upstream, hash_json(section), code_version(*modules), extra)[:KEY_LENGTH]
+    """The content key of a stage: upstream keys + config section + code version (+ extra).
+
+    The code version covers `modules` and every module of their packages they import
+    (`package_closure`), so editing a helper module rebuilds the stages built on it.
+    """
+    code = code_version(*package_closure(*modules))
+    return combine(stage, *upstream, hash_json(section), code, extra)[:KEY_LENGTH]
 
 
 def stage_dir(work_dir: Location, stage: str, key: str) -> FsPath:
