@@ -203,7 +203,7 @@ class LossSection(Section):
 
     kind: Literal["composite", "focal", "cross_entropy"] = "composite"
     gamma: float = Field(2.0, ge=0.0)
-    alpha: Literal["batch"] | list[float] | None = "batch"
+    alpha: Literal["batch", "batch_symmetric"] | list[float] | None = "batch"
     alpha_smoothing: float = Field(1.0, gt=0.0, description="added to class counts")
     alpha_ema: float | None = Field(None, ge=0.0, lt=1.0)
     distance_weight: float = Field(0.5, ge=0.0)
