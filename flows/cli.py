@@ -129,7 +129,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train the full model, its ablations and the LightGBM baseline; compare them in MLflow."""
     from alphaloom.flows.compare import compare_models
     from alphaloom.tasks.comparison.baselines import INSTALL_HINT, lightgbm_available
-    from alphaloom.tasks.comparison.compare import (
+    from alphaloom.tasks.comparison.variants import (
         DEFAULT_VARIANTS,
         CompareError,
         load_variants,

@@ -23,9 +23,9 @@ from alphaloom.tasks.comparison.compare import (
     REFERENCE,
     TABLE_COLUMNS,
     TAG_KIND,
-    Variant,
     VariantOutcome,
 )
+from alphaloom.tasks.comparison.variants import Variant
 from alphaloom.tasks.tracking import runs, store
 
 
