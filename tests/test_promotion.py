@@ -81,19 +81,15 @@ def test_an_unscorable_champion_loses_and_says_why() -> None:
 # against a real registry
 
 
-@pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
-
-
 @pytest.fixture
-def cfg(store_uri: str, request) -> PipelineConfig:
+def cfg(module_store_uri: str, request) -> PipelineConfig:
     name = request.node.name.removeprefix("test_")[:60]
     return PipelineConfig(
-        tracking={"tracking_uri": store_uri, "experiment": "promo", "registered_model": name},
+        tracking={
+            "tracking_uri": module_store_uri,
+            "experiment": "promo",
+            "registered_model": name,
+        },
         registry={"margin": 0.005, "min_days": 10},
     )
 
@@ -108,6 +104,13 @@ def register(cfg: PipelineConfig) -> tuple[str, str]:
         client.create_registered_model(name)
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     return run_id, str(client.create_model_version(name, source, run_id=run_id).version)
+
+
+def with_champion(cfg: PipelineConfig, level: float) -> tuple[str, pd.Series]:
+    """Register and promote a first version scoring around `level`; its version and scores."""
+    run_id, version = register(cfg)
+    promotion.promote(cfg, run_id, version, WINDOW, FakeScorer({version: wave(level)}))
+    return version, wave(level)
 
 
 class FakeScorer:
@@ -202,10 +205,9 @@ def test_two_promotions_racing_leave_the_better_model_champion(cfg: PipelineConf
     the alias last and win. Guarded, the second decides against the first."""
     client = store.client_for(cfg)
     name = cfg.tracking.registered_model
-    run_1, v1 = register(cfg)
-    promotion.promote(cfg, run_1, v1, WINDOW, FakeScorer({v1: wave(0.01)}))
+    v1, first_scores = with_champion(cfg, 0.01)
     (run_good, good), (run_fair, fair) = register(cfg), register(cfg)
-    scores = {v1: wave(0.01), good: wave(0.06), fair: wave(0.02)}
+    scores = {v1: first_scores, good: wave(0.06), fair: wave(0.02)}
     decisions: dict[str, promotion.PromotionDecision] = {}
     barrier = threading.Barrier(2, timeout=60)
 
@@ -237,10 +239,9 @@ def test_without_a_lock_the_champion_is_reread_before_the_alias_moves(
     compared is noticed, and the decision is made again against the new champion."""
     client = store.client_for(cfg)
     name = cfg.tracking.registered_model
-    run_1, v1 = register(cfg)
-    promotion.promote(cfg, run_1, v1, WINDOW, FakeScorer({v1: wave(0.01)}))
+    v1, first_scores = with_champion(cfg, 0.01)
     (_, rival), (run_id, mine) = register(cfg), register(cfg)
-    scores = {v1: wave(0.01), rival: wave(0.08), mine: wave(0.03)}
+    scores = {v1: first_scores, rival: wave(0.08), mine: wave(0.03)}
 
     def rival_promotes_meanwhile(uri: str) -> pd.Series:
         version = uri.rsplit("/", 1)[1]

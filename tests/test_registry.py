@@ -23,20 +23,11 @@ from alphaloom.tasks.training.train import TrainResult, train_model
 from tests.helpers_train import TinyData, build_tiny_shards, tiny_config
 
 
-@pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    """One SQLite store for the module (creating one costs seconds); models are named per test."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
-
-
 @pytest.fixture
-def cfg(store_uri: str, request) -> PipelineConfig:
+def cfg(module_store_uri: str, request) -> PipelineConfig:
     name = request.node.name.removeprefix("test_")[:60]
     return PipelineConfig(
-        tracking={"tracking_uri": store_uri, "experiment": "reg", "registered_model": name}
+        tracking={"tracking_uri": module_store_uri, "experiment": "reg", "registered_model": name}
     )
 
 
