@@ -204,7 +204,7 @@ def _print_summary(summary: dict) -> None:
         if key in metrics:
             print(f"{key:<22}{metrics[key]: .4f}")
     if "promoted" in summary:
-        print(f"champion moved:  {summary['promoted']}")
+        print(f"champion moved:  {summary['promoted']}  ({summary.get('registry_reason', '')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
