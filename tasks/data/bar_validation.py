@@ -93,13 +93,14 @@ def _read_all(
     found = discover_bar_files(path)
     report = ValidationReport(problems=list(found.skipped))
     parsed = _Parsed(pd.DataFrame(), [], [], [], {})
-    frames = []
+    frames, skipped_rows = [], 0
     for file in found.files:
         try:
             table = read_bar_table(file, column_map)
-        except FileProblem as err:
+        except FileProblem as err:  # its rows (if it has any) count as invalid
             report.add([err.problem])
             report.files_skipped += 1
+            skipped_rows += err.problem.rows if err.problem.severity == "error" else 0
             continue
         report.add(table.notes)
         frames.append(_parse_file(table, len(frames), date_format, parsed))
@@ -114,12 +115,22 @@ def _read_all(
     if "amount" in frame and frame["amount"].isna().any() and len(frames) > 1:
         without = sum("amount" not in cols for cols in parsed.columns)
         if without:
-            report.add([Problem("note", str(path), "amount", "only some files have it; "
-                                "dropped from all", without)])  # fmt: skip
+            report.add(
+                [
+                    Problem(
+                        "note",
+                        str(path),
+                        "amount",
+                        "only some files have it; dropped from all",
+                        without,
+                    )
+                ]
+            )
             frame = frame.drop(columns="amount")
             parsed.columns = [tuple(c for c in cols if c != "amount") for cols in parsed.columns]
     parsed.frame = frame
-    report.rows_read = len(frame)
+    report.rows_read = len(frame) + skipped_rows
+    report.invalid_rows = skipped_rows
     return parsed, report
 
 
@@ -138,39 +149,62 @@ def _cases(parsed: _Parsed) -> pd.DataFrame:
     return cases
 
 
-def _value_text(parsed: _Parsed, file: int, column: str, position: int) -> str:
+def _value_text(parsed: _Parsed, case: pd.Series) -> str:
+    """How a failing cell is shown: the raw text that did not parse, else the parsed value."""
     frame = parsed.frame
-    raw = parsed.unparsed.get((file, column))
-    local = int(frame.at[position, SOURCE_ROW]) - 1
-    if raw is not None and local in raw.index:
-        return repr(str(raw.loc[local]))
-    value = frame.at[position, column]
-    if isinstance(value, pd.Timestamp):
-        return f"{value:%Y-%m-%d}"
-    return "missing" if pd.isna(value) else repr(value)
+    if case["check"] in ("multiple_fields_uniqueness", "case_clash"):
+        return (
+            f"({frame.at[case['index'], 'symbol']!r}, {frame.at[case['index'], 'date']:%Y-%m-%d})"
+        )
+    raw = parsed.unparsed.get((case["file"], case["column"]))
+    if raw is not None and case["row"] - 1 in raw.index:
+        return repr(str(raw.loc[case["row"] - 1]))
+    value = frame.at[case["index"], case["column"]]
+    if pd.isna(value):
+        return "missing"
+    return (
+        f"{value:%Y-%m-%d}"
+        if isinstance(value, pd.Timestamp)
+        else repr(getattr(value, "item", lambda: value)())
+    )
 
 
 def _problem_name(parsed: _Parsed, case: pd.Series) -> str:
     """The report's wording of a failure case (unparseable text is told apart from blanks)."""
     name = PROBLEM_NAMES.get(case["check"], case["check"])
-    if case["check"] == "not_nullable":
-        raw = parsed.unparsed.get((int(case["file"]), case["column"]))
-        local = int(case["row"]) - 1
-        if raw is not None and local in raw.index:
-            return "unparseable date" if case["column"] == "date" else "non-numeric value"
+    raw = parsed.unparsed.get((case["file"], case["column"]))
+    if case["check"] == "not_nullable" and raw is not None and case["row"] - 1 in raw.index:
+        return "unparseable date" if case["column"] == "date" else "non-numeric value"
     if case["column"] in ("open", "high", "low", "close", "adj_close", "adj_factor"):
-        name = name.replace("non-positive value", "non-positive price")
+        return name.replace("non-positive value", "non-positive price")
     return name
 
 
-def _problems(parsed: _Parsed, cases: pd.DataFrame) -> list[Problem]:
-    """One report line per (file, column, problem), with counts and the first examples."""
+def _describe(parsed: _Parsed, cases: pd.DataFrame) -> pd.DataFrame:
+    """Failure cases with their file, row, the file's column label, wording and shown value."""
     frame = parsed.frame
     cases = cases.assign(
-        file=frame[SOURCE_FILE].to_numpy()[cases["index"]],
-        row=frame[SOURCE_ROW].to_numpy()[cases["index"]],
+        file=frame[SOURCE_FILE].to_numpy()[cases["index"]].astype(int),
+        row=frame[SOURCE_ROW].to_numpy()[cases["index"]].astype(int),
     )
     cases["problem"] = [_problem_name(parsed, case) for _, case in cases.iterrows()]
+    cases["shown"] = [_value_text(parsed, case) for _, case in cases.iterrows()]
+    key = cases["check"].isin(["multiple_fields_uniqueness", "case_clash"])
+    cases["label"] = [
+        "/".join(parsed.labels[f][c] for c in ("symbol", "date"))
+        if k
+        else parsed.labels[f].get(c, c)
+        for f, c, k in zip(cases["file"], cases["column"], key, strict=True)
+    ]
+    clash = cases["check"] == "case_clash"
+    if clash.any():
+        symbols = frame.loc[cases.loc[clash, "index"], "symbol"]
+        spellings = symbols.groupby(symbols.str.casefold()).agg(lambda s: sorted(set(s)))
+        cases.loc[clash, "problem"] = [
+            "ticker differs only in case from "
+            + ", ".join(repr(o) for o in spellings[s.casefold()] if o != s)
+            for s in symbols
+        ]
     dup = cases["check"] == "multiple_fields_uniqueness"
     if dup.any():
         keys = frame.loc[cases.loc[dup, "index"], ["symbol", "date"]]
@@ -179,22 +213,17 @@ def _problems(parsed: _Parsed, cases: pd.DataFrame) -> list[Problem]:
         cases.loc[dup, "problem"] = np.where(
             across, "duplicate (symbol, date) key, also in another file", cases.loc[dup, "problem"]
         )
+    return cases
+
+
+def _problems(parsed: _Parsed, cases: pd.DataFrame) -> list[Problem]:
+    """One report line per (file, column, problem), with counts and the first examples."""
     out = []
-    for (file, column, problem), group in cases.groupby(["file", "column", "problem"], sort=True):
+    for (file, label, problem), group in cases.groupby(["file", "label", "problem"], sort=True):
         group = group.sort_values("row")
-        if problem.startswith("duplicate") or problem.startswith("ticker"):
-            shown = [
-                f"row {r}: ({frame.at[i, 'symbol']!r}, {frame.at[i, 'date']:%Y-%m-%d})"
-                for i, r in zip(group["index"], group["row"], strict=True)
-            ]
-        else:
-            shown = [
-                f"row {r}: {_value_text(parsed, int(file), column, int(i))}"
-                for i, r in zip(group["index"], group["row"], strict=True)
-            ]
-        label = parsed.labels[int(file)].get(column, column)
+        shown = [f"row {r}: {v}" for r, v in zip(group["row"], group["shown"], strict=True)]
         out.append(
-            Problem("error", parsed.files[int(file)], label, problem, len(group), examples(shown))
+            Problem("error", parsed.files[file], label, problem, len(group), examples(shown))
         )
     return out
 
@@ -210,38 +239,34 @@ def _warnings(parsed: _Parsed, valid: np.ndarray) -> list[Problem]:
         column = f"{labels['high']}/{labels['low']}"
         shown = [f"row {r}" for r in rows.to_numpy()]
         out.append(
-            Problem("warning", parsed.files[int(file)], column,
-                    "high/low outside open/close (kept as is)", len(rows), examples(shown))
-        )  # fmt: skip
+            Problem(
+                "warning",
+                parsed.files[int(file)],
+                column,
+                "high/low outside open/close (kept as is)",
+                len(rows),
+                examples(shown),
+            )
+        )
     return out
 
 
 def _quarantine(parsed: _Parsed, cases: pd.DataFrame, invalid: np.ndarray) -> pd.DataFrame:
     """The invalid rows with where they came from and everything wrong with each."""
     frame = parsed.frame
-    names = cases.assign(
-        text=[
-            f"{parsed.labels[f].get(c, c)}: {PROBLEM_NAMES.get(k, k)}"
-            for f, c, k in zip(
-                frame[SOURCE_FILE].to_numpy()[cases["index"]],
-                cases["column"],
-                cases["check"],
-                strict=True,
-            )
-        ]
-    )
-    problems = names.groupby("index")["text"].agg("; ".join)
+    text = cases["label"] + ": " + cases["problem"] + " (" + cases["shown"] + ")"
+    problems = text.groupby(cases["index"]).agg("; ".join)
     rows = frame.loc[invalid]
-    columns = [c for c in (*BAR_COLUMNS, *OPTIONAL_COLUMNS) if c in rows]
     out = pd.DataFrame(
         {
-            "source_file": pd.Series(parsed.files, dtype=str).iloc[rows[SOURCE_FILE]].to_numpy(),
+            "source_file": np.asarray(parsed.files, dtype=object)[rows[SOURCE_FILE].to_numpy()],
             "source_row": rows[SOURCE_ROW].to_numpy(),
             "problems": problems.reindex(rows.index).to_numpy(),
         }
     )
-    for col in columns:
-        out[col] = rows[col].to_numpy()
+    for col in (*BAR_COLUMNS, *OPTIONAL_COLUMNS):
+        if col in rows:
+            out[col] = rows[col].to_numpy()
     return out.astype({"source_file": str, "problems": str})
 
 
@@ -255,11 +280,11 @@ def validate_bar_files(
     """
     parsed, report = _read_all(path, column_map, date_format)
     frame = parsed.frame
-    cases = _cases(parsed)
+    cases = _describe(parsed, _cases(parsed))
     invalid = np.zeros(len(frame), bool)
     invalid[cases["index"].to_numpy()] = True
     report.add(_problems(parsed, cases))
-    report.invalid_rows = int(invalid.sum())
+    report.invalid_rows += int(invalid.sum())
     dup_rows = cases.loc[cases["check"] == "multiple_fields_uniqueness", "index"].unique()
     report.duplicate_rows = len(dup_rows)
     report.add(_warnings(parsed, np.flatnonzero(~invalid)))

@@ -38,7 +38,7 @@ class DataValidationError(ValueError):
 
 def _finite(series: pd.Series) -> pd.Series:
     """True where a value is not +-inf (missing values are the nullable rule's business)."""
-    return ~np.isinf(series.to_numpy(np.float64))
+    return pd.Series(~np.isinf(series.to_numpy(np.float64)), index=series.index)
 
 
 class BarRows(pa.DataFrameModel):
@@ -75,11 +75,11 @@ class BarKeys(pa.DataFrameModel):
     @pa.check("symbol", name="case_clash")
     def _one_spelling(cls, series: pd.Series) -> pd.Series:
         spellings = series.groupby(series.str.casefold()).transform("nunique")
-        return spellings.to_numpy() == 1
+        return spellings == 1
 
     class Config:
         strict = False
-        unique = ["symbol", "date"]
+        unique = ("symbol", "date")
 
 
 def failure_cases(model: type[pa.DataFrameModel], frame: pd.DataFrame) -> pd.DataFrame:
@@ -92,7 +92,10 @@ def failure_cases(model: type[pa.DataFrameModel], frame: pd.DataFrame) -> pd.Dat
         model.validate(frame, lazy=True)
     except SchemaErrors as err:
         cases = err.failure_cases
-        cases = cases[cases["index"].notna()].copy()
+        whole = cases["index"].isna()  # a wrong dtype or a failing check function: our bug
+        if whole.any():
+            raise RuntimeError(f"{model.__name__} could not be checked:\n{err}") from None
+        cases = cases.copy()
         unique = cases["check"] == "multiple_fields_uniqueness"
         cases.loc[unique, "column"] = "symbol"
         cases = cases.drop_duplicates(["column", "check", "index"])

@@ -17,11 +17,9 @@ import pandas as pd
 from alphaloom.tasks.data.checks import PRICE_COLUMNS
 
 # Clean ratios new shares : old shares. A reverse split (1:10) raises the price.
-CLEAN_RATIOS = tuple(
-    Fraction(a, b)
-    for a, b in [(2, 1), (3, 2), (3, 1), (4, 1), (5, 1), (10, 1), (20, 1)]
-    + [(1, 2), (1, 3), (1, 4), (1, 5), (1, 8), (1, 10), (1, 20)]
-)
+SPLITS = ((2, 1), (3, 2), (3, 1), (4, 1), (5, 1), (10, 1), (20, 1))
+REVERSE_SPLITS = ((1, 2), (1, 3), (1, 4), (1, 5), (1, 8), (1, 10), (1, 20))
+CLEAN_RATIOS = tuple(Fraction(a, b) for a, b in (*SPLITS, *REVERSE_SPLITS))
 PRICE_TOLERANCE = 0.04  # |overnight ratio / clean ratio - 1| at most this
 VOLUME_BEFORE, VOLUME_AFTER = 20, 10  # bars whose median volume is compared around the day
 

@@ -141,8 +141,18 @@ def read_instruments(
     report.rows_read = len(table)
     unknown = sorted(set(symbols) - set(table["symbol"]))
     if unknown:
-        report.add([Problem("note", source, raw.labels["symbol"], "symbols with bars but no "
-                            "instrument row (empty fields)", len(unknown), examples(unknown))])  # fmt: skip
+        report.add(
+            [
+                Problem(
+                    "note",
+                    source,
+                    raw.labels["symbol"],
+                    "symbols with bars but no instrument row (empty fields)",
+                    len(unknown),
+                    examples(unknown),
+                )
+            ]
+        )
     known = canonical(table[table["symbol"].isin(symbols)])
     missing = empty_instruments(unknown)
     out = pd.concat([known, missing], ignore_index=True) if unknown else known

@@ -1,7 +1,8 @@
 """Labels: the forward return over the label horizon and its 4 ordered classes (3 = best).
 
 Calendar-true: the return of day t is close[t+1+h] / close[t+1] - 1 where t+1 and t+1+h are
-positions on the market's trading calendar (tasks/data/trading_calendar.py), not the symbol's next rows.
+positions on the market's trading calendar (tasks/data/trading_calendar.py), not the symbol's
+next rows.
 When the symbol has no bar on the entry or the exit day (a halt, a gap, a delisting), the return
 is unknown (NaN, label -1) instead of stretched over the gap; missing bars strictly between entry
 and exit do not matter (the position was held through them). So no label reads a price later

@@ -112,8 +112,9 @@ def discover_bar_files(path: Location) -> Discovery:
             found.files.append(entry)
         elif entry.is_file():
             found.skipped.append(
-                Problem("note", str(entry), "", f"not a data file ({', '.join(SUFFIXES)}); "
-                        "ignored", 0)  # fmt: skip
+                Problem(
+                    "note", str(entry), "", f"not a data file ({', '.join(SUFFIXES)}); ignored", 0
+                )
             )
     if not found.files:
         raise DataValidationError(f"{path}: empty input, no CSV or parquet bar files in it")
@@ -270,7 +271,9 @@ def read_table(
                 usecols=list(mapping),
                 dtype={c: str for c, canon in mapping.items() if canon in text_columns},
                 keep_default_na=False,
-                na_values={c: NA_STRINGS for c, canon in mapping.items() if canon not in text_columns},
+                na_values={
+                    c: NA_STRINGS for c, canon in mapping.items() if canon not in text_columns
+                },
             )
     except (FileProblem, DataValidationError):
         raise
@@ -293,10 +296,13 @@ def read_bar_table(path: FsPath, column_map: dict[str, str] | None) -> RawTable:
     if missing:
         raise FileProblem(
             Problem(
-                "error", str(path), "",
+                "error",
+                str(path),
+                "",
                 f"missing required column(s) {', '.join(repr(c) for c in missing)} (found "
-                f"{', '.join(names)}); map other names with data.column_map", 0,
-            )  # fmt: skip
+                f"{', '.join(names)}); map other names with data.column_map",
+                len(table.frame),
+            )
         )
     if table.frame.empty:
         raise FileProblem(Problem("warning", str(path), "", "empty file (0 rows)", 0))

@@ -41,8 +41,9 @@ class Problem:
 
     def line(self) -> str:
         where = f"{self.file}: column '{self.column}'" if self.column else self.file
+        count = f", {self.rows} row(s)" if self.rows else ""
         detail = f" (e.g. {self.examples})" if self.examples else ""
-        return f"[{self.severity}] {where}: {self.problem}, {self.rows} row(s){detail}"
+        return f"[{self.severity}] {where}: {self.problem}{count}{detail}"
 
 
 @dataclass
