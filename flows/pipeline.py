@@ -33,6 +33,7 @@ from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.orchestration.caching import StageRef
 from alphaloom.tasks.orchestration.runners import task_runner_for
 from alphaloom.tasks.serving.registry import register_task
+from alphaloom.tasks.tracking.data_quality import log_data_quality
 from alphaloom.tasks.tracking.report import publish_summary, run_summary
 from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
 from alphaloom.tasks.training.distributed import Backend, train_ddp_task
@@ -100,11 +101,12 @@ def model_stages(
     run (FAILED if any stage fails)."""
     with tracked_run(cfg, run_tags(shards)) as run_id:
         log_shard_dataset(cfg, run_id, shards.path)
+        notes = log_data_quality(cfg, run_id, market)
         result = train(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
         oracle, exposures = load_saved_oracle(market), market_exposures(market)
         metrics = evaluate_task(result.model, shards.path, cfg, run_id, oracle, exposures)
         decision = register_task(cfg, run_id, result, shards.path)
-    summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch)
+    summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch, notes)
     publish_summary(summary)
     return summary
 

@@ -254,7 +254,8 @@ def _warnings(parsed: _Parsed, valid: np.ndarray) -> list[Problem]:
 def _quarantine(parsed: _Parsed, cases: pd.DataFrame, invalid: np.ndarray) -> pd.DataFrame:
     """The invalid rows with where they came from and everything wrong with each."""
     frame = parsed.frame
-    text = cases["label"] + ": " + cases["problem"] + " (" + cases["shown"] + ")"
+    parts = [cases[c].astype(str) for c in ("label", "problem", "shown")]
+    text = parts[0] + ": " + parts[1] + " (" + parts[2] + ")"
     problems = text.groupby(cases["index"]).agg("; ".join)
     rows = frame.loc[invalid]
     out = pd.DataFrame(

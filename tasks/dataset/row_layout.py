@@ -189,7 +189,7 @@ def label_coverage(frame: pd.DataFrame, split_codes: dict[str, int]) -> dict[str
     for name, code in split_codes.items():
         rows = split == code
         out[name] = {
-            "bars": int(rows.sum()),
-            "no_fwd_return": int((rows & ~known & day_known).sum()),
+            "rows": int(rows.sum()),
+            "rows_no_fwd_return": int((rows & ~known & day_known).sum()),
         }
     return out
