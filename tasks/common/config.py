@@ -55,6 +55,9 @@ class DataSection(Section):
     date_format: str | None = Field(
         None, description="strptime format of the date column, e.g. '%d/%m/%Y'; None: inferred"
     )
+    encoding: str | None = Field(
+        None, description="text encoding of CSV files, e.g. 'cp1252'; None: UTF-8 or detected"
+    )
     on_invalid: Literal["error", "drop"] = "drop"
     max_invalid_fraction: float = Field(0.01, ge=0.0, le=1.0)
     detect_splits: bool = Field(

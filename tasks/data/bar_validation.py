@@ -87,7 +87,7 @@ def _parse_file(table, number: int, date_format: str | None, parsed: _Parsed) ->
 
 
 def _read_all(
-    path: Location, column_map: dict[str, str] | None, date_format: str | None
+    path: Location, column_map: dict[str, str] | None, date_format: str | None, encoding: str | None
 ) -> tuple[_Parsed, ValidationReport]:
     """Read and parse every file; unusable files become report lines, never exceptions."""
     found = discover_bar_files(path)
@@ -96,7 +96,7 @@ def _read_all(
     frames, skipped_rows = [], 0
     for file in found.files:
         try:
-            table = read_bar_table(file, column_map)
+            table = read_bar_table(file, column_map, encoding)
         except FileProblem as err:  # its rows (if it has any) count as invalid
             report.add([err.problem])
             report.files_skipped += 1
@@ -272,14 +272,17 @@ def _quarantine(parsed: _Parsed, cases: pd.DataFrame, invalid: np.ndarray) -> pd
 
 
 def validate_bar_files(
-    path: Location, column_map: dict[str, str] | None = None, date_format: str | None = None
+    path: Location,
+    column_map: dict[str, str] | None = None,
+    date_format: str | None = None,
+    encoding: str | None = None,
 ) -> ValidatedBars:
     """Read every bar file under `path` and check all rows at once.
 
     Never raises for bad rows or bad files (they are in the report, and the rows in
     `quarantine`); raises DataValidationError only when no file has any row.
     """
-    parsed, report = _read_all(path, column_map, date_format)
+    parsed, report = _read_all(path, column_map, date_format, encoding)
     frame = parsed.frame
     cases = _describe(parsed, _cases(parsed))
     invalid = np.zeros(len(frame), bool)

@@ -145,14 +145,17 @@ def parse_dates(values: pd.Series, date_format: str | None = None) -> Parsed:
     from its first value, as pandas does, and then applied to every row, so a file never mixes
     the two readings. `date_format` (strptime codes, data.date_format) overrides the inference.
     """
+    present = values.notna()
     if pd.api.types.is_datetime64_any_dtype(values):
         parsed = values
         if getattr(parsed.dt, "tz", None) is not None:
             parsed = parsed.dt.tz_localize(None)
     else:
         text = values.astype("string").str.strip()
-        present = text.dropna()
-        if date_format is None and len(present) and present.str.fullmatch(r"\d{8}").all():
+        text = text.mask(text.isin(NA_STRINGS))  # a blank or "NA" date is missing, not bad text
+        present = text.notna()
+        given = text.dropna()
+        if date_format is None and len(given) and given.str.fullmatch(r"\d{8}").all():
             date_format = COMPACT_DATE
         with warnings.catch_warnings():  # "could not infer format": every row is still parsed
             warnings.simplefilter("ignore", UserWarning)
@@ -163,7 +166,7 @@ def parse_dates(values: pd.Series, date_format: str | None = None) -> Parsed:
         if getattr(parsed.dt, "tz", None) is not None:
             parsed = parsed.dt.tz_convert(None)
     parsed = parsed.dt.normalize().astype("datetime64[ns]")
-    bad = parsed.isna() & values.notna()
+    bad = parsed.isna() & present
     return Parsed(parsed, values[bad])
 
 

@@ -100,9 +100,10 @@ def _content_hash(bars: pd.DataFrame, instruments: pd.DataFrame, oracle: pd.Data
 def _read_files(data: DataSection) -> MarketData:
     """Validate the user's files in one pass and apply the `data.on_invalid` policy."""
     _, inst_path, oracle_path = _input_files(data)
-    checked = validate_bar_files(data.bars_path, data.column_map, data.date_format)
+    checked = validate_bar_files(data.bars_path, data.column_map, data.date_format, data.encoding)
     report = checked.report
-    instruments, inst_report = read_instruments(inst_path, checked.bars["symbol"].unique())
+    symbols = checked.bars["symbol"].unique()
+    instruments, inst_report = read_instruments(inst_path, symbols, data.encoding)
     report.add(inst_report.problems)
     bars, splits = handle_splits(checked.bars, checked.unadjusted, data, report)
     enforce_policy(report, data, str(inst_path))
@@ -234,11 +235,14 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
             raise DataValidationError(f"{path}: missing or checksum mismatch (corrupt market)")
     oracle = pd.read_parquet(out / "oracle.parquet") if meta["has_oracle"] else None
     quarantine = out / QUARANTINE_FILE
+    counts = meta.get("facts", {}).get("validation", {})
+    report = pd.read_csv(out / REPORT_FILE, dtype=str, keep_default_na=False)
     return MarketData(
         bars=pd.read_parquet(out / "bars.parquet"),
         instruments=pd.read_parquet(out / "instruments.parquet"),
         oracle=oracle,
         source_hash=meta["source_hash"],
+        report=ValidationReport.from_frame(report, counts),
         quarantine=pd.read_parquet(quarantine) if quarantine.is_file() else None,
     )
 

@@ -106,7 +106,7 @@ def _check(table: pd.DataFrame, source: str, labels: dict[str, str]) -> list[Pro
 
 
 def read_instruments(
-    path: Location | None, symbols: Iterable[str]
+    path: Location | None, symbols: Iterable[str], encoding: str | None = None
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """The canonical instruments of `symbols` and the file's validation report.
 
@@ -122,7 +122,7 @@ def read_instruments(
     if not path.is_file():
         raise DataValidationError(f"{path}: instruments file not found")
     try:
-        raw, names = read_table(path, INSTRUMENT_ALIASES, None, text_columns=INSTRUMENT_COLUMNS)
+        raw, names = read_table(path, INSTRUMENT_ALIASES, None, INSTRUMENT_COLUMNS, encoding)
     except FileProblem as err:
         raise DataValidationError(err.problem.line()) from None
     report.add(raw.notes)

@@ -210,14 +210,25 @@ class TextFile:
     note: Problem | None = None  # set when the encoding is not UTF-8
 
 
-def decode_csv(path: FsPath) -> TextFile:
-    """The file's bytes and its encoding: UTF-8 (a BOM allowed), else what charset-normalizer
-    detects (UTF-16, cp1252, ...), which is reported as a note."""
+# Encodings data vendors ship besides UTF-8; detection picks among these only, so a short file
+# with one accented letter is not read as some rare code page.
+VENDOR_ENCODINGS = (
+    "utf_16", "utf_32", "cp1252", "cp1250", "cp1251", "latin_1", "gb18030", "big5",
+    "shift_jis", "cp932", "euc_kr", "euc_jp", "koi8_r",
+)  # fmt: skip
+
+
+def decode_csv(path: FsPath, encoding: str | None = None) -> TextFile:
+    """The file's bytes and its encoding: `encoding` (data.encoding) when given; else UTF-8 (a
+    BOM allowed), else what charset-normalizer detects among VENDOR_ENCODINGS, reported as a
+    note so a wrong guess can be overridden."""
     data = path.read_bytes()
     if path.name.lower().endswith(".gz"):
         import gzip
 
         data = gzip.decompress(data)
+    if encoding is not None:
+        return TextFile(data, encoding)
     try:
         data.decode("utf-8")
         return TextFile(data, "utf-8-sig")
@@ -225,10 +236,12 @@ def decode_csv(path: FsPath) -> TextFile:
         pass
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data).best()
+    best = from_bytes(data, cp_isolation=list(VENDOR_ENCODINGS)).best()
     if best is None:
         raise FileProblem(Problem("error", str(path), "", "not text in any known encoding", 0))
-    note = Problem("note", str(path), "", f"not UTF-8; read as {best.encoding}", 0)
+    note = Problem(
+        "note", str(path), "", f"not UTF-8; read as {best.encoding} (set data.encoding if wrong)", 0
+    )
     return TextFile(data, best.encoding, note)
 
 
@@ -251,6 +264,7 @@ def read_table(
     aliases: dict[str, tuple[str, ...]],
     column_map: dict[str, str] | None,
     text_columns: tuple[str, ...],
+    encoding: str | None = None,
 ) -> tuple[RawTable, list[str]]:
     """The file's mapped columns under canonical names (text columns as strings, numbers as
     read, NA spellings as missing), and all of its column names. Raises FileProblem."""
@@ -262,7 +276,7 @@ def read_table(
             mapping = resolve_columns(names, aliases, column_map)
             frame = pd.read_parquet(str(path), columns=list(mapping))
         else:
-            text = decode_csv(path)
+            text = decode_csv(path, encoding)
             notes += [text.note] if text.note else []
             names = [str(c) for c in _read_csv(text, nrows=0).columns]
             mapping = resolve_columns(names, aliases, column_map)
@@ -286,12 +300,14 @@ def read_table(
     return table, names
 
 
-def read_bar_table(path: FsPath, column_map: dict[str, str] | None) -> RawTable:
+def read_bar_table(
+    path: FsPath, column_map: dict[str, str] | None, encoding: str | None = None
+) -> RawTable:
     """A bar file's raw table; the symbol comes from a column or else from the file name.
 
     Raises FileProblem for a file without the required columns or without rows.
     """
-    table, names = read_table(path, BAR_ALIASES, column_map, text_columns=("symbol", "date"))
+    table, names = read_table(path, BAR_ALIASES, column_map, ("symbol", "date"), encoding)
     missing = [c for c in REQUIRED_BAR_COLUMNS if c not in table.labels]
     if missing:
         raise FileProblem(

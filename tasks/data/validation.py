@@ -80,6 +80,14 @@ class ValidationReport:
             [[getattr(p, c) for c in REPORT_COLUMNS] for p in rows], columns=list(REPORT_COLUMNS)
         ).astype({"rows": "int64"})
 
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, counts: dict[str, float]) -> ValidationReport:
+        """The report `frame()` and `counts()` describe (a saved market's)."""
+        text = frame.fillna("").astype({"rows": "int64"})
+        problems = [Problem(**row) for row in text.to_dict("records")]
+        fields = ("rows_read", "invalid_rows", "duplicate_rows", "files_read", "files_skipped")
+        return cls(problems, **{name: int(counts.get(name, 0)) for name in fields})
+
     def summary(self) -> str:
         """One line of counts."""
         return (
