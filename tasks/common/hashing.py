@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +21,8 @@ import pandas as pd
 from pydantic import BaseModel
 
 _CHUNK = 1 << 20
+
+_AST_LOCK = threading.Lock()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -58,7 +61,10 @@ def code_version(*modules: ModuleType) -> str:
 def _imported_names(module: ModuleType) -> set[str]:
     """Modules named by `module`'s imports (anywhere in it: deferred imports count too)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(inspect.getsource(module))):
+    with _AST_LOCK:  # parsing in several task threads at once raised SystemError "AST constructor
+        # recursion depth mismatch" here (CPython 3.11.7, the Dask fan-out test)
+        tree = ast.parse(inspect.getsource(module))
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
