@@ -279,3 +279,17 @@ def test_a_file_without_the_price_columns_is_named_and_its_rows_count_as_invalid
     assert Path(problem.file).name == "sectors.csv" and problem.rows == 2
     assert problem.problem.startswith("missing required column(s) 'date', 'open'")
     assert checked.report.invalid_rows == 2 and checked.report.rows_read == 3 * N_DAYS + 2
+
+
+def test_files_with_and_without_adjusted_prices_are_checked_by_their_own_columns(tmp_path: Path):
+    adjusted = vendor_file("ADJ").assign(**{"Adj Close": lambda f: f["Close"] * 0.5})
+    adjusted.loc[4, "Adj Close"] = np.nan  # a hole in the adjusted series
+    bars = write_dir(tmp_path / "bars", {"ADJ.csv": adjusted, "RAW.csv": vendor_file("RAW")})
+    checked = validate_bar_files(bars)
+    (problem,) = checked.report.errors
+    assert (Path(problem.file).name, problem.column, problem.problem) == (
+        "ADJ.csv", "Adj Close", "missing value",
+    )  # fmt: skip
+    assert checked.unadjusted == {"RAW"}  # split detection looks at RAW only
+    adj = checked.bars[checked.bars["symbol"] == "ADJ"]
+    np.testing.assert_allclose(adj["close"], np.delete(adjusted["Close"].to_numpy(), 4) * 0.5)

@@ -112,22 +112,12 @@ def _read_all(
             report,
         )
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if "amount" in frame and frame["amount"].isna().any() and len(frames) > 1:
-        without = sum("amount" not in cols for cols in parsed.columns)
-        if without:
-            report.add(
-                [
-                    Problem(
-                        "note",
-                        str(path),
-                        "amount",
-                        "only some files have it; dropped from all",
-                        without,
-                    )
-                ]
-            )
-            frame = frame.drop(columns="amount")
-            parsed.columns = [tuple(c for c in cols if c != "amount") for cols in parsed.columns]
+    with_amount = ["amount" in cols for cols in parsed.columns]
+    if any(with_amount) and not all(with_amount):
+        problem = "only some files have it; dropped from all"
+        report.add([Problem("note", str(path), "amount", problem, with_amount.count(False))])
+        frame = frame.drop(columns="amount")
+        parsed.columns = [tuple(c for c in cols if c != "amount") for cols in parsed.columns]
     parsed.frame = frame
     report.rows_read = len(frame) + skipped_rows
     report.invalid_rows = skipped_rows
@@ -138,9 +128,11 @@ def _cases(parsed: _Parsed) -> pd.DataFrame:
     """Failure cases of the row schema (per group of files with the same optional columns)
     and of the key schema (over every row with a usable key)."""
     frame, parts = parsed.frame, []
-    groups = pd.Series(parsed.columns).iloc[frame[SOURCE_FILE].to_numpy()].to_numpy()
-    for columns in set(parsed.columns):
-        rows = frame.index[groups == columns] if len(set(parsed.columns)) > 1 else frame.index
+    signatures = sorted(set(parsed.columns))
+    group_of_file = np.array([signatures.index(cols) for cols in parsed.columns])
+    group = group_of_file[frame[SOURCE_FILE].to_numpy()]
+    for number, columns in enumerate(signatures):
+        rows = frame.index[group == number] if len(signatures) > 1 else frame.index
         parts.append(failure_cases(BarRows, frame.loc[rows, [*BAR_COLUMNS, *columns]]))
     keyed = frame[(frame["symbol"] != "") & frame["date"].notna()]
     parts.append(failure_cases(BarKeys, keyed[["symbol", "date"]]))
