@@ -140,7 +140,8 @@ def publish_report(report: ValidationReport) -> None:
 
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         return
-    table = report.frame().to_dict("records") or [dict.fromkeys(REPORT_COLUMNS, "")]
+    nothing = {**dict.fromkeys(REPORT_COLUMNS, ""), "problem": "no problem found", "rows": 0}
+    table = report.frame().to_dict("records") or [nothing]
     create_table_artifact(
         table=table, key="validation-report", description=f"Data validation: {report.summary()}"
     )
