@@ -1,8 +1,10 @@
 """Market data in: the synthetic market or the user's own CSV/parquet bars, validated and canonical.
 
 Why: every later stage trusts the canonical bars table, so all the mess of real files (column
-spellings, per-symbol files, adjusted prices, bad rows) is handled and rejected here, with an
-error that names the file, the column and how many rows, before anything is written.
+spellings, per-symbol files, encodings, adjusted prices, bad rows) is handled here, in one
+validation pass (tasks/data/bar_validation.py) whose report lists every problem of every file;
+`data.on_invalid` (tasks/data/policy.py) then quarantines the invalid rows or stops the run.
+A rejected input writes nothing but its report, next to where the market would have been.
 
 Canonical bars: `symbol` (str), `date` (datetime64[ns], midnight), `open, high, low, close,
 volume` (float64) and optional `amount` (float64); sorted by (symbol, date), RangeIndex, unique
