@@ -17,7 +17,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from alphaloom.tasks.common.storage import FsPath, Location
-from alphaloom.tasks.data.checks import NA_STRINGS, DataValidationError
+from alphaloom.tasks.data.checks import (
+    NA_STRINGS,
+    DataValidationError,
+    parse_dates,
+    parse_numbers,
+    parse_symbols,
+)
 from alphaloom.tasks.data.validation import Problem
 from alphaloom.tasks.orchestration.retries import is_transient
 
@@ -330,8 +336,6 @@ def read_bar_table(
 
 def read_oracle(path: Location) -> pd.DataFrame:
     """An oracle.parquet written by `write_market`: symbol, date, expected_return."""
-    from alphaloom.tasks.data.checks import parse_dates, parse_numbers, parse_symbols
-
     path = FsPath.of(path)
     if not path.is_file():
         raise DataValidationError(f"{path}: oracle file not found")
