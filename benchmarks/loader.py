@@ -53,7 +53,10 @@ def write_synthetic_set(
 ) -> None:
     """Stream a synthetic shard set shard by shard (the whole table never exists in memory)."""
     # Imported here so the measured child processes load model/ only (no Prefect, no pandas).
+    import pandas as pd
+
     from alphaloom.tasks.common.config import ShardsSection
+    from alphaloom.tasks.dataset.row_layout import InstrumentLayout
     from alphaloom.tasks.dataset.shard_writer import (
         plan_shards,
         write_manifest,
@@ -76,18 +79,17 @@ def write_synthetic_set(
             fwd_return=rng.normal(0.0, 0.02, rows).astype(np.float32),
             industry=np.ones(rows, np.int32),
             index=np.zeros(rows, np.int32),
+            text_row=np.repeat(np.asarray(ids, np.int32), n_days),
+            bar=np.ones(rows, np.int8),
             x=rng.random((rows, n_features), dtype=np.float32),
         )
         entries.append(write_shard(out / f"shard-{number:05d}.parquet", arrays, window))
+    symbols = np.asarray([f"S{i:05d}" for i in range(n_symbols)], dtype=object)
+    layout = InstrumentLayout.build(
+        pd.DataFrame({"symbol": symbols, "industry": "all", "index": ""}), symbols
+    )
     side = write_side_tables(
-        out,
-        np.asarray([f"S{i:05d}" for i in range(n_symbols)], dtype=object),
-        np.ones(n_symbols, np.int32),
-        np.zeros(n_symbols, np.int32),
-        ["", "all"],
-        [""],
-        np.zeros((n_symbols, 16), np.float32),
-        np.zeros(n_symbols, bool),
+        out, symbols, layout, np.zeros((n_symbols, 16), np.float32), np.zeros(n_symbols, bool)
     )
     write_manifest(
         out,
@@ -103,6 +105,7 @@ def write_synthetic_set(
         split_dates={},
         stats={},
         source_hash="synthetic-benchmark",
+        label_coverage={},
     )
 
 

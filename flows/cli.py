@@ -93,6 +93,33 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check the configured input data in one pass and print every problem, without starting
+    Prefect or writing a market; exit status 1 when a run would stop on it."""
+    from alphaloom.tasks.data.checks import DataValidationError
+    from alphaloom.tasks.data.ingest import load_market, market_facts, min_history_for
+    from alphaloom.tasks.tracking.data_quality import data_notes
+
+    cfg = _config(args)
+    notes: list[str] = []
+    try:
+        market = load_market(cfg.data, min_history_for(cfg))
+        report, verdict, status = market.report, "a run would go ahead", 0
+        notes = data_notes(market_facts(market, cfg.data), "<market>")
+    except DataValidationError as err:
+        if err.report is None:
+            raise
+        report, verdict, status = err.report, f"a run would stop: {str(err).splitlines()[0]}", 1
+    print(report.render())
+    for note in notes:
+        print(f"note: {note}")
+    if args.report:
+        report.frame().to_csv(args.report, index=False)
+        print(f"report written to {args.report}")
+    print(verdict)
+    return status
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the whole training pipeline as a Prefect flow."""
     from alphaloom.flows.pipeline import train_pipeline
@@ -205,6 +232,8 @@ def _print_summary(summary: dict) -> None:
             print(f"{key:<22}{metrics[key]: .4f}")
     if "promoted" in summary:
         print(f"champion moved:  {summary['promoted']}  ({summary.get('registry_reason', '')})")
+    for note in summary.get("data_notes", []):
+        print(f"input data:      {note}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         if name == "run":
             _add_resume_argument(command)
+
+    validate = sub.add_parser("validate", help="check the input data, list every problem")
+    _add_config_arguments(validate)
+    validate.add_argument("--report", default=None, help="also write the report as CSV here")
+    validate.set_defaults(func=cmd_validate)
 
     compare = sub.add_parser("compare", help="compare the model, its ablations and LightGBM")
     _add_config_arguments(compare)

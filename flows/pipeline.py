@@ -34,6 +34,7 @@ from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.orchestration.caching import StageRef
 from alphaloom.tasks.orchestration.runners import task_runner_for
 from alphaloom.tasks.serving.promotion import register_task
+from alphaloom.tasks.tracking.data_quality import log_data_quality
 from alphaloom.tasks.tracking.report import publish_summary, run_summary
 from alphaloom.tasks.tracking.resume import resumable_run
 from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags
@@ -104,12 +105,13 @@ def model_stages(
     (its checkpoint resumes), else a new run (tasks/tracking/resume.py)."""
     with resumable_run(cfg, run_tags(shards), resume_run_id) as run_id:
         log_shard_dataset(cfg, run_id, shards.path)
+        notes = log_data_quality(cfg, run_id, market)
         result = train(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
         oracle, exposures = load_saved_oracle(market), market_exposures(market)
         splits = evaluated_splits(shards.path)
         metrics = evaluate_task(result.model, shards.path, cfg, run_id, oracle, exposures, splits)
         decision = register_task(cfg, run_id, result, shards.path)
-    summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch)
+    summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch, notes)
     publish_summary(summary)
     return summary
 

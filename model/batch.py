@@ -5,11 +5,12 @@ A batch is a plain dict of tensors, all with leading dimension B (one row per wi
 | key          | dtype   | shape     | meaning                                                     |
 | ------------ | ------- | --------- | ----------------------------------------------------------- |
 | `x`          | float32 | [B, T, F] | normalised factors of the window's T days; 0 where padded  |
-| `mask`       | bool    | [B, T]    | True for real days; padding is on the left (oldest) side    |
-| `text`       | float32 | [B, D]    | the symbol's description vector (zeros without a text)      |
-| `has_text`   | float32 | [B]       | 1.0 when the symbol has a description, else 0.0             |
-| `industry`   | int64   | [B]       | industry id, 0 = unknown                                    |
-| `index`      | int64   | [B]       | index-membership id, 0 = in no index                        |
+| `mask`       | bool    | [B, T]    | True on days with a bar; False on the left padding and on   |
+|              |         |           | the symbol's gap days (T positions = T trading days)        |
+| `text`       | float32 | [B, D]    | description vector valid on the end day (zeros without one) |
+| `has_text`   | float32 | [B]       | 1.0 when the symbol has a description then, else 0.0        |
+| `industry`   | int64   | [B]       | industry id on the end day, 0 = unknown                     |
+| `index`      | int64   | [B]       | index-membership id on the end day, 0 = in no index         |
 | `dow`        | int64   | [B]       | day of week of the end day, 0 = Monday                      |
 | `month`      | int64   | [B]       | month of the end day, 0 = January                           |
 | `label`      | int64   | [B]       | ordered class 0..3 (3 = best), -1 when not yet known        |

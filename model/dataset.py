@@ -259,7 +259,11 @@ class ShardedWindowDataset(IterableDataset):
         if self.selection.dates is None:
             return self.info.window_count(self.key, self.selection.min_valid)
         return sum(
-            int(self.selection.mask(arrays, valid_lengths(arrays.symbol, self.info.window)).sum())
+            int(
+                self.selection.mask(
+                    arrays, valid_lengths(arrays.symbol, self.info.window, arrays.bar)
+                ).sum()
+            )
             for arrays in (self.info.read_shard(s) for s in range(len(self.info.shards)))
         )
 

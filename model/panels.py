@@ -13,6 +13,7 @@ from alphaloom.model.batch import Batch
 from alphaloom.model.shard_format import (
     Selection,
     valid_lengths,
+    window_spans,
 )
 from alphaloom.model.shard_set import ShardSetInfo
 
@@ -21,12 +22,15 @@ from alphaloom.model.shard_set import ShardSetInfo
 class Panel:
     """A loaded pool: a zero-padded [T-1+rows, F] float32 panel and one entry per window.
 
-    Window i covers panel rows start[i] .. start[i]+T-1 (its end row is the last); only its last
-    valid[i] rows are its own symbol's, the rest are masked (and zeroed in the batch).
+    Window i covers panel rows start[i] .. start[i]+T-1 (its end row is the last), one row per
+    trading day; only its last span[i] rows are its own symbol's, and of those only the days
+    with a bar (`bar` per panel row) are real. The rest are masked (and zeroed in the batch).
     """
 
     x: np.ndarray
+    bar: np.ndarray  # bool per panel row: the symbol has a bar that day
     start: np.ndarray
+    span: np.ndarray
     valid: np.ndarray
     symbol: np.ndarray
     date: np.ndarray
@@ -34,6 +38,7 @@ class Panel:
     fwd_return: np.ndarray
     industry: np.ndarray
     index: np.ndarray
+    text_row: np.ndarray
     shard: np.ndarray
     window: int
 
@@ -52,9 +57,9 @@ class Panel:
         )
 
 
-def _rows_needed(ends: np.ndarray, valid: np.ndarray, n_rows: int) -> np.ndarray:
-    """Rows covered by the windows' own-symbol parts (union of [end-valid+1, end])."""
-    starts = ends - valid[ends].astype(np.int64) + 1
+def _rows_needed(ends: np.ndarray, spans: np.ndarray, n_rows: int) -> np.ndarray:
+    """Rows covered by the windows' own-symbol parts (union of [end-span+1, end])."""
+    starts = ends - spans[ends].astype(np.int64) + 1
     delta = np.bincount(starts, minlength=n_rows + 1) - np.bincount(ends + 1, minlength=n_rows + 1)
     return np.cumsum(delta[:n_rows]) > 0
 
@@ -93,17 +98,21 @@ def load_panel(
     if buffer is None or len(buffer) < needed or buffer.shape[1:] != (n_features,):
         buffer = np.empty((needed, n_features), np.float32)
     buffer[: window - 1] = 0.0
+    bar = np.zeros(needed, bool)
     used = 0
     parts: dict[str, list[np.ndarray]] = {name: [] for name in Panel.__dataclass_fields__}
     for shard in shards:
         arrays = info.read_shard(shard)
-        valid = valid_lengths(arrays.symbol, window)
+        spans = window_spans(arrays.symbol, window)
+        valid = valid_lengths(arrays.symbol, window, arrays.bar)
         ends = np.flatnonzero(selection.mask(arrays, valid))
-        keep = _rows_needed(ends, valid, len(arrays))
+        keep = _rows_needed(ends, spans, len(arrays))
         _copy_runs(keep, arrays.x, buffer[window - 1 + used :])
+        _copy_runs(keep, arrays.bar.astype(bool), bar[window - 1 + used :])
         parts["start"].append(used + np.cumsum(keep)[ends] - 1)
+        parts["span"].append(spans[ends])
         parts["valid"].append(valid[ends])
-        for name in ("symbol", "date", "label", "fwd_return", "industry", "index"):
+        for name in ("symbol", "date", "label", "fwd_return", "industry", "index", "text_row"):
             parts[name].append(getattr(arrays, name)[ends])
         parts["shard"].append(np.full(len(ends), shard, np.int32))
         used += int(keep.sum())
@@ -111,9 +120,10 @@ def load_panel(
     columns = {
         name: np.concatenate(values)
         for name, values in parts.items()
-        if name not in ("x", "window")
+        if name not in ("x", "bar", "window")
     }
-    return Panel(x=buffer[: window - 1 + used], window=window, **columns)
+    rows = window - 1 + used
+    return Panel(x=buffer[:rows], bar=bar[:rows], window=window, **columns)
 
 
 def _calendar(days: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,22 +138,26 @@ def gather_batch(panel: Panel, windows: np.ndarray, rows: np.ndarray, info: Shar
 
     `windows` is `panel.windows()`, passed in so it is built once per panel. x is one fancy
     index of that strided view, i.e. panel[start[:, None] + arange(T)]; the masked (older,
-    other-symbol or before-start) rows are zeroed only when a batch has any.
+    other-symbol, before-start or gap-day) rows are zeroed only when a batch has any.
     """
     window = panel.window
-    x = windows[panel.start[rows]]
-    valid = panel.valid[rows].astype(np.int64)
-    mask = np.arange(window)[None, :] >= (window - valid)[:, None]
-    if (valid < window).any():
+    start = panel.start[rows]
+    x = windows[start]
+    span = panel.span[rows].astype(np.int64)
+    mask = np.arange(window)[None, :] >= (window - span)[:, None]
+    if (panel.valid[rows] < span).any():  # some window has gap days: mask them too
+        mask &= panel.bar[start[:, None] + np.arange(window)[None, :]]
+    if not mask.all():
         x[~mask] = 0.0
     symbol = panel.symbol[rows].astype(np.int64)
     date = panel.date[rows].astype(np.int64)
     dow, month = _calendar(date)
+    text, has_text = info.text_of(panel.text_row[rows])
     return {
         "x": torch.from_numpy(x),
         "mask": torch.from_numpy(mask),
-        "text": torch.from_numpy(info.text[symbol]),
-        "has_text": torch.from_numpy(info.has_text[symbol].astype(np.float32)),
+        "text": torch.from_numpy(text),
+        "has_text": torch.from_numpy(has_text.astype(np.float32)),
         "industry": torch.from_numpy(panel.industry[rows].astype(np.int64)),
         "index": torch.from_numpy(panel.index[rows].astype(np.int64)),
         "dow": torch.from_numpy(dow),

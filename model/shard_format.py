@@ -1,4 +1,10 @@
-"""The on-disk shard format: columns, the packed factor column, windows, day numbers."""
+"""The on-disk shard format: columns, the packed factor column, windows, day numbers.
+
+Rows follow the market's trading calendar: each symbol has one row per trading day from its
+first bar to its last, and a day it has no bar (a halt, a gap in the vendor's file) is a row
+with `bar` = 0, zero factors and no label. So a window of T rows is T trading days; its
+gap days are masked, never concatenated away, and `valid` counts the symbol's own bars in it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 MANIFEST_NAME = "manifest.json"
@@ -26,6 +32,9 @@ NAMES_NAME = "names.parquet"
 TEXT_NAME = "text.npy"
 
 
+TEXTS_NAME = "texts.parquet"
+
+
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 
@@ -38,7 +47,18 @@ WINDOW_KEYS = (*SPLIT_CODES, ALL_KEY)
 X_LAYOUT = "fixed_size_binary(4*n_features): little-endian float32 factors of one row"
 
 
-SHARD_COLUMNS = ("symbol", "date", "split", "label", "fwd_return", "industry", "index", "x")
+SHARD_COLUMNS = (
+    "symbol",
+    "date",
+    "split",
+    "label",
+    "fwd_return",
+    "industry",
+    "index",
+    "text_row",
+    "bar",
+    "x",
+)
 
 
 MANIFEST_KEYS = (
@@ -78,8 +98,10 @@ class ShardArrays:
     split: np.ndarray  # int8: 0 train, 1 valid, 2 test, -1 none
     label: np.ndarray  # int8: 0..3, -1 unknown
     fwd_return: np.ndarray  # float32, NaN unknown
-    industry: np.ndarray  # int32, 0 unknown
+    industry: np.ndarray  # int32, 0 unknown (the instrument row valid on the date)
     index: np.ndarray  # int32, 0 none
+    text_row: np.ndarray  # int32 row of text.npy, -1 none (the description valid on the date)
+    bar: np.ndarray  # int8: 1 the symbol has a bar that day, 0 a gap day (zero factors)
     x: np.ndarray  # float32 [rows, F]
 
     def __len__(self) -> int:
@@ -123,16 +145,18 @@ def shard_table(arrays: ShardArrays) -> pa.Table:
             "fwd_return": pa.array(arrays.fwd_return, pa.float32()),
             "industry": pa.array(arrays.industry, pa.int32()),
             "index": pa.array(arrays.index, pa.int32()),
+            "text_row": pa.array(arrays.text_row, pa.int32()),
+            "bar": pa.array(arrays.bar, pa.int8()),
             "x": encode_x(arrays.x),
         }
     )
 
 
-def valid_lengths(symbol: np.ndarray, window: int) -> np.ndarray:
+def window_spans(symbol: np.ndarray, window: int) -> np.ndarray:
     """Per row: how many of the window's T rows belong to the row's own symbol (<= T).
 
     Rows are sorted by (symbol, date), so a symbol's rows are one run; a window reaches back
-    min(position in run + 1, T) rows without leaving its symbol.
+    min(position in run + 1, T) rows (trading days) without leaving its symbol.
     """
     n = len(symbol)
     if n == 0:
@@ -143,9 +167,24 @@ def valid_lengths(symbol: np.ndarray, window: int) -> np.ndarray:
     return np.minimum(position + 1, window).astype(np.int16)
 
 
+def valid_lengths(symbol: np.ndarray, window: int, bar: np.ndarray | None = None) -> np.ndarray:
+    """Per row: how many of the window's T trading days the symbol has a bar on (<= span).
+
+    `bar` (1 = a bar, 0 = a gap day) defaults to every row being a bar, where this equals
+    `window_spans`. `loader.min_valid_days` is compared with this count.
+    """
+    spans = window_spans(symbol, window)
+    if bar is None:
+        return spans
+    bars = np.r_[0, np.cumsum(bar, dtype=np.int64)]
+    ends = np.arange(1, len(symbol) + 1)
+    return (bars[ends] - bars[ends - spans]).astype(np.int16)
+
+
 @dataclass(frozen=True)
 class Selection:
-    """Which rows end an emitted window: split of the end day, known label, history, dates."""
+    """Which rows end an emitted window: a bar on the end day, split, known label, history,
+    dates."""
 
     split: int | None
     min_valid: int
@@ -153,7 +192,7 @@ class Selection:
 
     def mask(self, arrays: ShardArrays, valid: np.ndarray) -> np.ndarray:
         """Boolean mask of window end rows (the writer's window counts use the same rule)."""
-        keep = valid >= self.min_valid
+        keep = (valid >= self.min_valid) & (arrays.bar == 1)
         if self.split is not None:
             keep &= (arrays.split == self.split) & (arrays.label >= 0)
         if self.dates is not None:
@@ -167,7 +206,7 @@ def window_histograms(arrays: ShardArrays, window: int) -> dict[str, list[int]]:
     Any loader's `min_valid_days` m then gives its exact count as sum(counts[m-1:]) without
     reading the shard, which is what lets every rank equalise batch counts without talking.
     """
-    valid = valid_lengths(arrays.symbol, window)
+    valid = valid_lengths(arrays.symbol, window, arrays.bar)
     out = {}
     for key in WINDOW_KEYS:
         selected = Selection(SPLIT_CODES.get(key), 1).mask(arrays, valid)

@@ -29,6 +29,7 @@ from alphaloom.model.shard_format import (
     SPLIT_CODES,
     SYMBOLS_NAME,
     TEXT_NAME,
+    TEXTS_NAME,
     WINDOW_KEYS,
     X_LAYOUT,
     ShardArrays,
@@ -189,10 +190,11 @@ class ShardSetInfo:
     directory: Path
     manifest: dict[str, Any]
     symbols: np.ndarray  # str, row = symbol id
-    symbol_industry: np.ndarray  # int64 per symbol id
-    symbol_index: np.ndarray  # int64 per symbol id
-    has_text: np.ndarray  # bool per symbol id
-    text: np.ndarray  # float32 [n_symbols, text_dim], row = symbol id
+    symbol_industry: np.ndarray  # int64 per symbol id (its latest instrument row's)
+    symbol_index: np.ndarray  # int64 per symbol id (its latest instrument row's)
+    has_text: np.ndarray  # bool per symbol id (its latest description)
+    text: np.ndarray  # float32 [n_text_rows, text_dim], a shard row's `text_row` picks one
+    text_flags: np.ndarray  # bool per text row: the row holds a description
     industries: list[str]  # id -> name, 0 = unknown ("")
     indices: list[str]  # id -> name, 0 = none ("")
     shards: list[ShardInfo] = field(default_factory=list)
@@ -214,6 +216,7 @@ class ShardSetInfo:
         names = _read_parquet(shard_dir / NAMES_NAME, side[NAMES_NAME], shard_dir, fs)
         text_bytes = read_verified(shard_dir / TEXT_NAME, side[TEXT_NAME], shard_dir, fs)
         text = np.load(io.BytesIO(text_bytes.to_pybytes()), allow_pickle=False)
+        texts = _read_parquet(shard_dir / TEXTS_NAME, side[TEXTS_NAME], shard_dir, fs)
         shards = [
             ShardInfo(
                 file=entry["file"],
@@ -234,6 +237,7 @@ class ShardSetInfo:
             symbol_index=symbols.column("index").to_numpy().astype(np.int64),
             has_text=symbols.column("has_text").to_numpy(zero_copy_only=False).astype(bool),
             text=np.ascontiguousarray(text, dtype=np.float32),
+            text_flags=texts.column("has_text").to_numpy(zero_copy_only=False).astype(bool),
             industries=[n for k, n in zip(kinds, name_list, strict=True) if k == "industry"],
             indices=[n for k, n in zip(kinds, name_list, strict=True) if k == "index"],
             shards=shards,
@@ -281,6 +285,23 @@ class ShardSetInfo:
             "n_indices": self.n_indices,
             "window": self.window,
         }
+
+    def text_of(self, text_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Description vectors [B, D] and has-text flags [B] of shard rows' `text_row`s (-1, a
+        date no instrument row covers, gives zeros and False)."""
+        rows = np.asarray(text_rows, dtype=np.int64)
+        known = rows >= 0
+        safe = np.where(known, rows, 0)
+        vectors = self.text[safe]
+        if not known.all():
+            vectors[~known] = 0.0
+        return vectors, self.text_flags[safe] & known
+
+    def label_coverage(self, split: str) -> dict[str, int]:
+        """Bars of a split and how many of them have no forward return although the calendar
+        has its days (the symbol had no bar on the entry or exit day), from the manifest."""
+        coverage = self.manifest.get("label_coverage", {}).get(split, {})
+        return {key: int(value) for key, value in coverage.items()}
 
     def symbol_names(self, ids: np.ndarray | torch.Tensor | Sequence[int]) -> np.ndarray:
         """Symbol ids (a batch's `symbol`) -> symbol names."""

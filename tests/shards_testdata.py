@@ -87,15 +87,28 @@ def make_table(
     return Table(frame, names, stats, split_dates, instruments, text)
 
 
+def calendar_slots(frame: pd.DataFrame) -> np.ndarray:
+    """Each row's position on the table's trading calendar (the union of its dates)."""
+    calendar = np.unique(frame["date"].to_numpy())
+    return np.searchsorted(calendar, frame["date"].to_numpy())
+
+
 def expected_windows(
     frame: pd.DataFrame, window: int, split: str | None, min_valid: int
 ) -> pd.DataFrame:
     """The windows a loader must emit, computed independently with pandas.
 
-    Returns one row per window: symbol, date, valid (own-symbol days in the window).
+    A window is the `window` trading days ending at a bar's day; `valid` counts the symbol's
+    own bars among those days (gap days and days before its first bar are not bars). Returns
+    one row per window: symbol, date, valid.
     """
-    position = frame.groupby("symbol", sort=False).cumcount().to_numpy()
-    valid = np.minimum(position + 1, window)
+    slot = calendar_slots(frame)
+    valid = np.zeros(len(frame), np.int64)
+    for _, rows in frame.groupby("symbol", sort=False).indices.items():
+        own = slot[rows]
+        valid[rows] = np.searchsorted(own, own, side="right") - np.searchsorted(
+            own, own - window + 1, side="left"
+        )
     keep = valid >= min_valid
     if split is not None:
         keep &= (frame["split"].to_numpy() == SPLIT_NAMES[split]) & (frame["label"].to_numpy() >= 0)

@@ -76,8 +76,9 @@ def test_bad_data_exits_2_and_names_the_file(tmp_path, capsys) -> None:
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "bars.csv" in err and "volume" in err
-    assert not (tmp_path / "market").exists()
+    assert "bars.csv" in err and "missing required column(s) 'volume'" in err
+    (report,) = (tmp_path / "market").iterdir()  # no market, only the report of the rejection
+    assert report.name.endswith(".validation_report.csv") and str(report) in err
 
 
 def test_ui_binds_loopback_only() -> None:

@@ -302,6 +302,42 @@ def test_nightly_trains_on_the_new_days_and_promotes_only_past_the_margin(
     assert client.get_model_version_by_alias(name, "champion").run_id == third["run_id"]
 
 
+def test_a_bad_vendor_row_is_dropped_and_said_in_prefect_mlflow_and_the_summary(
+    tmp_path, mlflow_store
+) -> None:
+    """data.on_invalid: drop (the default): the run goes on without the row, and the report
+    (a Prefect table artifact), MLflow (`data/*`) and the summary all say what was dropped."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    base = smoke(tmp_path / "work", "tracking.registered_model=alphaloom-bad-row")
+    market_dir = tmp_path / "vendor"
+    write_market(generate_market(base.data.synthetic), market_dir, base.data.synthetic)
+    bars = pd.read_parquet(market_dir / "bars.parquet")
+    bars.loc[17, ["open", "high", "low", "close"]] = 0.0  # a merger date's all-zero row
+    bars.to_parquet(market_dir / "bars.parquet")
+    cfg = smoke(
+        tmp_path / "work",
+        "tracking.registered_model=alphaloom-bad-row",
+        "data.source=files",
+        f"data.bars_path={market_dir}",
+    )
+    state = train_pipeline(config=cfg, return_state=True)
+    summary = state.result()
+    run = mlflow.MlflowClient(mlflow_store).get_run(summary["run_id"])
+    assert run.data.metrics["data/invalid_rows"] == run.data.metrics["data/quarantined_rows"] == 1
+    assert any(note.startswith("1 invalid input row(s)") for note in summary["data_notes"])
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (report,) = [a for a in artifacts if a.key == "validation-report"]
+    rows = report.data if isinstance(report.data, list) else yaml.safe_load(report.data)
+    closes = [r for r in rows if r["column"] == "close" and r["severity"] == "error"]
+    assert closes and closes[0]["problem"] == "non-positive price" and closes[0]["rows"] == 1
+
+
 def test_pipeline_and_scoring_with_every_output_at_a_url(
     tmp_path, mlflow_store, memory_root, monkeypatch
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas.testing as pdt
 import pytest
 
 from alphaloom.tasks.common.config import DataSection, PipelineConfig, SyntheticSection
+from alphaloom.tasks.data.bar_validation import read_bars
 from alphaloom.tasks.data.checks import DataValidationError
 from alphaloom.tasks.data.ingest import (
     MarketData,
@@ -21,7 +21,7 @@ from alphaloom.tasks.data.ingest import (
     save_market,
     source_fingerprint,
 )
-from alphaloom.tasks.data.readers import read_bars, read_instruments
+from alphaloom.tasks.data.instruments import read_instruments
 from alphaloom.tasks.data.synthetic import generate_market, write_market
 
 SMALL = SyntheticSection(n_symbols=12, n_days=100, seed=3)
@@ -124,20 +124,28 @@ def test_per_symbol_directory_takes_symbol_from_file_name(tmp_path) -> None:
     bars = read_bars(tmp_path)
     assert bars.groupby("symbol").size().to_dict() == {"AAA": 6, "BBB.US": 6}
     market = load_market(files_section(tmp_path), min_history=3)  # instruments picked up
-    assert market.instruments.to_dict("list") == {
+    assert market.instruments.drop(columns=["start_date", "end_date"]).to_dict("list") == {
         "symbol": ["AAA", "BBB.US"],
         "industry": ["tech", ""],
         "index": ["", ""],
         "description": ["", ""],
     }
+    assert market.instruments[["start_date", "end_date"]].isna().all().all()  # not dated
+    notes = {p.file: p.problem for p in market.report.problems if p.severity == "note"}
+    assert "not a data file" in notes[str(tmp_path / "notes.txt")]  # the stray file is named
 
 
 def test_same_symbol_in_two_files_is_a_duplicate(tmp_path) -> None:
     raw = make_bars(("AAA",))
     write_csv(raw, tmp_path / "one.csv")
     write_csv(raw, tmp_path / "two.csv")
-    with pytest.raises(DataValidationError, match=r"across its files.*12 rows share a duplicate"):
+    with pytest.raises(DataValidationError) as caught:
         read_bars(tmp_path)
+    for name in ("one.csv", "two.csv"):
+        assert f"{name}: column 'Name/Date': duplicate (symbol, date) key, also in another " in (
+            str(caught.value)
+        )
+    assert caught.value.report.duplicate_rows == 12
 
 
 def test_adj_close_adjusts_prices_and_volume(tmp_path) -> None:
@@ -195,38 +203,38 @@ BAD_INPUTS = {
     ),
     "non-numeric": (
         _corrupt(_set("Close", [1, 4], "abc")),
-        r"bad\.csv: column 'Close' has 2 row\(s\) with non-numeric values "
-        r"\(first: 'abc' at data row 2",
+        r"bad\.csv: column 'Close': non-numeric value, 2 row\(s\) \(e\.g\. row 2: 'abc'; row 5",
     ),
     "nan price": (
         _corrupt(_set("High", [3], np.nan)),
-        r"bad\.csv: column 'High' has 1 row\(s\) with NaN/inf/missing",
+        r"bad\.csv: column 'High': missing value, 1 row\(s\) \(e\.g\. row 4: missing\)",
     ),
     "inf price": (
         _corrupt(_set("Open", [0, 1, 2], np.inf)),
-        r"bad\.csv: column 'Open' has 3 row\(s\) with NaN/inf/missing",
+        r"bad\.csv: column 'Open': infinite value, 3 row\(s\)",
     ),
     "non-positive price": (
         _corrupt(_set("Low", [5, 6], 0.0)),
-        r"bad\.csv: column 'Low' has 2 row\(s\) with non-positive prices",
+        r"bad\.csv: column 'Low': non-positive price, 2 row\(s\) \(e\.g\. row 6: 0\.0; row 7",
     ),
     "negative volume": (
         _corrupt(_set("Volume", [7], -5.0)),
-        r"bad\.csv: column 'Volume' has 1 row\(s\) with negative values",
+        r"bad\.csv: column 'Volume': negative value, 1 row\(s\) \(e\.g\. row 8: -5\.0\)",
     ),
     "duplicate key": (
         _corrupt(lambda r: pd.concat([r, r.iloc[[2, 8]]], ignore_index=True)),
-        r"bad\.csv: 4 rows share a duplicate \(symbol, date\) key \(first: 'AAA', 2021-03-03\)",
+        r"bad\.csv: column 'Name/Date': duplicate \(symbol, date\) key, 4 row\(s\) "
+        r"\(e\.g\. row 3: \('AAA', 2021-03-03\)",
     ),
     "unparseable dates": (
         _corrupt(_set("Date", [0, 9], "2021-13-45")),
-        r"bad\.csv: column 'Date' has 2 row\(s\) with missing or unparseable dates",
+        r"bad\.csv: column 'Date': unparseable date, 2 row\(s\) \(e\.g\. row 1: '2021-13-45'",
     ),
     "empty table": (
         _corrupt(lambda r: r.iloc[:0]),
-        r"bad\.csv: empty input \(0 rows\)",
+        r"empty input, no rows in any of its 1 file\(s\)(.|\n)*bad\.csv: empty file \(0 rows\)",
     ),
-    "empty file": (_empty_file, r"bad\.csv: empty input"),
+    "empty file": (_empty_file, r"bad\.csv: empty file \(no header\)"),
     "empty directory": (_empty_dir, r"dir: empty input, no CSV or parquet"),
 }
 
@@ -237,7 +245,7 @@ def test_bad_input_is_rejected_and_nothing_is_written(tmp_path, case) -> None:
     path = make(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(DataValidationError, match=message):
-        save_market(load_market(files_section(path), min_history=1), out)
+        save_market(load_market(files_section(path, on_invalid="error"), min_history=1), out)
     assert not out.exists()
 
 
@@ -249,14 +257,14 @@ def test_failed_save_leaves_no_directory(tmp_path) -> None:
     assert list((tmp_path / "out").iterdir()) == []  # no partial dir, no temp dir
 
 
-def test_short_symbols_dropped_with_logged_count(tmp_path, caplog) -> None:
+def test_short_symbols_dropped_with_a_note(tmp_path) -> None:
     raw = pd.concat([make_bars(("AAA", "BBB"), 8), make_bars(("CCC",), 3)], ignore_index=True)
     path = write_csv(raw, tmp_path / "b.csv")
-    with caplog.at_level(logging.WARNING, logger="alphaloom.tasks.data.ingest"):
-        market = load_market(files_section(path), min_history=5)
+    market = load_market(files_section(path), min_history=5)
     assert sorted(market.bars["symbol"].unique()) == ["AAA", "BBB"]
     assert market.instruments["symbol"].tolist() == ["AAA", "BBB"]
-    assert "dropped 1 of 3 symbols with fewer than 5 rows" in caplog.text
+    assert "dropped 1 of 3 symbols with fewer than 5 rows" in market.report.render()
+    assert "(e.g. CCC)" in market.report.render()
     with pytest.raises(DataValidationError, match="none of the 3 symbols has the 20 rows"):
         load_market(files_section(path), min_history=20)
 
@@ -273,14 +281,15 @@ def test_read_instruments_aliases_blanks_and_missing(tmp_path) -> None:
         }
     )
     frame.to_parquet(tmp_path / "inst.parquet")
-    inst = read_instruments(tmp_path / "inst.parquet", ["AAA", "BBB", "CCC"])
-    assert inst.to_dict("list") == {
+    inst, report = read_instruments(tmp_path / "inst.parquet", ["AAA", "BBB", "CCC"])
+    assert inst.drop(columns=["start_date", "end_date"]).to_dict("list") == {
         "symbol": ["AAA", "BBB", "CCC"],
         "industry": ["", "energy", ""],
         "index": ["", "", ""],
         "description": ["Chips.", "Oil.", ""],
     }
-    assert read_instruments(None, ["A"])["description"].tolist() == [""]
+    assert not report.errors and "(e.g. CCC)" in report.render()  # no row for CCC: a note
+    assert read_instruments(None, ["A"])[0]["description"].tolist() == [""]
 
 
 def test_read_instruments_errors(tmp_path) -> None:
@@ -288,8 +297,11 @@ def test_read_instruments_errors(tmp_path) -> None:
     with pytest.raises(DataValidationError, match=r"i\.csv: missing required column 'symbol'"):
         read_instruments(tmp_path / "i.csv", ["A"])
     write_csv(pd.DataFrame({"symbol": ["A", "A", "B"]}), tmp_path / "d.csv")
-    with pytest.raises(DataValidationError, match=r"d\.csv: column 'symbol' has 2 rows with dup"):
-        read_instruments(tmp_path / "d.csv", ["A"])
+    _, report = read_instruments(tmp_path / "d.csv", ["A"])
+    assert [p.line() for p in report.errors] == [
+        f"[error] {tmp_path / 'd.csv'}: column 'symbol': duplicate symbol, 1 row(s) "
+        "(e.g. row 2: 'A')"
+    ]
 
 
 # --------------------------------------------------------------------------- market round trips

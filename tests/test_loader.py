@@ -18,7 +18,13 @@ from alphaloom.model.shard_format import days_to_dates
 from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import ShardsSection
 from alphaloom.tasks.dataset.shards import build_shards
-from tests.shards_testdata import SPLIT_NAMES, Table, expected_windows, make_table
+from tests.shards_testdata import (
+    SPLIT_NAMES,
+    Table,
+    calendar_slots,
+    expected_windows,
+    make_table,
+)
 
 WINDOW = 20
 MIN_VALID = 5
@@ -152,11 +158,13 @@ def test_resume_skips_pools_without_loading_or_gathering(info: ShardSetInfo):
     assert resumed.stats.pools_loaded == 1 < pools
 
 
-def _histories(table: Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per symbol: its dates (datetime64[D]) and factor rows, from the source table."""
+def _histories(table: Table) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per symbol: its dates (datetime64[D]), calendar slots and factor rows, from the table."""
+    slots = calendar_slots(table.frame)
     return {
         symbol: (
             part["date"].to_numpy().astype("datetime64[D]"),
+            slots[part.index],
             part[table.feature_names].to_numpy(),
         )
         for symbol, part in table.frame.groupby("symbol")
@@ -164,24 +172,32 @@ def _histories(table: Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.mark.parametrize("split", ["train", "valid", "test"])
-def test_windows_stay_inside_their_symbol_and_never_look_forward(
+def test_windows_are_trading_days_of_their_symbol_and_never_look_forward(
     table: Table, info: ShardSetInfo, split: str
 ):
+    """A window is the WINDOW trading days ending at its day: the symbol's bars sit at their
+    days' places, and its gap days are masked and zero, never closed up by older bars."""
     batches = list(_dataset(info, split, shuffle=True))
     histories = _histories(table)
     symbol_names = np.concatenate([info.symbol_names(b["symbol"]) for b in batches])
     ends = np.concatenate([days_to_dates(b["date"]) for b in batches])
     x = torch.cat([b["x"] for b in batches]).numpy()
     mask = torch.cat([b["mask"] for b in batches]).numpy()
+    gapped = 0
     for i in range(len(x)):
-        dates, rows = histories[symbol_names[i]]
+        dates, slots, rows = histories[symbol_names[i]]
         stop = np.searchsorted(dates, ends[i], side="right")
         assert dates[stop - 1] == ends[i]
-        own = rows[max(stop - WINDOW, 0) : stop]
-        assert mask[i].sum() == len(own) >= MIN_VALID
-        assert mask[i, -len(own) :].all()  # padding is on the left
-        np.testing.assert_array_equal(x[i][mask[i]], own)  # ends at the end day, own symbol
+        first_slot = slots[stop - 1] - WINDOW + 1
+        inside = slots[:stop] >= first_slot
+        expected_mask = np.zeros(WINDOW, bool)
+        expected_mask[slots[:stop][inside] - first_slot] = True
+        np.testing.assert_array_equal(mask[i], expected_mask)
+        assert mask[i].sum() >= MIN_VALID and mask[i, -1]
+        np.testing.assert_array_equal(x[i][mask[i]], rows[:stop][inside])  # own bars, in order
         assert not x[i][~mask[i]].any()
+        gapped += bool((~mask[i][np.argmax(mask[i]) :]).any())  # a masked day after the first
+    assert gapped > 0  # the table has symbols with gaps: some windows hold interior gap days
     labels = torch.cat([b["label"] for b in batches])
     assert (labels >= 0).all()
 

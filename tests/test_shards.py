@@ -57,7 +57,7 @@ def _read_all(info: ShardSetInfo) -> pd.DataFrame:
         part = pd.DataFrame(arrays.x, columns=info.feature_names)
         part.insert(0, "symbol", info.symbol_names(arrays.symbol))
         part.insert(1, "date", days_to_dates(arrays.date).astype("datetime64[ns]"))
-        for name in ("label", "fwd_return", "split", "industry", "index"):
+        for name in ("label", "fwd_return", "split", "industry", "index", "bar", "text_row"):
             part[name] = getattr(arrays, name)
         part["shard"] = number
         parts.append(part)
@@ -77,7 +77,11 @@ def test_manifest_lists_everything_the_network_and_loader_need(shard_dir: Path, 
     assert manifest["stats"] == table.stats
     assert manifest["source_hash"] == "source-123"
     assert len(manifest["code_version"]) == 16
-    assert sum(entry["rows"] for entry in manifest["shards"]) == len(table.frame)
+    assert sum(entry["bars"] for entry in manifest["shards"]) == len(table.frame)
+    spans = table.frame.groupby("symbol")["date"].agg(["min", "max"])
+    calendar = np.unique(table.frame["date"])
+    days = np.searchsorted(calendar, spans["max"]) - np.searchsorted(calendar, spans["min"]) + 1
+    assert sum(entry["rows"] for entry in manifest["shards"]) == days.sum() > len(table.frame)
     for entry in manifest["shards"]:
         assert sha256_file(shard_dir / entry["file"]) == entry["sha256"]
     for name, digest in manifest["side_tables"].items():
@@ -91,7 +95,10 @@ def test_shards_hold_whole_sorted_symbol_histories_and_round_trip(shard_dir: Pat
     for _, part in back.groupby("shard"):
         keys = list(zip(part["symbol"], part["date"], strict=True))
         assert keys == sorted(keys)
-    back = back.sort_values(["symbol", "date"], ignore_index=True)
+    gaps = back[back["bar"] == 0]
+    assert len(gaps) > 0 and not gaps[table.feature_names].to_numpy().any()
+    assert (gaps["label"] == -1).all() and gaps["fwd_return"].isna().all()
+    back = back[back["bar"] == 1].sort_values(["symbol", "date"], ignore_index=True)
     expected = table.frame.sort_values(["symbol", "date"], ignore_index=True)
     assert back["symbol"].tolist() == expected["symbol"].tolist()
     assert (back["date"].to_numpy() == expected["date"].to_numpy()).all()

@@ -38,13 +38,31 @@ class SyntheticSection(Section):
 
 
 class DataSection(Section):
-    """Where bars and instruments come from."""
+    """Where bars and instruments come from, and what happens to bad rows.
+
+    `on_invalid`: "drop" (default) removes invalid rows and every row of a duplicated
+    (symbol, date) key, writes them to the market's quarantine.parquet and reports them loudly
+    (log, Prefect artifact, MLflow `data/*` metrics, run summary), but still stops when more than
+    `max_invalid_fraction` of the rows read are invalid: a nightly retrain survives a few bad
+    vendor rows, not a broken feed. "error" stops on any invalid row, listing all of them.
+    """
 
     source: Literal["synthetic", "files"] = "synthetic"
     bars_path: str | None = None
     instruments_path: str | None = None
     oracle_path: str | None = None
     column_map: dict[str, str] = Field(default_factory=dict)
+    date_format: str | None = Field(
+        None, description="strptime format of the date column, e.g. '%d/%m/%Y'; None: inferred"
+    )
+    encoding: str | None = Field(
+        None, description="text encoding of CSV files, e.g. 'cp1252'; None: UTF-8 or detected"
+    )
+    on_invalid: Literal["error", "drop"] = "drop"
+    max_invalid_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    detect_splits: bool = Field(
+        False, description="adjust unadjusted prices for detected splits (always reported)"
+    )
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
 
     @model_validator(mode="after")

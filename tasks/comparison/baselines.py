@@ -120,7 +120,7 @@ def end_day_table(shard_dir: str | Path, split: str, min_valid_days: int) -> End
     parts: dict[str, list[np.ndarray]] = {k: [] for k in EndDayTable.__dataclass_fields__}
     for shard in range(len(info.shards)):
         arrays = info.read_shard(shard)
-        ends = selection.mask(arrays, valid_lengths(arrays.symbol, info.window))
+        ends = selection.mask(arrays, valid_lengths(arrays.symbol, info.window, arrays.bar))
         parts["x"].append(arrays.x[ends])
         for name in ("symbol", "date", "label", "fwd_return"):
             parts[name].append(getattr(arrays, name)[ends])

@@ -1,133 +1,206 @@
-"""Value checks on input tables (numbers, dates, symbols, unique keys) and price adjustment."""
+"""The one bars schema (pandera models, validated lazily) and the parsers that feed it.
+
+Why pandera: the row rules of a canonical bar are declared once, as a `DataFrameModel`, and lazy
+validation returns every failing row of every rule in one pass (`failure_cases`), which is what a
+report of all problems at once needs; hand-written checks stopped at the first. The parsers turn
+text into typed columns without raising: what they cannot parse becomes a missing value that the
+schema then reports, and the raw text is kept so the report can show it.
+"""
 
 from __future__ import annotations
 
-import logging
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
-
-logger = logging.getLogger(__name__)
-
+import pandera.pandas as pa
+from pandera.errors import SchemaErrors
+from pandera.typing import Series
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
-_NUMERIC = (*PRICE_COLUMNS, "adj_close", "adj_factor", "volume", "amount")
-_POSITIVE = (*PRICE_COLUMNS, "adj_close", "adj_factor")
-_NA_STRINGS = ["", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "#N/A", "-"]
+NUMERIC_COLUMNS = (*PRICE_COLUMNS, "adj_close", "adj_factor", "volume", "amount")
+NA_STRINGS = ["", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "#N/A", "-"]
 
 
 class DataValidationError(ValueError):
-    """Input data is unusable; the message names the file, the column and how many rows."""
+    """Input data is unusable; the message names the file, the column and how many rows.
+
+    `report` (a tasks.data.validation.ValidationReport) holds every problem found, when the error
+    comes from a full validation pass.
+    """
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
-def _first_bad(values: pd.Series, bad: pd.Series) -> str:
-    """' (first: 'x' at data row 3)' for an error message (rows counted from 1, header excluded)."""
-    pos = int(np.flatnonzero(bad.to_numpy())[0])
-    return f" (first: {values.iloc[pos]!r} at data row {pos + 1})"
+def _finite(series: pd.Series) -> pd.Series:
+    """True where a value is not +-inf (missing values are the nullable rule's business)."""
+    return pd.Series(~np.isinf(series.to_numpy(np.float64)), index=series.index)
 
 
-def _fail(source: str, column: str, n_bad: int, what: str, detail: str = "") -> None:
-    raise DataValidationError(f"{source}: column '{column}' has {n_bad} row(s) with {what}{detail}")
+class BarRows(pa.DataFrameModel):
+    """What every bar row must satisfy; a row breaking any rule is invalid.
+
+    Optional columns are checked only in files that have them.
+    """
+
+    symbol: Series[str] = pa.Field(nullable=False, str_length={"min_value": 1})
+    date: Series[pa.DateTime] = pa.Field(nullable=False)
+    open: Series[float] = pa.Field(gt=0, nullable=False)
+    high: Series[float] = pa.Field(gt=0, nullable=False)
+    low: Series[float] = pa.Field(gt=0, nullable=False)
+    close: Series[float] = pa.Field(gt=0, nullable=False)
+    volume: Series[float] = pa.Field(ge=0, nullable=False)
+    adj_close: Optional[Series[float]] = pa.Field(gt=0, nullable=False)  # noqa: UP045 (pandera)
+    adj_factor: Optional[Series[float]] = pa.Field(gt=0, nullable=False)  # noqa: UP045
+    amount: Optional[Series[float]] = pa.Field(ge=0, nullable=False)  # noqa: UP045
+
+    @pa.check(*NUMERIC_COLUMNS, name="finite")
+    def _no_infinity(cls, series: pd.Series) -> pd.Series:
+        return _finite(series)
+
+    class Config:
+        strict = False  # bookkeeping columns (source file and row) ride along
 
 
-def _to_float(values: pd.Series, source: str, column: str) -> pd.Series:
-    """float64 copy of a column; text that is not a number is an error naming the rows."""
+class BarKeys(pa.DataFrameModel):
+    """Rules across rows and files: one bar per (symbol, date), one spelling per ticker."""
+
+    symbol: Series[str]
+    date: Series[pa.DateTime]
+
+    @pa.check("symbol", name="case_clash")
+    def _one_spelling(cls, series: pd.Series) -> pd.Series:
+        spellings = series.groupby(series.str.casefold()).transform("nunique")
+        return spellings == 1
+
+    class Config:
+        strict = False
+        unique = ("symbol", "date")
+
+
+def failure_cases(model: type[pa.DataFrameModel], frame: pd.DataFrame) -> pd.DataFrame:
+    """Every (column, check, row index) `frame` fails under `model`, from one lazy validation.
+
+    Returns the columns `column, check, index` (index = the frame's index label of the row);
+    a uniqueness failure appears once per row under the first key column.
+    """
+    try:
+        model.validate(frame, lazy=True)
+    except SchemaErrors as err:
+        cases = err.failure_cases
+        whole = cases["index"].isna()  # a wrong dtype or a failing check function: our bug
+        if whole.any():
+            raise RuntimeError(f"{model.__name__} could not be checked:\n{err}") from None
+        cases = cases.copy()
+        unique = cases["check"] == "multiple_fields_uniqueness"
+        cases.loc[unique, "column"] = "symbol"
+        cases = cases.drop_duplicates(["column", "check", "index"])
+        return cases[["column", "check", "index"]].reset_index(drop=True)
+    return pd.DataFrame({"column": [], "check": [], "index": []})
+
+
+PROBLEM_NAMES = {
+    "not_nullable": "missing value",
+    "greater_than(0)": "non-positive value",
+    "greater_than_or_equal_to(0)": "negative value",
+    "finite": "infinite value",
+    "str_length(1, None)": "empty symbol",
+    "multiple_fields_uniqueness": "duplicate (symbol, date) key",
+    "case_clash": "ticker differs from another only in case",
+}
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+@dataclass
+class Parsed:
+    """A typed column and, where the text could not be parsed, the text itself."""
+
+    values: pd.Series
+    unparsed: pd.Series  # raw value at the rows that failed to parse (index = frame index)
+
+
+def parse_numbers(values: pd.Series) -> Parsed:
+    """float64 copy of a column; text that is not a number becomes NaN (kept in `unparsed`)."""
     if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
         numeric = pd.to_numeric(values, errors="coerce")
         bad = numeric.isna() & values.notna()
-        if bad.any():
-            _fail(source, column, int(bad.sum()), "non-numeric values", _first_bad(values, bad))
-        values = numeric
-    return values.astype("float64")
+        return Parsed(numeric.astype("float64"), values[bad])
+    return Parsed(values.astype("float64"), values.iloc[:0])
 
 
-def _check_numbers(frame: pd.DataFrame, source: str, labels: dict[str, str]) -> None:
-    """Prices finite and > 0; volume and amount finite and >= 0."""
-    for col in _NUMERIC:
-        if col not in frame:
-            continue
-        values = frame[col]
-        missing = ~np.isfinite(values.to_numpy())
-        if missing.any():
-            bad = pd.Series(missing)
-            _fail(source, labels[col], int(missing.sum()), "NaN/inf/missing values",
-                  _first_bad(values, bad))  # fmt: skip
-        if col in _POSITIVE:
-            bad = values <= 0
-            if bad.any():
-                _fail(source, labels[col], int(bad.sum()), "non-positive prices",
-                      _first_bad(values, bad))  # fmt: skip
-        elif (bad := values < 0).any():
-            _fail(source, labels[col], int(bad.sum()), "negative values", _first_bad(values, bad))
+COMPACT_DATE = "%Y%m%d"
 
 
-def _parse_dates(values: pd.Series, source: str, column: str) -> pd.Series:
-    """Dates as datetime64[ns] at midnight; accepts ISO text, 20200102 and datetimes."""
+def parse_dates(values: pd.Series, date_format: str | None = None) -> Parsed:
+    """Dates as datetime64[ns] at midnight; unparseable ones become NaT (kept in `unparsed`).
+
+    Accepted without configuration: datetimes, ISO text, 20190102 (integers or text) and
+    slashed dates, whose order (month/day/year or day/month/year) is inferred once per column
+    from its first value, as pandas does, and then applied to every row, so a file never mixes
+    the two readings. `date_format` (strptime codes, data.date_format) overrides the inference.
+    """
+    present = values.notna()
     if pd.api.types.is_datetime64_any_dtype(values):
         parsed = values
+        if getattr(parsed.dt, "tz", None) is not None:
+            parsed = parsed.dt.tz_localize(None)
     else:
         text = values.astype("string").str.strip()
-        compact = text.dropna().str.fullmatch(r"\d{8}").all() and text.notna().any()
-        try:
-            with warnings.catch_warnings():  # "could not infer format": the retry handles it
-                warnings.simplefilter("ignore", UserWarning)
-                parsed = pd.to_datetime(text, errors="coerce", format="%Y%m%d" if compact else None)
+        text = text.mask(text.isin(NA_STRINGS))  # a blank or "NA" date is missing, not bad text
+        present = text.notna()
+        given = text.dropna()
+        if date_format is None and len(given) and given.str.fullmatch(r"\d{8}").all():
+            date_format = COMPACT_DATE
+        with warnings.catch_warnings():  # "could not infer format": every row is still parsed
+            warnings.simplefilter("ignore", UserWarning)
+            parsed = pd.to_datetime(text, errors="coerce", format=date_format)
             retry = parsed.isna() & text.notna()
-            if retry.any() and not compact:
-                parsed[retry] = pd.to_datetime(text[retry], errors="coerce", format="mixed")
-        except (ValueError, TypeError) as err:
-            raise DataValidationError(f"{source}: column '{column}': {err}") from err
-    bad = parsed.isna()
-    if bad.any():
-        _fail(source, column, int(bad.sum()), "missing or unparseable dates",
-              _first_bad(values, bad))  # fmt: skip
-    if getattr(parsed.dt, "tz", None) is not None:
-        parsed = parsed.dt.tz_localize(None)
-    return parsed.dt.normalize().astype("datetime64[ns]")
+            if retry.any() and date_format is None:  # e.g. a time of day on some rows
+                parsed[retry] = pd.to_datetime(text[retry], errors="coerce", format="ISO8601")
+        if getattr(parsed.dt, "tz", None) is not None:
+            parsed = parsed.dt.tz_convert(None)
+    parsed = parsed.dt.normalize().astype("datetime64[ns]")
+    bad = parsed.isna() & present
+    return Parsed(parsed, values[bad])
 
 
-def _parse_symbols(values: pd.Series, source: str, column: str) -> pd.Series:
-    """Symbols as stripped strings; an empty symbol is an error."""
-    text = values.astype("string").str.strip()
-    bad = text.isna() | (text == "")
-    if bad.any():
-        _fail(source, column, int(bad.sum()), "missing symbols", _first_bad(values, bad))
-    return text.astype(str)
+def parse_symbols(values: pd.Series) -> pd.Series:
+    """Symbols as stripped strings ("" where missing, which the schema reports)."""
+    return values.astype("string").str.strip().fillna("").astype(str)
 
 
-def _check_unique(frame: pd.DataFrame, keys: list[str], source: str) -> None:
-    """Duplicate (symbol, date) rows are an error: which one to keep is the user's call."""
-    dup = frame.duplicated(keys, keep=False)
-    if dup.any():
-        first = frame.loc[dup, keys].iloc[0].tolist()
-        raise DataValidationError(
-            f"{source}: {int(dup.sum())} rows share a duplicate ({', '.join(keys)}) key "
-            f"(first: {first[0]!r}, {first[1]:%Y-%m-%d})"
-        )
+# --------------------------------------------------------------------------- soft checks
 
 
-def _adjust(frame: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Apply adj_factor (or adj_close / close) to OHLC and its inverse to volume."""
-    if "adj_factor" in frame:
-        if "adj_close" in frame:
-            logger.info("%s: both adj_factor and adj_close present; using adj_factor", source)
-        factor = frame["adj_factor"]
-    elif "adj_close" in frame:
+def inconsistent_ohlc(frame: pd.DataFrame) -> np.ndarray:
+    """Rows whose high is below max(open, close) or low above min(open, close).
+
+    Real vendors ship a few of these; they are reported as warnings and kept, not dropped.
+    """
+    tol = 1e-9 * frame["close"].to_numpy()
+    top = frame[["open", "close"]].max(axis=1).to_numpy()
+    bottom = frame[["open", "close"]].min(axis=1).to_numpy()
+    return (frame["high"].to_numpy() < top - tol) | (frame["low"].to_numpy() > bottom + tol)
+
+
+def adjust_prices(frame: pd.DataFrame) -> pd.DataFrame:
+    """Apply adj_factor (or adj_close / close) to OHLC and its inverse to volume (Qlib's way).
+
+    Rows without either column (NaN there) stay as they are.
+    """
+    factor = pd.Series(np.nan, index=frame.index)
+    if "adj_close" in frame:
         factor = frame["adj_close"] / frame["close"]
-    else:
-        return frame
+    if "adj_factor" in frame:
+        factor = frame["adj_factor"].fillna(factor)
+    factor = factor.fillna(1.0)
     for col in PRICE_COLUMNS:
         frame[col] = frame[col] * factor
     frame["volume"] = frame["volume"] / factor
     return frame.drop(columns=[c for c in ("adj_factor", "adj_close") if c in frame])
-
-
-def _warn_inconsistent_ohlc(frame: pd.DataFrame, source: str) -> None:
-    """Real vendors ship a few high < close or low > open rows; count them, do not drop them."""
-    tol = 1e-9 * frame["close"]
-    top = frame[["open", "close"]].max(axis=1)
-    bottom = frame[["open", "close"]].min(axis=1)
-    bad = int(((frame["high"] < top - tol) | (frame["low"] > bottom + tol)).sum())
-    if bad:
-        logger.warning("%s: %d row(s) have high/low outside open/close (kept as is)", source, bad)

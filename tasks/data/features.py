@@ -2,9 +2,14 @@
 
 `build_feature_table` turns canonical bars into one table sorted by (symbol, date) holding the
 normalised factors, the class label, the continuous forward return and the split code of every
-row. Rows without a known forward return (each symbol's last `horizon + 1` bars) keep label -1:
-they are history for the windows and what the scoring flow scores. Statistics are fitted on the
-train split only and stored with the table, so every later stage applies the same ones.
+row. Rows without a known forward return (each symbol's last `horizon + 1` bars, and bars whose
+entry or exit day the symbol has no bar on) keep label -1: they are history for the windows and
+what the scoring flow scores. Statistics are fitted on the train split only and stored with the
+table, so every later stage applies the same ones. The table also records the market's trading
+calendar, on which labels are computed and model windows are laid out (tasks/dataset/shards.py).
+
+Factors are computed over each symbol's own bars, as Alpha158's expressions are on a feed
+without suspensions: a 20-bar factor right after a halt spans more than 20 trading days.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from alphaloom.tasks.data.alpha158 import compute_alpha158, validate_bars
 from alphaloom.tasks.data.factor_names import ALPHA158_NAMES, select_factors
 from alphaloom.tasks.data.labels import compute_labels
 from alphaloom.tasks.data.splits import SPLIT_CODES, assign_splits
+from alphaloom.tasks.data.trading_calendar import trading_calendar
 from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
 
 __all__ = [
@@ -50,18 +56,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FEATURES_FILE = "features.parquet"
 META_FILE = "features.json"
 MAD_TO_STD = 1.4826  # makes the MAD a consistent estimator of a normal std
-
-
-# ----------------------------------------------------------------------------------------------
-# Labels
-
-
-# ----------------------------------------------------------------------------------------------
-# Splits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +137,7 @@ class FeatureTable:
     feature_names: list[str]
     stats: dict[str, Any]
     split_dates: dict[str, list[str]]
+    calendar: list[str] | None = None  # the trading days (ISO), None: the frame's dates
 
 
 RawFactors = Callable[[pd.DataFrame, list[str]], pd.DataFrame]
@@ -159,10 +158,11 @@ def build_feature_table(
     split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
     raw = raw_factors(bars, names)
     stats = fit_normalizer(raw, names, split == SPLIT_CODES["train"], clip=cfg.clip)
-    labels = compute_labels(bars, cfg.label)
+    calendar = trading_calendar(bars["date"])
+    labels = compute_labels(bars, cfg.label, calendar)
     targets = labels[["label", "fwd_return"]].assign(split=split)
     frame = pd.concat([apply_normalizer(raw, names, stats), targets], axis=1)
-    return FeatureTable(frame, names, stats, split_dates)
+    return FeatureTable(frame, names, stats, split_dates, [str(d) for d in calendar])
 
 
 def save_feature_table(table: FeatureTable, out_dir: Location) -> Location:
@@ -177,6 +177,7 @@ def save_feature_table(table: FeatureTable, out_dir: Location) -> Location:
         "feature_names": table.feature_names,
         "stats": table.stats,
         "split_dates": table.split_dates,
+        "calendar": table.calendar,
         "n_rows": len(table.frame),
     }
     with atomic_dir(out_dir) as tmp:
@@ -225,7 +226,7 @@ def load_feature_table(out_dir: Location, symbols: list[str] | None = None) -> F
     frame = frame.astype(
         {**dict.fromkeys(names, np.float32), "label": np.int8, "fwd_return": np.float32}
     ).astype({"split": np.int8})
-    return FeatureTable(frame, names, meta["stats"], meta["split_dates"])
+    return FeatureTable(frame, names, meta["stats"], meta["split_dates"], meta.get("calendar"))
 
 
 # ----------------------------------------------------------------------------------------------

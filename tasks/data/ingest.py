@@ -1,8 +1,10 @@
 """Market data in: the synthetic market or the user's own CSV/parquet bars, validated and canonical.
 
 Why: every later stage trusts the canonical bars table, so all the mess of real files (column
-spellings, per-symbol files, adjusted prices, bad rows) is handled and rejected here, with an
-error that names the file, the column and how many rows, before anything is written.
+spellings, per-symbol files, encodings, adjusted prices, bad rows) is handled here, in one
+validation pass (tasks/data/bar_validation.py) whose report lists every problem of every file;
+`data.on_invalid` (tasks/data/policy.py) then quarantines the invalid rows or stops the run.
+A rejected input writes nothing but its report, next to where the market would have been.
 
 Canonical bars: `symbol` (str), `date` (datetime64[ns], midnight), `open, high, low, close,
 volume` (float64) and optional `amount` (float64); sorted by (symbol, date), RangeIndex, unique
@@ -19,65 +21,54 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from alphaloom.tasks.common.config import DataSection, PipelineConfig
 from alphaloom.tasks.common.hashing import combine, hash_frame, hash_json, sha256_file
-from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir, local_copy
+from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir, atomic_file, local_copy
 from alphaloom.tasks.data import synthetic
-from alphaloom.tasks.data.checks import (
-    DataValidationError,
+from alphaloom.tasks.data.bar_validation import validate_bar_files
+from alphaloom.tasks.data.checks import DataValidationError
+from alphaloom.tasks.data.instruments import canonical, is_dated, read_instruments, static_fields
+from alphaloom.tasks.data.policy import drop_short_histories, enforce_policy, handle_splits
+from alphaloom.tasks.data.readers import bar_files, companion, read_oracle
+from alphaloom.tasks.data.validation import (
+    QUARANTINE_FILE,
+    REPORT_FILE,
+    ValidationReport,
+    log_report,
+    publish_report,
 )
-from alphaloom.tasks.data.readers import (
-    _companion,
-    bar_files,
-    drop_short_histories,
-    read_bars,
-    read_instruments,
-    read_oracle,
-)
-from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
+from alphaloom.tasks.orchestration.caching import StageRef, run_logger, stage_key, stage_task
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
 class MarketData:
-    """Canonical bars, instruments (one row per bar symbol) and, for synthetic data, the oracle."""
+    """Canonical bars, instruments and, for synthetic data, the oracle; and how the input was."""
 
     bars: pd.DataFrame
-    instruments: pd.DataFrame
+    instruments: pd.DataFrame  # canonical (tasks/data/instruments.py), possibly dated
     oracle: pd.DataFrame | None
     source_hash: str
-
-
-# --------------------------------------------------------------------------- files and columns
-
-
-# --------------------------------------------------------------------------- value checks
-
-
-# --------------------------------------------------------------------------- bars
-
-
-# --------------------------------------------------------------------------- instruments, oracle
-
-
-# --------------------------------------------------------------------------- market
+    report: ValidationReport = field(default_factory=ValidationReport)
+    quarantine: pd.DataFrame | None = None  # invalid rows removed under on_invalid: drop
+    splits: pd.DataFrame | None = None  # split-like moves found in unadjusted prices
 
 
 def _input_files(data: DataSection) -> tuple[list[FsPath], FsPath | None, FsPath | None]:
     """(bar files, instruments file, oracle file) a files-source config reads."""
     assert data.bars_path is not None  # guaranteed by DataSection's validator
-    instruments = data.instruments_path or _companion(
+    instruments = data.instruments_path or companion(
         data.bars_path, ("instruments.csv", "instruments.parquet")
     )
-    oracle = data.oracle_path or _companion(data.bars_path, ("oracle.parquet",))
+    oracle = data.oracle_path or companion(data.bars_path, ("oracle.parquet",))
     return (
         bar_files(data.bars_path),
         FsPath.of(instruments) if instruments else None,
@@ -108,34 +99,65 @@ def _content_hash(bars: pd.DataFrame, instruments: pd.DataFrame, oracle: pd.Data
     return combine(hash_frame(bars), hash_frame(instruments), oracle_hash)
 
 
+def _read_files(data: DataSection) -> MarketData:
+    """Validate the user's files in one pass and apply the `data.on_invalid` policy."""
+    _, inst_path, oracle_path = _input_files(data)
+    checked = validate_bar_files(data.bars_path, data.column_map, data.date_format, data.encoding)
+    report = checked.report
+    symbols = checked.bars["symbol"].unique()
+    instruments, inst_report = read_instruments(inst_path, symbols, data.encoding)
+    report.add(inst_report.problems)
+    bars, splits = handle_splits(checked.bars, checked.unadjusted, data, report)
+    enforce_policy(report, data, str(inst_path))
+    oracle = read_oracle(oracle_path) if oracle_path else None
+    return MarketData(bars, instruments, oracle, "", report, checked.quarantine, splits)
+
+
 def load_market(data: DataSection, min_history: int) -> MarketData:
     """Generate the synthetic market or read the user's files, validated and canonical.
 
-    Symbols with fewer than `min_history` (= window + horizon) rows are dropped with a log line.
+    Symbols with fewer than `min_history` (= window + horizon) rows are dropped (a note in the
+    report). Raises DataValidationError, with the report attached, when the policy says stop.
     """
     if min_history < 1:
         raise ValueError(f"min_history must be >= 1, got {min_history}")
     if data.source == "synthetic":
-        market = synthetic.generate_market(data.synthetic)
-        bars, instruments, oracle = market.bars, market.instruments, market.oracle
-        source = "synthetic market"
+        generated = synthetic.generate_market(data.synthetic)
+        report = ValidationReport(rows_read=len(generated.bars))
+        market = MarketData(
+            generated.bars, canonical(generated.instruments), generated.oracle, "", report
+        )
     else:
-        _, inst_path, oracle_path = _input_files(data)
-        bars = read_bars(data.bars_path, data.column_map)
-        instruments = read_instruments(inst_path, bars["symbol"].unique())
-        oracle = read_oracle(oracle_path) if oracle_path else None
-        source = str(data.bars_path)
-    bars = drop_short_histories(bars, min_history, source)
+        market = _read_files(data)
+    bars = drop_short_histories(market.bars, min_history, market.report)
     symbols = bars["symbol"].unique()
-    instruments = instruments[instruments["symbol"].isin(symbols)].reset_index(drop=True)
-    if oracle is not None:
-        oracle = oracle[oracle["symbol"].isin(symbols)].reset_index(drop=True)
-    return MarketData(bars, instruments, oracle, _content_hash(bars, instruments, oracle))
+    market.bars = bars
+    market.instruments = market.instruments[market.instruments["symbol"].isin(symbols)]
+    market.instruments = market.instruments.reset_index(drop=True)
+    if market.oracle is not None:
+        oracle = market.oracle
+        market.oracle = oracle[oracle["symbol"].isin(symbols)].reset_index(drop=True)
+    market.source_hash = _content_hash(market.bars, market.instruments, market.oracle)
+    return market
 
 
-def save_market(market: MarketData, out_dir: Location) -> Location:
-    """Write bars/instruments/oracle parquet and meta.json (with checksums) atomically; return
-    `out_dir`.
+def market_facts(market: MarketData, data: DataSection) -> dict:
+    """What the run summary and the MLflow run say about the input (kept in meta.json)."""
+    return {
+        "source": data.source,
+        "on_invalid": data.on_invalid,
+        "validation": market.report.counts(),
+        "quarantined_rows": 0 if market.quarantine is None else len(market.quarantine),
+        "suspected_splits": 0 if market.splits is None else len(market.splits),
+        "splits_adjusted": bool(data.detect_splits and market.splits is not None),
+        "instruments_point_in_time": is_dated(market.instruments),
+        "static_fields": static_fields(market.instruments),
+    }
+
+
+def save_market(market: MarketData, out_dir: Location, facts: dict | None = None) -> Location:
+    """Write bars/instruments/oracle parquet, the quarantined rows, the validation report and
+    meta.json (with checksums and `facts`) atomically; return `out_dir`.
 
     `out_dir` is meant to be content-addressed (named by `source_hash`): if it already holds the
     same market intact it is kept (a broken one is replaced, see `atomic_dir`); if it holds a
@@ -148,13 +170,20 @@ def save_market(market: MarketData, out_dir: Location) -> Location:
             f"{out}: already exists and holds a different market; "
             "choose a directory named by the market's source_hash"
         )
-    tables = {"bars": market.bars, "instruments": market.instruments, "oracle": market.oracle}
+    tables = {
+        "bars.parquet": market.bars,
+        "instruments.parquet": market.instruments,
+        "oracle.parquet": market.oracle,
+        QUARANTINE_FILE: market.quarantine,
+    }
     with atomic_dir(out) as tmp:
         checksums = {}
         for name, frame in tables.items():
             if frame is not None:
-                frame.to_parquet(tmp / f"{name}.parquet", index=False)
-                checksums[f"{name}.parquet"] = sha256_file(tmp / f"{name}.parquet")
+                frame.to_parquet(tmp / name, index=False)
+                checksums[name] = sha256_file(tmp / name)
+        market.report.frame().to_csv(tmp / REPORT_FILE, index=False)
+        checksums[REPORT_FILE] = sha256_file(tmp / REPORT_FILE)
         meta = {
             "schema_version": SCHEMA_VERSION,
             "source_hash": market.source_hash,
@@ -163,6 +192,7 @@ def save_market(market: MarketData, out_dir: Location) -> Location:
             "first_date": f"{market.bars['date'].min():%Y-%m-%d}",
             "last_date": f"{market.bars['date'].max():%Y-%m-%d}",
             "has_oracle": market.oracle is not None,
+            "facts": facts or {},
             "files": checksums,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -206,12 +236,22 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
         if not path.is_file() or sha256_file(path) != digest:
             raise DataValidationError(f"{path}: missing or checksum mismatch (corrupt market)")
     oracle = pd.read_parquet(out / "oracle.parquet") if meta["has_oracle"] else None
+    quarantine = out / QUARANTINE_FILE
+    counts = meta.get("facts", {}).get("validation", {})
+    report = pd.read_csv(out / REPORT_FILE, dtype=str, keep_default_na=False)
     return MarketData(
         bars=pd.read_parquet(out / "bars.parquet"),
         instruments=pd.read_parquet(out / "instruments.parquet"),
         oracle=oracle,
         source_hash=meta["source_hash"],
+        report=ValidationReport.from_frame(report, counts),
+        quarantine=pd.read_parquet(quarantine) if quarantine.is_file() else None,
     )
+
+
+def saved_facts(market: StageRef) -> dict:
+    """The `facts` a saved market's meta.json records (see `market_facts`)."""
+    return dict(_read_meta(market.location).get("facts", {}))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -244,10 +284,34 @@ def ingest_location(cfg: PipelineConfig) -> StageRef:
     return StageRef.at(cfg.work_dir, "market", key)
 
 
+def rejected_report_path(cfg: PipelineConfig, ref: StageRef) -> FsPath:
+    """Where the report of a rejected input goes: next to the market it would have been."""
+    return FsPath.of(cfg.work_dir) / ref.stage / f"{ref.key}.{REPORT_FILE}"
+
+
 def run_ingest_stage(cfg: PipelineConfig) -> StageRef:
-    """Load, validate and save the market under `<work_dir>/market/<key>`."""
+    """Load, validate and save the market under `<work_dir>/market/<key>`.
+
+    The validation report is logged, published as a Prefect table artifact and saved with the
+    market; when the input is rejected it is written next to where the market would be (nothing
+    else is), and the error names that file.
+    """
     ref = ingest_location(cfg)
-    save_market(load_market(cfg.data, min_history_for(cfg)), ref.path)
+    log = run_logger()
+    try:
+        market = load_market(cfg.data, min_history_for(cfg))
+    except DataValidationError as err:
+        if isinstance(err.report, ValidationReport):
+            path = rejected_report_path(cfg, ref)
+            with atomic_file(path) as tmp:
+                err.report.frame().to_csv(tmp, index=False)
+            log_report(err.report, log)
+            publish_report(err.report)
+            raise DataValidationError(f"{err}\n(report: {path})", err.report) from None
+        raise
+    log_report(market.report, log)
+    publish_report(market.report)
+    save_market(market, ref.path, market_facts(market, cfg.data))
     return ref
 
 

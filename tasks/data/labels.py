@@ -1,33 +1,46 @@
-"""Labels: the forward return over the label horizon and its 4 ordered classes (3 = best)."""
+"""Labels: the forward return over the label horizon and its 4 ordered classes (3 = best).
+
+Calendar-true: the return of day t is close[t+1+h] / close[t+1] - 1 where t+1 and t+1+h are
+positions on the market's trading calendar (tasks/data/trading_calendar.py), not the symbol's
+next rows.
+When the symbol has no bar on the entry or the exit day (a halt, a gap, a delisting), the return
+is unknown (NaN, label -1) instead of stretched over the gap; missing bars strictly between entry
+and exit do not matter (the position was held through them). So no label reads a price later
+than calendar day t+1+h, which is what the purge gap between splits relies on.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from alphaloom.tasks.common.config import (
-    LabelSection,
-)
+from alphaloom.tasks.common.config import LabelSection
 from alphaloom.tasks.data.alpha158 import validate_bars
-from alphaloom.tasks.data.rolling import symbol_layout
+from alphaloom.tasks.data.trading_calendar import calendar_positions, trading_calendar
 
 UNLABELLED = -1
 
 
-def forward_return(bars: pd.DataFrame, horizon: int) -> np.ndarray:
-    """close[t+1+h] / close[t+1] - 1 within each symbol's rows (NaN where unknown), bars' order."""
-    layout = symbol_layout(bars["symbol"], bars["date"], pad=1)
-    close = bars["close"].to_numpy(np.float64)[layout.order]
-    n = len(close)
-    i = np.arange(n)
-    entry, exit_ = i + 1, i + 1 + horizon
-    known = exit_ < n
-    known[known] = layout.col[exit_[known]] == layout.col[i[known]]
-    sorted_ret = np.full(n, np.nan)
-    sorted_ret[known] = close[exit_[known]] / close[entry[known]] - 1.0
-    out = np.empty(n)
-    out[layout.order] = sorted_ret
-    return out
+def forward_return(
+    bars: pd.DataFrame, horizon: int, calendar: np.ndarray | None = None
+) -> np.ndarray:
+    """close[t+1+h] / close[t+1] - 1 on the trading calendar (NaN where a bar is missing or the
+    calendar ends), in bars' order. `calendar` defaults to the union of bars' dates."""
+    cal = trading_calendar(bars["date"]) if calendar is None else calendar
+    position = calendar_positions(bars["date"], cal)
+    codes = pd.factorize(bars["symbol"])[0].astype(np.int64)
+    stride = len(cal) + horizon + 2  # wider than any position: keys of symbols never overlap
+    key = codes * stride + position
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    close = bars["close"].to_numpy(np.float64)
+
+    def close_at(target: np.ndarray) -> np.ndarray:
+        at = np.clip(np.searchsorted(sorted_key, target), 0, len(key) - 1)
+        return np.where(sorted_key[at] == target, close[order[at]], np.nan)
+
+    entry, exit_ = close_at(key + 1), close_at(key + 1 + horizon)
+    return exit_ / entry - 1.0
 
 
 def _quantile_classes(fwd: np.ndarray, dates: pd.Series, edges: tuple[float, ...]) -> np.ndarray:
@@ -41,7 +54,9 @@ def _quantile_classes(fwd: np.ndarray, dates: pd.Series, edges: tuple[float, ...
     return np.searchsorted(np.asarray(edges), pct, side="right")
 
 
-def compute_labels(bars: pd.DataFrame, label: LabelSection) -> pd.DataFrame:
+def compute_labels(
+    bars: pd.DataFrame, label: LabelSection, calendar: np.ndarray | None = None
+) -> pd.DataFrame:
     """`symbol, date, fwd_return` (float32) and `label` (int8, 0..3, -1 where unknown).
 
     Quantile mode buckets each day's cross-section at `quantile_edges` (default 0.3/0.6/0.9, so
@@ -49,13 +64,13 @@ def compute_labels(bars: pd.DataFrame, label: LabelSection) -> pd.DataFrame:
     Rows come back in the order of `bars`.
     """
     validate_bars(bars)
-    fwd = forward_return(bars, label.horizon)
+    fwd = forward_return(bars, label.horizon, calendar)
     known = ~np.isnan(fwd)
     if label.mode == "quantile":
         classes = _quantile_classes(fwd, bars["date"], label.quantile_edges)
     else:
         classes = np.searchsorted(np.asarray(label.thresholds), fwd, side="left")
-    out = pd.DataFrame(
+    return pd.DataFrame(
         {
             "symbol": bars["symbol"],
             "date": bars["date"].astype("datetime64[ns]"),
@@ -64,4 +79,3 @@ def compute_labels(bars: pd.DataFrame, label: LabelSection) -> pd.DataFrame:
         },
         index=bars.index,
     )
-    return out

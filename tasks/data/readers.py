@@ -1,36 +1,36 @@
-"""Reading bar, instrument and oracle files: discovery, column spellings, checked tables."""
+"""Reading input files: discovery, encodings, column spellings, raw tables with canonical names.
+
+Readers never stop at the first bad file: a file that cannot be used comes back as a `Problem`
+for the validation report, so one run lists every file's trouble. Only an IO error that may pass
+(a dropped connection) is raised, so the stage's retry can take it.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 from alphaloom.tasks.common.storage import FsPath, Location
 from alphaloom.tasks.data.checks import (
-    _NA_STRINGS,
-    _NUMERIC,
-    PRICE_COLUMNS,
+    NA_STRINGS,
     DataValidationError,
-    _adjust,
-    _check_numbers,
-    _check_unique,
-    _parse_dates,
-    _parse_symbols,
-    _to_float,
-    _warn_inconsistent_ohlc,
+    parse_dates,
+    parse_numbers,
+    parse_symbols,
 )
+from alphaloom.tasks.data.validation import Problem
+from alphaloom.tasks.orchestration.retries import is_transient
 
 logger = logging.getLogger(__name__)
 
 
 BAR_COLUMNS = ("symbol", "date", "open", "high", "low", "close", "volume")
-
-
-INSTRUMENT_COLUMNS = ("symbol", "industry", "index", "description")
 
 
 ORACLE_COLUMNS = ("symbol", "date", "expected_return")
@@ -52,14 +52,6 @@ BAR_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-INSTRUMENT_ALIASES: dict[str, tuple[str, ...]] = {
-    "symbol": BAR_ALIASES["symbol"],
-    "industry": ("industry", "sector", "industry_name", "gics_sector"),
-    "index": ("index", "index_name", "indices", "index_code", "benchmark"),
-    "description": ("description", "desc", "business_summary", "long_business_summary", "summary"),
-}
-
-
 ORACLE_ALIASES: dict[str, tuple[str, ...]] = {
     "symbol": ("symbol",),
     "date": ("date",),
@@ -67,19 +59,19 @@ ORACLE_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-_REQUIRED = ("date", *PRICE_COLUMNS, "volume")
+REQUIRED_BAR_COLUMNS = ("date", "open", "high", "low", "close", "volume")
 
 
-_SUFFIXES = (".csv.gz", ".csv", ".parquet", ".pq")
+SUFFIXES = (".csv.gz", ".csv", ".parquet", ".pq")
 
 
 _NOT_BARS = {"instruments", "oracle", "meta", "synthetic"}
 
 
-def _strip_suffix(name: str) -> tuple[str, str]:
+def strip_suffix(name: str) -> tuple[str, str]:
     """('AAPL', '.csv') for 'AAPL.csv'; ('', '') when the suffix is not a supported one."""
     lower = name.lower()
-    for suffix in _SUFFIXES:
+    for suffix in SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)], suffix
     return "", ""
@@ -91,35 +83,56 @@ def _is_market_dir(path: FsPath) -> bool:
     return marker and (path / "bars.parquet").is_file()
 
 
-def bar_files(path: Location) -> list[FsPath]:
-    """The bar files `read_bars` reads for `path`: the file itself or a directory's data files.
+@dataclass
+class Discovery:
+    """The bar files of a path, and the entries next to them that were not read (as notes)."""
 
-    In a directory, files named instruments.* / oracle.* and hidden files are not bars. `path`
+    files: list[FsPath]
+    skipped: list[Problem] = field(default_factory=list)
+
+
+def discover_bar_files(path: Location) -> Discovery:
+    """The bar files `path` holds: the file itself or a directory's data files.
+
+    In a directory, files named instruments.* / oracle.* and hidden files are not bars; any
+    other file of an unsupported type (README.txt, a spreadsheet) is skipped with a note. `path`
     may be an fsspec URL (s3://, memory://, file://).
     """
     path = FsPath.of(path)
     if not path.exists():
         raise DataValidationError(f"{path}: no such file or directory")
     if path.is_file():
-        if not _strip_suffix(path.name)[1]:
+        if not strip_suffix(path.name)[1]:
             raise DataValidationError(
-                f"{path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}"
+                f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}"
             )
-        return [path]
+        return Discovery([path])
     if _is_market_dir(path):
-        return [path / "bars.parquet"]
-    files = []
-    for entry in path.iterdir():
-        stem, suffix = _strip_suffix(entry.name)
-        hidden = entry.name.startswith((".", "_"))
-        if suffix and not hidden and stem.lower() not in _NOT_BARS and entry.is_file():
-            files.append(entry)
-    if not files:
+        return Discovery([path / "bars.parquet"])
+    found = Discovery([])
+    for entry in sorted(path.iterdir(), key=lambda e: e.name):
+        stem, suffix = strip_suffix(entry.name)
+        if entry.name.startswith((".", "_")) or stem.lower() in _NOT_BARS:
+            continue
+        if suffix and entry.is_file():
+            found.files.append(entry)
+        elif entry.is_file():
+            found.skipped.append(
+                Problem(
+                    "note", str(entry), "", f"not a data file ({', '.join(SUFFIXES)}); ignored", 0
+                )
+            )
+    if not found.files:
         raise DataValidationError(f"{path}: empty input, no CSV or parquet bar files in it")
-    return files
+    return found
 
 
-def _companion(bars_path: Location, stems: Iterable[str]) -> FsPath | None:
+def bar_files(path: Location) -> list[FsPath]:
+    """The bar files `read_bars` reads for `path` (see `discover_bar_files`)."""
+    return discover_bar_files(path).files
+
+
+def companion(bars_path: Location, stems: Iterable[str]) -> FsPath | None:
     """instruments.* / oracle.* next to the bars when `bars_path` is a directory."""
     path = FsPath.of(bars_path)
     if not path.is_dir():
@@ -130,7 +143,7 @@ def _companion(bars_path: Location, stems: Iterable[str]) -> FsPath | None:
     return None
 
 
-def _normalise(name: str) -> str:
+def normalise(name: str) -> str:
     """'Adj Close' -> 'adj_close', so spellings compare case- and punctuation-insensitively."""
     return re.sub(r"[^0-9a-z]+", "_", str(name).strip().lstrip("\ufeff").lower()).strip("_")
 
@@ -140,7 +153,7 @@ def _user_map(column_map: dict[str, str] | None, canonical: Iterable[str]) -> di
     canonical = set(canonical)
     out: dict[str, str] = {}
     for key, value in (column_map or {}).items():
-        k, v = _normalise(key), _normalise(value)
+        k, v = normalise(key), normalise(value)
         if v in canonical:
             out[k] = v
         elif k in canonical:
@@ -153,13 +166,13 @@ def _user_map(column_map: dict[str, str] | None, canonical: Iterable[str]) -> di
     return out
 
 
-def _resolve_columns(
+def resolve_columns(
     columns: Iterable[str], aliases: dict[str, tuple[str, ...]], column_map: dict[str, str] | None
 ) -> dict[str, str]:
     """{file column: canonical name}: user mappings first, then the first matching spelling."""
     by_norm: dict[str, str] = {}
     for col in columns:
-        by_norm.setdefault(_normalise(col), col)
+        by_norm.setdefault(normalise(col), col)
     mapping: dict[str, str] = {}
     for norm, canon in _user_map(column_map, aliases).items():
         if norm in by_norm and canon not in mapping.values():
@@ -175,164 +188,168 @@ def _resolve_columns(
     return mapping
 
 
-def _is_parquet(path: FsPath) -> bool:
-    return _strip_suffix(path.name)[1] in (".parquet", ".pq")
+def is_parquet(path: FsPath) -> bool:
+    return strip_suffix(path.name)[1] in (".parquet", ".pq")
 
 
-def _file_columns(path: FsPath) -> list[str]:
-    """Column names of a CSV header or a parquet schema, without reading the data."""
+class FileProblem(Exception):
+    """A file cannot be used at all; carries the report line (caught by the validation pass)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.line())
+        self.problem = problem
+
+
+def _unreadable(path: FsPath, err: Exception) -> FileProblem | DataValidationError:
+    """A transient IO error is raised for the retry; anything else is a problem of the file."""
+    if is_transient(err):
+        return DataValidationError(f"{path}: cannot be read: {err}")
+    return FileProblem(Problem("error", str(path), "", f"cannot be read as CSV/parquet: {err}", 0))
+
+
+@dataclass
+class TextFile:
+    """A CSV file's bytes and the encoding they decode with."""
+
+    data: bytes
+    encoding: str
+    note: Problem | None = None  # set when the encoding is not UTF-8
+
+
+# Encodings data vendors ship besides UTF-8; detection picks among these only, so a short file
+# with one accented letter is not read as some rare code page.
+VENDOR_ENCODINGS = (
+    "utf_16", "utf_32", "cp1252", "cp1250", "cp1251", "latin_1", "gb18030", "big5",
+    "shift_jis", "cp932", "euc_kr", "euc_jp", "koi8_r",
+)  # fmt: skip
+
+
+def decode_csv(path: FsPath, encoding: str | None = None) -> TextFile:
+    """The file's bytes and its encoding: `encoding` (data.encoding) when given; else UTF-8 (a
+    BOM allowed), else what charset-normalizer detects among VENDOR_ENCODINGS, reported as a
+    note so a wrong guess can be overridden."""
+    data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        import gzip
+
+        data = gzip.decompress(data)
+    if encoding is not None:
+        return TextFile(data, encoding)
     try:
-        if _is_parquet(path):
+        data.decode("utf-8")
+        return TextFile(data, "utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data, cp_isolation=list(VENDOR_ENCODINGS)).best()
+    if best is None:
+        raise FileProblem(Problem("error", str(path), "", "not text in any known encoding", 0))
+    note = Problem(
+        "note", str(path), "", f"not UTF-8; read as {best.encoding} (set data.encoding if wrong)", 0
+    )
+    return TextFile(data, best.encoding, note)
+
+
+@dataclass
+class RawTable:
+    """One file's rows under canonical column names, before any value is parsed."""
+
+    path: FsPath
+    frame: pd.DataFrame
+    labels: dict[str, str]  # canonical name -> the file's spelling
+    notes: list[Problem] = field(default_factory=list)
+
+
+def _read_csv(text: TextFile, **kwargs) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(text.data), encoding=text.encoding, **kwargs)
+
+
+def read_table(
+    path: FsPath,
+    aliases: dict[str, tuple[str, ...]],
+    column_map: dict[str, str] | None,
+    text_columns: tuple[str, ...],
+    encoding: str | None = None,
+) -> tuple[RawTable, list[str]]:
+    """The file's mapped columns under canonical names (text columns as strings, numbers as
+    read, NA spellings as missing), and all of its column names. Raises FileProblem."""
+    notes: list[Problem] = []
+    try:
+        if is_parquet(path):
             with path.open() as handle:
-                names = pq.read_schema(handle).names
-            return [c for c in names if not c.startswith("__index_level_")]
-        return [str(c) for c in pd.read_csv(str(path), nrows=0).columns]
-    except pd.errors.EmptyDataError:
-        raise DataValidationError(f"{path}: empty input (the file has no header or rows)") from None
-    except Exception as err:
-        raise DataValidationError(f"{path}: cannot be read as CSV/parquet: {err}") from err
-
-
-def _read_table(path: FsPath, mapping: dict[str, str], text: tuple[str, ...]) -> pd.DataFrame:
-    """Read only the mapped columns, renamed to canonical names; `text` columns stay strings.
-
-    pandas reads URLs through fsspec itself.
-    """
-    try:
-        if _is_parquet(path):
+                names = [c for c in pq.read_schema(handle).names if not c.startswith("__index")]
+            mapping = resolve_columns(names, aliases, column_map)
             frame = pd.read_parquet(str(path), columns=list(mapping))
         else:
-            frame = pd.read_csv(
-                str(path),
+            text = decode_csv(path, encoding)
+            notes += [text.note] if text.note else []
+            names = [str(c) for c in _read_csv(text, nrows=0).columns]
+            mapping = resolve_columns(names, aliases, column_map)
+            frame = _read_csv(
+                text,
                 usecols=list(mapping),
-                dtype={c: str for c, canon in mapping.items() if canon in text},
+                dtype={c: str for c, canon in mapping.items() if canon in text_columns},
                 keep_default_na=False,
-                na_values={c: _NA_STRINGS for c, canon in mapping.items() if canon not in text},
+                na_values={
+                    c: NA_STRINGS for c, canon in mapping.items() if canon not in text_columns
+                },
             )
+    except (FileProblem, DataValidationError):
+        raise
+    except pd.errors.EmptyDataError:
+        raise FileProblem(Problem("warning", str(path), "", "empty file (no header)", 0)) from None
     except Exception as err:
-        raise DataValidationError(f"{path}: cannot be read as CSV/parquet: {err}") from err
-    return frame.rename(columns=mapping).reset_index(drop=True)
-
-
-def _read_bar_file(path: FsPath, column_map: dict[str, str] | None) -> pd.DataFrame:
-    """One file -> validated canonical bars (not yet sorted across files)."""
-    source = str(path)
-    mapping = _resolve_columns(_file_columns(path), BAR_ALIASES, column_map)
+        raise _unreadable(path, err) from err
     labels = {canon: col for col, canon in mapping.items()}
-    missing = [c for c in _REQUIRED if c not in labels]
-    if missing:
-        raise DataValidationError(
-            f"{source}: missing required column(s) {', '.join(repr(c) for c in missing)} "
-            f"(found {', '.join(_file_columns(path))}); map other names with data.column_map"
-        )
-    frame = _read_table(path, mapping, text=("symbol", "date"))
-    if frame.empty:
-        raise DataValidationError(f"{source}: empty input (0 rows)")
-    if "symbol" in frame:
-        frame["symbol"] = _parse_symbols(frame["symbol"], source, labels["symbol"])
-    else:
-        frame.insert(0, "symbol", _strip_suffix(path.name)[0])
-    frame["date"] = _parse_dates(frame["date"], source, labels["date"])
-    for col in _NUMERIC:
-        if col in frame:
-            frame[col] = _to_float(frame[col], source, labels[col])
-    _check_numbers(frame, source, labels)
-    _check_unique(frame, ["symbol", "date"], source)
-    frame = _adjust(frame, source)
-    _warn_inconsistent_ohlc(frame, source)
-    extra = ["amount"] if "amount" in frame else []
-    return frame[[*BAR_COLUMNS, *extra]]
+    table = RawTable(path, frame.rename(columns=mapping).reset_index(drop=True), labels, notes)
+    return table, names
 
 
-def read_bars(path: Location, column_map: dict[str, str] | None = None) -> pd.DataFrame:
-    """Read a bar file or directory (long format or one file per symbol) into canonical bars."""
-    files = bar_files(path)
-    frames = [_read_bar_file(f, column_map) for f in files]
-    if len({"amount" in f for f in frames}) > 1:
-        logger.warning("%s: only some files have an amount column; amount is dropped", path)
-        frames = [f.drop(columns="amount", errors="ignore") for f in frames]
-    bars = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if len(frames) > 1:
-        _check_unique(bars, ["symbol", "date"], f"{path} (across its files)")
-    return _sorted(bars)
+def read_bar_table(
+    path: FsPath, column_map: dict[str, str] | None, encoding: str | None = None
+) -> RawTable:
+    """A bar file's raw table; the symbol comes from a column or else from the file name.
 
-
-def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
-    """Sort by (symbol, date) with a fresh RangeIndex (dates in files may be in any order)."""
-    return frame.sort_values(["symbol", "date"], kind="stable").reset_index(drop=True)
-
-
-def drop_short_histories(bars: pd.DataFrame, min_history: int, source: str = "") -> pd.DataFrame:
-    """Drop symbols with fewer than `min_history` rows (they cannot fill one window + label)."""
-    counts = bars.groupby("symbol", sort=False)["date"].transform("size")
-    keep = counts >= min_history
-    if keep.all():
-        return bars
-    n_all = bars["symbol"].nunique()
-    n_dropped = n_all - bars.loc[keep, "symbol"].nunique()
-    if not keep.any():
-        raise DataValidationError(
-            f"{source or 'bars'}: none of the {n_all} symbols has the {min_history} rows "
-            "needed (window + horizon)"
-        )
-    logger.warning(
-        "%s: dropped %d of %d symbols with fewer than %d rows (window + horizon)",
-        source or "bars", n_dropped, n_all, min_history,
-    )  # fmt: skip
-    return bars.loc[keep].reset_index(drop=True)
-
-
-def read_instruments(path: Location | None, symbols: Iterable[str]) -> pd.DataFrame:
-    """One row per symbol (in the given order) with industry, index and description as str.
-
-    Every field is optional; symbols absent from the file (or no file at all) get "".
+    Raises FileProblem for a file without the required columns or without rows.
     """
-    symbols = list(dict.fromkeys(symbols))
-    out = pd.DataFrame({"symbol": pd.Series(symbols, dtype=str)})
-    if path is None:
-        return out.assign(industry="", index="", description="").astype(str)
-    path = FsPath.of(path)
-    source = str(path)
-    if not path.is_file():
-        raise DataValidationError(f"{path}: instruments file not found")
-    mapping = _resolve_columns(_file_columns(path), INSTRUMENT_ALIASES, None)
-    if "symbol" not in mapping.values():
-        raise DataValidationError(
-            f"{source}: missing required column 'symbol' (found {', '.join(_file_columns(path))})"
+    table, names = read_table(path, BAR_ALIASES, column_map, ("symbol", "date"), encoding)
+    missing = [c for c in REQUIRED_BAR_COLUMNS if c not in table.labels]
+    if missing:
+        raise FileProblem(
+            Problem(
+                "error",
+                str(path),
+                "",
+                f"missing required column(s) {', '.join(repr(c) for c in missing)} (found "
+                f"{', '.join(names)}); map other names with data.column_map",
+                len(table.frame),
+            )
         )
-    table = _read_table(path, mapping, text=tuple(INSTRUMENT_COLUMNS))
-    labels = {canon: col for col, canon in mapping.items()}
-    table["symbol"] = _parse_symbols(table["symbol"], source, labels["symbol"])
-    dup = table["symbol"].duplicated(keep=False)
-    if dup.any():
-        raise DataValidationError(
-            f"{source}: column '{labels['symbol']}' has {int(dup.sum())} rows with duplicate "
-            f"symbols (first: {table.loc[dup, 'symbol'].iloc[0]!r})"
-        )
-    for col in INSTRUMENT_COLUMNS[1:]:
-        table[col] = table[col].astype("string").fillna("").str.strip() if col in table else ""
-    unknown = int((~out["symbol"].isin(table["symbol"])).sum())
-    if unknown:
-        logger.info(
-            "%s: %d symbol(s) have no instrument row; their fields are empty", path, unknown
-        )
-    merged = out.merge(table[list(INSTRUMENT_COLUMNS)], on="symbol", how="left")
-    return merged.fillna("").astype(str)
+    if table.frame.empty:
+        raise FileProblem(Problem("warning", str(path), "", "empty file (0 rows)", 0))
+    if "symbol" not in table.frame:
+        table.frame.insert(0, "symbol", strip_suffix(path.name)[0])
+        table.labels["symbol"] = "(file name)"
+    return table
 
 
 def read_oracle(path: Location) -> pd.DataFrame:
     """An oracle.parquet written by `write_market`: symbol, date, expected_return."""
     path = FsPath.of(path)
-    source = str(path)
     if not path.is_file():
         raise DataValidationError(f"{path}: oracle file not found")
-    mapping = _resolve_columns(_file_columns(path), ORACLE_ALIASES, None)
-    missing = [c for c in ORACLE_COLUMNS if c not in mapping.values()]
+    try:
+        table, _ = read_table(path, ORACLE_ALIASES, None, text_columns=("symbol", "date"))
+    except FileProblem as err:
+        raise DataValidationError(err.problem.line()) from None
+    missing = [c for c in ORACLE_COLUMNS if c not in table.labels]
     if missing:
-        raise DataValidationError(f"{source}: missing required column(s) {missing}")
-    frame = _read_table(path, mapping, text=("symbol", "date"))
-    frame["symbol"] = _parse_symbols(frame["symbol"], source, "symbol")
-    frame["date"] = _parse_dates(frame["date"], source, "date")
-    frame["expected_return"] = _to_float(frame["expected_return"], source, "expected_return")
-    _check_unique(frame, ["symbol", "date"], source)
-    return _sorted(frame[list(ORACLE_COLUMNS)])
+        raise DataValidationError(f"{path}: missing required column(s) {missing}")
+    frame = table.frame
+    frame["symbol"] = parse_symbols(frame["symbol"])
+    frame["date"] = parse_dates(frame["date"]).values
+    frame["expected_return"] = parse_numbers(frame["expected_return"]).values
+    if frame[list(ORACLE_COLUMNS)].isna().any().any() or frame.duplicated(["symbol", "date"]).any():
+        raise DataValidationError(f"{path}: missing values or duplicate (symbol, date) rows")
+    return frame[list(ORACLE_COLUMNS)].sort_values(["symbol", "date"], ignore_index=True)

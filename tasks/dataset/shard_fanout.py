@@ -29,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alphaloom.model.shard_format import MANIFEST_NAME
+from alphaloom.model.shard_format import MANIFEST_NAME, SPLIT_CODES
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.hashing import sha256_file
 from alphaloom.tasks.common.storage import (
@@ -40,11 +40,10 @@ from alphaloom.tasks.common.storage import (
     parts_dir,
 )
 from alphaloom.tasks.data.features import FEATURES_FILE, META_FILE, load_feature_table
+from alphaloom.tasks.dataset.row_layout import InstrumentLayout, calendar_rows, label_coverage
 from alphaloom.tasks.dataset.shard_writer import (
     ShardBuildError,
-    _categories,
     _shard_arrays,
-    _text_table,
     _validated_frame,
     plan_shards,
     shard_columns,
@@ -90,10 +89,14 @@ def plan_shard_jobs(
     if output_problem(final.location) is None:
         log.info("shards already built at %s: no shard to write", final.path)
         return []
-    symbols = pd.read_parquet(str(features.file(FEATURES_FILE)), columns=["symbol"])
-    codes, names = pd.factorize(symbols["symbol"].astype(str), sort=True)
-    n_features = len(json.loads(features.file(META_FILE).read_text())["feature_names"])
-    plan = plan_shards(np.bincount(codes, minlength=len(names)), n_features, cfg.shards)
+    keys = pd.read_parquet(str(features.file(FEATURES_FILE)), columns=["symbol", "date"])
+    keys = keys.sort_values(["symbol", "date"], ignore_index=True)
+    codes, names = pd.factorize(keys["symbol"].astype(str), sort=True)
+    meta = json.loads(features.file(META_FILE).read_text())
+    days = keys["date"].to_numpy().astype("datetime64[D]").astype(np.int64)
+    rows = calendar_rows(codes.astype(np.int64), days, meta.get("calendar"))
+    per_symbol = np.bincount(rows.codes, minlength=len(names))
+    plan = plan_shards(per_symbol, len(meta["feature_names"]), cfg.shards)
     parts = parts_dir(final.location)
     everyone = [str(name) for name in names]
     return [
@@ -118,12 +121,13 @@ def write_shard_job(
         )
     everyone = np.asarray(job.all_symbols, dtype=object)
     codes = np.searchsorted(everyone, np.asarray(found, dtype=object))[local_codes]
-    industry, index, _, _ = _categories(
+    layout = InstrumentLayout.build(
         pd.read_parquet(str(market.file("instruments.parquet"))), everyone
     )
-    columns = shard_columns(frame, codes, days, industry, index)
+    rows = calendar_rows(codes, days, table.calendar)
+    columns = shard_columns(frame, rows, everyone, layout, table.split_dates)
     positions = [frame.columns.get_loc(name) for name in table.feature_names]
-    arrays = _shard_arrays(frame, np.arange(len(frame)), columns, positions, table.feature_names)
+    arrays = _shard_arrays(frame, np.arange(len(rows)), columns, positions, table.feature_names)
     with atomic_file(FsPath.of(job.parts) / job.file) as tmp:
         entry = write_shard(tmp, arrays, cfg.shards.window, cfg.shards.compression)
     return WrittenShard(entry={**entry, "file": job.file}, symbols=job.symbols, parts=job.parts)
@@ -147,16 +151,17 @@ def finish_shard_set(
     entries = sorted((shard.entry for shard in written), key=lambda entry: entry["file"])
     everyone = np.asarray(sorted(s for shard in written for s in shard.symbols), dtype=object)
     table_meta = json.loads(features.file(META_FILE).read_text())
-    industry, index, industries, indices = _categories(
+    layout = InstrumentLayout.build(
         pd.read_parquet(str(market.file("instruments.parquet"))), everyone
     )
-    vectors, has_text = _text_table(load_text_vectors(text.dir), everyone)
+    vectors, has_text = layout.text_vectors(load_text_vectors(text.dir))
+    targets = pd.read_parquet(
+        str(features.file(FEATURES_FILE)), columns=["date", "split", "fwd_return"]
+    )
     parts = FsPath.of(written[0].parts)
     with tempfile.TemporaryDirectory(prefix="alphaloom-shards-") as staging:
         local = Path(staging)
-        side_tables = write_side_tables(
-            local, everyone, industry, index, industries, indices, vectors, has_text
-        )
+        side_tables = write_side_tables(local, everyone, layout, vectors, has_text)
         write_manifest(
             local,
             key=ref.key,
@@ -166,11 +171,12 @@ def finish_shard_set(
             side_tables=side_tables,
             text_dim=int(vectors.shape[1]),
             n_symbols=len(everyone),
-            n_industries=len(industries),
-            n_indices=len(indices),
+            n_industries=len(layout.industries),
+            n_indices=len(layout.indices),
             split_dates=table_meta["split_dates"],
             stats=table_meta["stats"],
             source_hash=json.loads(market.file("meta.json").read_text())["source_hash"],
+            label_coverage=label_coverage(targets, SPLIT_CODES),
         )
         checksums = {entry["file"]: entry["sha256"] for entry in entries}
         for name in [*side_tables, MANIFEST_NAME]:  # the manifest last

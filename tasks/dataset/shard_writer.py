@@ -21,8 +21,10 @@ from alphaloom.model.shard_format import (
     MANIFEST_NAME,
     NAMES_NAME,
     SCHEMA_VERSION,
+    SPLIT_CODES,
     SYMBOLS_NAME,
     TEXT_NAME,
+    TEXTS_NAME,
     WINDOW_KEYS,
     X_LAYOUT,
     ShardArrays,
@@ -31,37 +33,32 @@ from alphaloom.model.shard_format import (
 )
 from alphaloom.tasks.common.config import ShardsSection
 from alphaloom.tasks.common.hashing import code_version, hash_frame, hash_json, sha256_file
+from alphaloom.tasks.dataset.row_layout import (
+    CalendarRows,
+    InstrumentLayout,
+    ShardBuildError,
+    TextLike,
+    split_of_days,
+)
 from alphaloom.tasks.orchestration.caching import stage_key
+
+__all__ = ["ShardBuildError", "TextLike"]
 
 REQUIRED_COLUMNS = ("symbol", "date", "label", "fwd_return", "split")
 
 
-INSTRUMENT_COLUMNS = ("symbol", "industry", "index")
-
-
-# Bytes per row besides the factors: symbol, date, industry, index, fwd_return (4 each) + 2 int8.
-ROW_OVERHEAD_BYTES = 22
+# Bytes per row besides the factors: symbol, date, industry, index, text_row, fwd_return (4
+# each) + split, label, bar (1 each).
+ROW_OVERHEAD_BYTES = 27
 
 
 MIB = 1 << 20
 
 
-DICTIONARY_COLUMNS = ["symbol", "split", "label", "industry", "index"]
+DICTIONARY_COLUMNS = ["symbol", "split", "label", "industry", "index", "text_row", "bar"]
 
 
 STATISTICS_COLUMNS = ["symbol", "date", "split", "label"]
-
-
-class ShardBuildError(ValueError):
-    """The inputs cannot be written as shards; the message names the input and the column."""
-
-
-class TextLike(Protocol):
-    """What tasks/text.py's TextVectors provides."""
-
-    symbols: list[str]
-    vectors: np.ndarray
-    has_text: np.ndarray
 
 
 class FeatureTableLike(Protocol):
@@ -127,57 +124,6 @@ def _check_codes(frame: pd.DataFrame, column: str, allowed: range) -> None:
         )
 
 
-def _categories(
-    instruments: pd.DataFrame | None, symbols: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Industry and index ids per symbol (0 = unknown / none) and the id -> name lists."""
-    n = len(symbols)
-    if instruments is None:
-        return np.zeros(n, np.int32), np.zeros(n, np.int32), [""], [""]
-    missing = [c for c in INSTRUMENT_COLUMNS if c not in instruments.columns]
-    if missing:
-        raise ShardBuildError(f"instruments table is missing column(s) {missing}")
-    table = instruments[list(INSTRUMENT_COLUMNS)].astype(object).fillna("").astype(str)
-    duplicated = table["symbol"].duplicated()
-    if duplicated.any():
-        raise ShardBuildError(
-            f"instruments table lists symbol {table['symbol'][duplicated].iloc[0]!r} twice"
-        )
-    table = table.set_index("symbol").reindex(list(symbols), fill_value="")
-    ids, names = [], []
-    for column in ("industry", "index"):
-        values = sorted(set(instruments[column].astype(object).fillna("").astype(str)) - {""})
-        lookup = {name: i + 1 for i, name in enumerate(values)}
-        ids.append(table[column].map(lambda v, lk=lookup: lk.get(v, 0)).to_numpy(np.int32))
-        names.append(["", *values])
-    return ids[0], ids[1], names[0], names[1]
-
-
-def _text_table(text: TextLike | None, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Description vectors and has_text aligned with symbol ids (zeros where absent)."""
-    if text is None:
-        return np.zeros((len(symbols), 0), np.float32), np.zeros(len(symbols), bool)
-    vectors = np.asarray(text.vectors, dtype=np.float32)
-    has_text = np.asarray(text.has_text, dtype=bool)
-    names = [str(s) for s in text.symbols]
-    if vectors.ndim != 2 or not len(names) == len(vectors) == len(has_text):
-        raise ShardBuildError(
-            f"text vectors: {len(names)} symbols, vectors of shape {vectors.shape} and "
-            f"{len(has_text)} has_text flags do not line up"
-        )
-    if len(set(names)) != len(names):
-        raise ShardBuildError("text vectors list a symbol twice")
-    if not np.isfinite(vectors).all():
-        raise ShardBuildError("text vectors contain NaN or infinite values")
-    rows = pd.Index(names).get_indexer(list(symbols))
-    found = rows >= 0
-    out = np.zeros((len(symbols), vectors.shape[1]), np.float32)
-    out[found] = vectors[rows[found]]
-    flags = np.zeros(len(symbols), bool)
-    flags[found] = has_text[rows[found]]
-    return out, flags
-
-
 def _jsonable(value: Any) -> Any:
     """numpy / pandas / datetime values -> plain JSON (NaN -> null), exact for floats."""
     if isinstance(value, dict):
@@ -228,11 +174,21 @@ def shard_set_key(
     instruments: pd.DataFrame | None,
     text: tuple[np.ndarray, np.ndarray, np.ndarray],
     cfg: ShardsSection,
+    calendar: list[str] | None = None,
 ) -> str:
     """Name of a shard set: its inputs' content + the shards section + the code version."""
     inputs = [
         hash_frame(frame),
-        hash_json(_jsonable({"features": feature_names, "stats": stats, "splits": split_dates})),
+        hash_json(
+            _jsonable(
+                {
+                    "features": feature_names,
+                    "stats": stats,
+                    "splits": split_dates,
+                    "calendar": calendar,
+                }
+            )
+        ),
         "none" if instruments is None else hash_frame(instruments),
         _array_hash(*text),
     ]
@@ -275,6 +231,7 @@ def write_shard(
     return {
         "file": path.name,
         "rows": len(arrays),
+        "bars": int(arrays.bar.sum()),
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
         "symbols": np.unique(arrays.symbol).tolist(),
@@ -285,30 +242,26 @@ def write_shard(
 
 
 def write_side_tables(
-    out: Path,
-    symbols: np.ndarray,
-    industry: np.ndarray,
-    index: np.ndarray,
-    industries: list[str],
-    indices: list[str],
-    text: np.ndarray,
-    has_text: np.ndarray,
+    out: Path, symbols: np.ndarray, layout: InstrumentLayout, text: np.ndarray, flags: np.ndarray
 ) -> dict[str, str]:
-    """Write symbols.parquet, names.parquet and text.npy; return their sha256 by file name."""
+    """Write symbols.parquet, names.parquet, texts.parquet and text.npy; return their sha256 by
+    file name. A symbol's row shows its latest instrument row (industry, index, text)."""
     ids = np.arange(len(symbols), dtype=np.int32)
+    latest = layout.latest(symbols)
     pq.write_table(
         pa.table(
             {
                 "symbol_id": ids,
                 "symbol": pa.array([str(s) for s in symbols], pa.string()),
-                "industry": industry.astype(np.int32),
-                "index": index.astype(np.int32),
-                "text_row": ids,
-                "has_text": has_text.astype(bool),
+                "industry": layout.industry[latest].astype(np.int32),
+                "index": layout.index[latest].astype(np.int32),
+                "text_row": latest.astype(np.int32),
+                "has_text": flags[latest].astype(bool),
             }
         ),
         out / SYMBOLS_NAME,
     )
+    industries, indices = layout.industries, layout.indices
     kinds = ["industry"] * len(industries) + ["index"] * len(indices)
     name_ids = list(range(len(industries))) + list(range(len(indices)))
     pq.write_table(
@@ -317,8 +270,22 @@ def write_side_tables(
         ),
         out / NAMES_NAME,
     )
+    keys = layout.text_keys()
+    owner = pd.Index([str(s) for s in symbols]).get_indexer([k[0] for k in keys])
+    pq.write_table(
+        pa.table(
+            {
+                "text_row": pa.array(np.arange(len(keys)), pa.int32()),
+                "symbol_id": pa.array(owner, pa.int32()),
+                "start_date": pa.array([k[1] for k in keys], pa.string()),
+                "has_text": pa.array(flags.astype(bool)),
+            }
+        ),
+        out / TEXTS_NAME,
+    )
     np.save(out / TEXT_NAME, np.ascontiguousarray(text, dtype=np.float32), allow_pickle=False)
-    return {name: sha256_file(out / name) for name in (SYMBOLS_NAME, NAMES_NAME, TEXT_NAME)}
+    names = (SYMBOLS_NAME, NAMES_NAME, TEXTS_NAME, TEXT_NAME)
+    return {name: sha256_file(out / name) for name in names}
 
 
 def write_manifest(
@@ -336,6 +303,7 @@ def write_manifest(
     split_dates: dict[str, Any],
     stats: dict[str, Any],
     source_hash: str,
+    label_coverage: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
     """Assemble and write manifest.json. Call it last: its presence marks the set complete."""
     manifest = {
@@ -351,6 +319,7 @@ def write_manifest(
         "n_industries": n_industries,
         "n_indices": n_indices,
         "rows": sum(entry["rows"] for entry in entries),
+        "bars": sum(entry["bars"] for entry in entries),
         "first_date": min(entry["first_date"] for entry in entries),
         "last_date": max(entry["last_date"] for entry in entries),
         "splits": split_dates,
@@ -360,6 +329,7 @@ def write_manifest(
         "config": cfg.model_dump(mode="json"),
         "side_tables": side_tables,
         "windows": summarize_windows(entries, cfg.window),
+        "label_coverage": label_coverage,
         "shards": entries,
     }
     manifest = _jsonable(manifest)
@@ -379,20 +349,36 @@ def summarize_windows(entries: list[dict[str, Any]], window: int) -> dict[str, l
 
 def shard_columns(
     frame: pd.DataFrame,
-    codes: np.ndarray,
-    days: np.ndarray,
-    industry: np.ndarray,
-    index: np.ndarray,
+    rows: CalendarRows,
+    symbols: np.ndarray,
+    layout: InstrumentLayout,
+    split_dates: dict[str, Any],
 ) -> dict[str, np.ndarray]:
-    """The non-factor columns of sorted `frame` rows, with symbol ids `codes` of the whole set."""
+    """The non-factor columns of the calendar rows of sorted `frame` (symbol ids `rows.codes`
+    index `symbols`, the whole set's); a gap day gets its day's split, label -1, NaN return."""
+    source = rows.source
+    real = source >= 0
+    pick = np.where(real, source, 0)
+
+    def from_frame(column: str, dtype: Any, fill: Any) -> np.ndarray:
+        values = frame[column].to_numpy(dtype, na_value=np.nan) if column == "fwd_return" else (
+            frame[column].to_numpy(dtype)
+        )  # fmt: skip
+        return np.where(real, values[pick], fill).astype(dtype)
+
+    split = np.where(real, frame["split"].to_numpy(np.int8)[pick], 0).astype(np.int8)
+    if not real.all():
+        split[~real] = split_of_days(rows.days[~real], split_dates, SPLIT_CODES)
+    fields = layout.fields(symbols[rows.codes], rows.days.astype("datetime64[D]"))
     return {
-        "symbol": codes.astype(np.int32),
-        "date": days.astype(np.int32),
-        "split": frame["split"].to_numpy(np.int8),
-        "label": frame["label"].to_numpy(np.int8),
-        "fwd_return": frame["fwd_return"].to_numpy(np.float32, na_value=np.nan),
-        "industry": industry[codes],
-        "index": index[codes],
+        "symbol": rows.codes.astype(np.int32),
+        "date": rows.days.astype(np.int32),
+        "split": split,
+        "label": from_frame("label", np.int8, -1),
+        "fwd_return": from_frame("fwd_return", np.float32, np.nan),
+        **fields,
+        "bar": rows.bar,
+        "source": source,
     }
 
 
@@ -403,23 +389,21 @@ def _shard_arrays(
     feature_positions: list[int],
     feature_names: list[str],
 ) -> ShardArrays:
-    """One shard's arrays; the factors are checked finite here, one shard at a time."""
-    x = frame.iloc[rows, feature_positions].to_numpy(dtype=np.float32)
+    """One shard's arrays (`rows` are calendar rows); the factors of its bars are checked finite
+    here, one shard at a time, and gap days get zeros."""
+    source = columns["source"][rows]
+    real = source >= 0
+    x = np.zeros((len(rows), len(feature_positions)), np.float32)
+    x[real] = frame.iloc[source[real], feature_positions].to_numpy(dtype=np.float32)
     finite = np.isfinite(x)
     if not finite.all():
         row, col = np.argwhere(~finite)[0]
         raise ShardBuildError(
             f"feature column {feature_names[col]!r} has a NaN or infinite value (symbol "
-            f"{frame['symbol'].iloc[rows[row]]}, date {frame['date'].iloc[rows[row]]}); "
+            f"{frame['symbol'].iloc[source[row]]}, date {frame['date'].iloc[source[row]]}); "
             "factors must be normalised and filled before sharding"
         )
     return ShardArrays(
-        symbol=columns["symbol"][rows],
-        date=columns["date"][rows],
-        split=columns["split"][rows],
-        label=columns["label"][rows],
-        fwd_return=columns["fwd_return"][rows],
-        industry=columns["industry"][rows],
-        index=columns["index"][rows],
+        **{name: columns[name][rows] for name in ShardArrays.__dataclass_fields__ if name != "x"},
         x=x,
     )

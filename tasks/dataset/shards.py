@@ -7,16 +7,22 @@ T-day window lies inside one shard and the loader (model/data.py) can shuffle po
 Layout of `<root>/<key>/` (the key hashes the feature table, instruments, text vectors, the
 `shards` config section and the code version; see `shard_set_key`):
 
-* `shard-NNNNN.parquet`: columns `symbol` (int32 id), `date` (int32 days since 1970-01-01),
-  `split`, `label` (int8), `fwd_return` (float32), `industry`, `index` (int32 ids) and `x`, the F
-  factors of a row as one fixed-size binary value (little-endian float32; measured faster to
-  read than a FixedSizeList or F columns, see alphaloom.model.shard_format.encode_x).
-* `symbols.parquet`: symbol id -> symbol name, industry id, index id, text row, has_text.
+* `shard-NNNNN.parquet`: one row per trading day of each symbol from its first bar to its
+  last; columns `symbol` (int32 id), `date` (int32 days since 1970-01-01), `split`, `label`
+  (int8), `fwd_return` (float32), `industry`, `index` (int32 ids of the instrument row valid on
+  the date), `text_row` (int32 row of text.npy, -1 none), `bar` (int8: 0 on a day the symbol
+  has no bar, whose factors are zeros) and `x`, the F factors of a row as one fixed-size binary
+  value (little-endian float32; measured faster to read than a FixedSizeList or F columns, see
+  alphaloom.model.shard_format.encode_x).
+* `symbols.parquet`: symbol id -> symbol name and its latest industry id, index id, text row,
+  has_text.
 * `names.parquet`: (kind, id, name) for industries (0 = unknown) and indices (0 = none).
-* `text.npy`: [n_symbols, text_dim] float32 description vectors, row = symbol id.
+* `texts.parquet`: text row -> symbol id, start date ("" undated), has_text.
+* `text.npy`: [n_text_rows, text_dim] float32 description vectors; undated instruments have one
+  text row per symbol, its id.
 * `manifest.json`, written last: schema version, feature names, window, split dates, per shard
-  its file, rows, sha256, symbols and window counts, normalisation statistics, source hash, code
-  version and the sizes the network needs.
+  its file, rows, bars, sha256, symbols and window counts, normalisation statistics, each
+  split's label coverage, source hash, code version and the sizes the network needs.
 
 The directory is written through tasks.storage.atomic_dir: a crash leaves no complete-looking
 set, and two writers of the same set cannot corrupt each other.
@@ -33,15 +39,18 @@ import pandas as pd
 
 from alphaloom.model.dataset import ShardedWindowDataset
 from alphaloom.model.device_loader import WindowLoader
-from alphaloom.model.shard_format import SCHEMA_VERSION
+from alphaloom.model.shard_format import SCHEMA_VERSION, SPLIT_CODES
 from alphaloom.tasks.common.config import LoaderSection, PipelineConfig, ShardsSection
 from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir, local_or_url
+from alphaloom.tasks.dataset.row_layout import (
+    InstrumentLayout,
+    TextLike,
+    calendar_rows,
+    label_coverage,
+)
 from alphaloom.tasks.dataset.shard_writer import (
     FeatureTableLike,
-    TextLike,
-    _categories,
     _shard_arrays,
-    _text_table,
     _validated_frame,
     plan_shards,
     shard_code_modules,
@@ -52,14 +61,6 @@ from alphaloom.tasks.dataset.shard_writer import (
     write_side_tables,
 )
 from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
-
-# ----------------------------------------------------------------------------- validation
-
-
-# ----------------------------------------------------------------------------- identity
-
-
-# ----------------------------------------------------------------------------- writing
 
 
 def build_shards(
@@ -73,9 +74,13 @@ def build_shards(
     root: Location,
     source_hash: str,
     key: str | None = None,
+    calendar: list[str] | None = None,
 ) -> Path | str:
     """Write the feature table as a shard set under `root`; return its directory (a Path, or
     the URL when `root` is one).
+
+    Rows are laid out on the trading `calendar` (None: the union of the table's dates): a
+    symbol's gap days between its first and last bar become rows without a bar.
 
     The directory is `root/<key>`; without `key` it is the hash of the inputs' content (the
     pipeline passes its stage key, built from the upstream stages' keys, to skip that hashing).
@@ -84,33 +89,34 @@ def build_shards(
     """
     feature_names = list(feature_names)
     frame, codes, symbols, days = _validated_frame(frame, feature_names)
-    industry, index, industries, indices = _categories(instruments, symbols)
-    vectors, has_text = _text_table(text, symbols)
+    layout = InstrumentLayout.build(instruments, symbols)
+    vectors, has_text = layout.text_vectors(text)
     if key is None:
+        text_keys = np.asarray(["\0".join(k) for k in layout.text_keys()], dtype=object)
         key = shard_set_key(
             frame,
             feature_names,
             stats,
             split_dates,
             instruments,
-            (symbols.astype(str), vectors, has_text),
+            (text_keys.astype(str), vectors, has_text),
             cfg,
+            calendar,
         )
     final = FsPath.of(root) / key
-    columns = shard_columns(frame, codes, days, industry, index)
-    rows_per_symbol = np.bincount(codes, minlength=len(symbols))
+    rows = calendar_rows(codes, days, calendar)
+    columns = shard_columns(frame, rows, symbols, layout, split_dates)
+    rows_per_symbol = np.bincount(rows.codes, minlength=len(symbols))
     offsets = np.r_[0, np.cumsum(rows_per_symbol)]
     positions = [frame.columns.get_loc(name) for name in feature_names]
     with atomic_dir(final) as tmp:
         entries = []
         for number, ids in enumerate(plan_shards(rows_per_symbol, len(feature_names), cfg)):
-            rows = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in ids])
-            arrays = _shard_arrays(frame, rows, columns, positions, feature_names)
+            picked = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in ids])
+            arrays = _shard_arrays(frame, picked, columns, positions, feature_names)
             path = tmp / f"shard-{number:05d}.parquet"
             entries.append(write_shard(path, arrays, cfg.window, cfg.compression))
-        side = write_side_tables(
-            tmp, symbols, industry, index, industries, indices, vectors, has_text
-        )
+        side = write_side_tables(tmp, symbols, layout, vectors, has_text)
         write_manifest(
             tmp,
             key=key,
@@ -120,11 +126,12 @@ def build_shards(
             side_tables=side,
             text_dim=int(vectors.shape[1]),
             n_symbols=len(symbols),
-            n_industries=len(industries),
-            n_indices=len(indices),
+            n_industries=len(layout.industries),
+            n_indices=len(layout.indices),
             split_dates=split_dates,
             stats=stats,
             source_hash=source_hash,
+            label_coverage=label_coverage(frame, SPLIT_CODES),
         )
     return local_or_url(final)
 
@@ -150,6 +157,7 @@ def build_shards_from(
         root,
         source_hash,
         key,
+        getattr(table, "calendar", None),
     )
 
 

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +58,20 @@ class TextModelError(RuntimeError):
 
 @dataclass
 class TextVectors:
-    """One description vector per symbol, in the instruments' order."""
+    """One description vector per instrument row (symbol, or symbol and start date when the
+    instruments are dated), in the instruments' order."""
 
     symbols: list[str]
     vectors: np.ndarray  # float32 [N, D]; zeros where has_text is False
     has_text: np.ndarray  # bool [N]
     model: str  # model identity: name@weights-fingerprint, or "disabled"
+    starts: list[str] = field(default_factory=list)  # ISO start date per row, "" undated
 
     def __post_init__(self) -> None:
         n = len(self.symbols)
+        self.starts = list(self.starts) or [""] * n
+        if len(self.starts) != n:
+            raise ValueError(f"starts must have {n} entries, got {len(self.starts)}")
         if self.vectors.dtype != np.float32 or self.vectors.ndim != 2 or len(self.vectors) != n:
             raise ValueError(
                 f"vectors must be float32 [{n}, D], got {self.vectors.dtype} {self.vectors.shape}"
@@ -243,8 +248,9 @@ def _cached_dim(model_dir: Path) -> int | None:
 # the stage
 
 
-def _descriptions(instruments: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Validated symbols and stripped descriptions ("" = none) in the frame's order."""
+def _descriptions(instruments: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+    """Validated symbols, start dates ("" = undated) and stripped descriptions ("" = none) in
+    the frame's order."""
     missing = [col for col in ("symbol", "description") if col not in instruments.columns]
     if missing:
         raise ValueError(
@@ -254,11 +260,16 @@ def _descriptions(instruments: pd.DataFrame) -> tuple[list[str], list[str]]:
     if symbols.isna().any():
         raise ValueError("instruments column 'symbol' has empty values")
     symbols = symbols.astype(str)
-    duplicated = symbols[symbols.duplicated()].unique().tolist()
+    if "start_date" in instruments:
+        starts = pd.to_datetime(instruments["start_date"]).dt.strftime("%Y-%m-%d").fillna("")
+    else:
+        starts = pd.Series("", index=instruments.index)
+    keys = symbols + np.where(starts != "", "@" + starts, "")
+    duplicated = keys[keys.duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(f"instruments column 'symbol' repeats {duplicated[:5]}")
     texts = instruments["description"].fillna("").astype(str).str.strip()
-    return symbols.tolist(), texts.tolist()
+    return symbols.tolist(), starts.astype(str).tolist(), texts.tolist()
 
 
 def _encode(cfg: TextSection, texts: list[str]) -> np.ndarray:
@@ -276,15 +287,17 @@ def _encode(cfg: TextSection, texts: list[str]) -> np.ndarray:
 def embed_descriptions(
     instruments: pd.DataFrame, cfg: TextSection, cache_dir: str | Path
 ) -> TextVectors:
-    """One vector per symbol (instruments' order); empty descriptions get zeros, has_text False.
+    """One vector per instrument row (instruments' order); empty descriptions get zeros and
+    has_text False. Dated rows of one symbol each get their own description's vector.
 
     `cfg.enabled = False` returns zero vectors of dim 1 without resolving or loading any model.
     """
-    symbols, texts = _descriptions(instruments)
+    symbols, starts, texts = _descriptions(instruments)
     has_text = np.array([bool(text) for text in texts], dtype=bool)
     if not cfg.enabled:
         zeros = np.zeros((len(symbols), 1), dtype=np.float32)
-        return TextVectors(symbols, zeros, np.zeros(len(symbols), dtype=bool), DISABLED_MODEL)
+        no_text = np.zeros(len(symbols), dtype=bool)
+        return TextVectors(symbols, zeros, no_text, DISABLED_MODEL, starts)
 
     ref = resolve_model(cfg.model)
     model_dir = Path(cache_dir) / ref.cache_key
@@ -303,7 +316,7 @@ def embed_descriptions(
     for row, text in enumerate(texts):
         if text:
             vectors[row] = cached[text_hash(text)]
-    return TextVectors(symbols, vectors, has_text, ref.identity)
+    return TextVectors(symbols, vectors, has_text, ref.identity, starts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +325,8 @@ def embed_descriptions(
 
 def save_text_vectors(tv: TextVectors, out_dir: str | Path) -> Path:
     """Write `<out_dir>/text_vectors.parquet` atomically (model identity in the schema metadata)."""
-    table = _vectors_table({"symbol": tv.symbols, "has_text": tv.has_text.tolist()}, tv.vectors)
+    columns = {"symbol": tv.symbols, "start": tv.starts, "has_text": tv.has_text.tolist()}
+    table = _vectors_table(columns, tv.vectors)
     table = table.replace_schema_metadata({"model": tv.model, "dim": str(tv.dim)})
     path = Path(out_dir) / VECTORS_FILE
     with atomic_file(path) as tmp:
@@ -337,6 +351,7 @@ def load_text_vectors(out_dir: str | Path) -> TextVectors:
         vectors=_table_vectors(table, path),
         has_text=table.column("has_text").to_numpy(zero_copy_only=False).astype(bool),
         model=metadata[b"model"].decode(),
+        starts=table.column("start").to_pylist() if "start" in table.column_names else [],
     )
 
 

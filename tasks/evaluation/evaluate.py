@@ -22,6 +22,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import EvaluateSection, PipelineConfig
 from alphaloom.tasks.evaluation.exposures import exposure_metrics
 from alphaloom.tasks.evaluation.metrics import (
@@ -145,9 +146,11 @@ def evaluate_splits(
 ) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
     """(metrics, figures) of each split, scored by the in-memory model."""
     out = {}
+    coverage = ShardSetInfo.open(shard_dir)
     for split in splits:
         preds = predict(model, shard_dir, split, cfg, device=device)
         out[split] = evaluate_predictions(preds, cfg.evaluate, oracle=oracle, exposures=exposures)
+        out[split][0].update(coverage.label_coverage(split))  # rows, rows_no_fwd_return
     return out
 
 

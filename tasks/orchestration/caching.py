@@ -143,7 +143,7 @@ class StageTask:
             return self.task
         if problem is None:
             return self.task
-        _logger().info(_rebuild_message(ref, problem))
+        run_logger().info(_rebuild_message(ref, problem))
         return self.refreshing
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -174,7 +174,7 @@ def _rebuild_message(ref: StageRef, problem: str) -> str:
     return f"output {ref.path} is {problem}: {action} it"
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The flow run's logger (shown in the Prefect UI) inside a flow, else this module's."""
     try:
         return get_run_logger()

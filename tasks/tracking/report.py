@@ -25,6 +25,7 @@ HEADLINE_METRICS = (
     "test/ls_ann_return",
     "test/ls_sharpe",
     "test/max_drawdown",
+    "test/rows_no_fwd_return",
     "valid/rank_ic",
 )
 
@@ -43,14 +44,17 @@ def run_summary(
     metrics: Mapping[str, float],
     decision: Any | None,
     best_epoch: int | None = None,
+    data_notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The flow's return value: run id, link, headline metrics and the registry decision."""
+    """The flow's return value: run id, link, headline metrics, the registry decision and what
+    the run's input data needs said about it (tasks/tracking/data_quality.py)."""
     summary: dict[str, Any] = {
         "run_id": run_id,
         "experiment": cfg.tracking.experiment,
         "run_url": run_url(cfg, run_id),
         "metrics": {k: float(metrics[k]) for k in HEADLINE_METRICS if k in metrics},
         "best_epoch": best_epoch,
+        "data_notes": list(data_notes or []),
     }
     if decision is not None:
         summary["promoted"] = bool(decision.promoted)
@@ -81,6 +85,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             f"Champion alias {verdict} (version {summary['model_version']}): "
             f"{summary['registry_reason']}",
         ]
+    if summary.get("data_notes"):
+        lines += ["", "## Input data", ""] + [f"- {note}" for note in summary["data_notes"]]
     return "\n".join(lines) + "\n"
 
 
