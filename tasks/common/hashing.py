@@ -22,8 +22,6 @@ from pydantic import BaseModel
 
 _CHUNK = 1 << 20
 
-_AST_LOCK = threading.Lock()
-
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, streamed so large shards need no memory."""
