@@ -35,6 +35,11 @@ def _end_index(calendar: pd.DatetimeIndex, end: Any, fraction_end: int) -> int:
     return int(calendar.searchsorted(pd.Timestamp(end), side="right")) - 1
 
 
+def _start_index(calendar: pd.DatetimeIndex, start: Any) -> int:
+    """Index of the first date on or after `start`."""
+    return int(calendar.searchsorted(pd.Timestamp(start), side="left"))
+
+
 def assign_splits(
     dates: pd.Series, splits: SplitSection, horizon: int
 ) -> tuple[np.ndarray, dict[str, list[str]]]:
@@ -43,7 +48,7 @@ def assign_splits(
     The calendar is the sorted unique dates. `purge_days` trading days are dropped between train
     and valid and between valid and test, so the last training label (which reads close up to
     t + 1 + horizon) ends before the first validation day when purge_days = horizon + 1. Days
-    after `test_end` (when set) are in no split.
+    after `test_end` and before `train_start` (when set) are in no split.
     """
     purge = resolve_purge_days(splits, horizon)
     calendar = pd.DatetimeIndex(np.unique(pd.to_datetime(dates).to_numpy("datetime64[ns]")))
@@ -55,8 +60,9 @@ def assign_splits(
     )
     test_first = valid_last + 1 + purge
     test_last = _end_index(calendar, splits.test_end, n - 1)
+    train_first = 0 if splits.train_start is None else _start_index(calendar, splits.train_start)
     ranges = {
-        "train": (0, train_last),
+        "train": (train_first, train_last),
         "valid": (valid_first, valid_last),
         "test": (test_first, test_last),
     }
@@ -64,7 +70,8 @@ def assign_splits(
         if not 0 <= first <= last < n:
             raise ValueError(
                 f"features.splits: no {name} dates with {n} trading dates, "
-                f"train_end={splits.train_end}, valid_end={splits.valid_end}, "
+                f"train_start={splits.train_start}, train_end={splits.train_end}, "
+                f"valid_end={splits.valid_end}, "
                 f"train_fraction={splits.train_fraction}, valid_fraction={splits.valid_fraction}, "
                 f"purge_days={purge}"
             )
