@@ -40,7 +40,7 @@ def backtest(
             print(f"{label} ({elapsed_text(time.time() - started)})")
             pcfg = period_config(cfg, period)
             _, shards = data_stages(pcfg)
-            task = backtest_period_task.with_options(task_run_name=f"period-{period.number}")
+            task = backtest_period_task.with_options(task_run_name=f"period{period.number}")
             loaded.append(load_period(task(pcfg, period, shards, parent_id, label)))
         summary = log_backtest(cfg, parent_id, *concatenate(loaded), load_saved_oracle(market))
     print(summary["markdown"])
