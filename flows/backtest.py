@@ -42,6 +42,7 @@ def backtest(
             _, shards = data_stages(pcfg)
             task = backtest_period_task.with_options(task_run_name=f"period{period.number}")
             loaded.append(load_period(task(pcfg, period, shards, parent_id, label)))
-        summary = log_backtest(cfg, parent_id, *concatenate(loaded), load_saved_oracle(market))
+        oracle, wall = load_saved_oracle(market), time.time() - started
+        summary = log_backtest(cfg, parent_id, *concatenate(loaded), oracle, wall)
     print(summary["markdown"])
     return summary

@@ -161,7 +161,11 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     if args.table:
         from alphaloom.tasks.backtest.report import markdown_of_run
 
-        print(markdown_of_run(cfg, args.table), end="")
+        try:
+            print(markdown_of_run(cfg, args.table), end="")
+        except LookupError as err:
+            print(f"alphaloom: {err}", file=sys.stderr)
+            return 2
         return 0
     from alphaloom.flows.backtest import backtest
 

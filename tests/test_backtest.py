@@ -250,3 +250,22 @@ def test_backtest_flow_resumes_after_a_crash_in_one_parent_run(
     first = pd.Timestamp(table.iloc[0]["test_start"])
     assert network["date"].min() >= first  # nothing before the first period is scored
     assert report.markdown_of_run(cfg, parent.info.run_id) == summary["markdown"]
+
+
+def test_backtest_table_of_an_unknown_run_exits_2_and_says_why(mlflow_uri: str, capsys) -> None:
+    from alphaloom.flows.cli import main
+
+    code = main(["backtest", "--table", "0123abcd", "--set", f"tracking.tracking_uri={mlflow_uri}"])
+    assert code == 2
+    assert "run 0123abcd" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_backtest_command_names_an_impossible_plan(tmp_path: Path, mlflow_uri: str, capsys) -> None:
+    from alphaloom.flows.cli import main
+
+    sets = [*FAST, f"work_dir={tmp_path / 'work'}", "backtest.start=2030-01-01"]
+    args = ["backtest", "--config", str(REPO / "configs" / "smoke.yaml")]
+    assert main([*args, *(t for item in sets for t in ("--set", item))]) == 2
+    assert "no period to score" in capsys.readouterr().err

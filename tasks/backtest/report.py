@@ -232,15 +232,19 @@ def log_backtest(
     periods: Sequence[Mapping[str, Any]],
     preds: Mapping[str, pd.DataFrame],
     oracle: pd.DataFrame | None = None,
+    wall_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Build the table from the concatenated predictions and log it (backtest.md, .csv, .png,
-    the predictions, metrics) to the parent run; return the flow's summary."""
+    the predictions, metrics) to the parent run; return the flow's summary. `wall_seconds`
+    (this invocation's, so a resumed backtest's last leg) goes into a tag."""
     table = period_rows(periods, preds, cfg.evaluate, oracle)
     markdown = backtest_markdown(table, cfg)
     flat, steps = parent_metrics(table)
     runs.log_metrics(cfg, parent_run_id, flat)
     for step, metrics in steps:
         runs.log_metrics(cfg, parent_run_id, metrics, step=step)
+    if wall_seconds is not None:
+        runs.set_tags(cfg, parent_run_id, {"alphaloom.wall_seconds": f"{wall_seconds:.0f}"})
     client = store.client_for(cfg)
     client.log_text(parent_run_id, markdown, MARKDOWN_NAME)
     client.log_text(parent_run_id, table.to_csv(index=False), "backtest.csv")

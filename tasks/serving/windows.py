@@ -24,7 +24,7 @@ from alphaloom.tasks.serving.bundle import SymbolInputs
 
 @dataclass(frozen=True)
 class SymbolTable:
-    """What `gather_batch` reads per symbol id (the request's symbols, row = id)."""
+    """The two ShardSetInfo fields `gather_batch` reads, for the request's symbols (row = id)."""
 
     text: np.ndarray
     has_text: np.ndarray
@@ -71,4 +71,4 @@ def window_batches(
     """Batches (the batch contract of alphaloom.model.batch) of the windows ending at `rows`."""
     windows = panel.windows()
     for start in range(0, len(rows), batch_size):
-        yield gather_batch(panel, windows, rows[start : start + batch_size], table)  # type: ignore[arg-type]
+        yield gather_batch(panel, windows, rows[start : start + batch_size], table)
