@@ -36,6 +36,7 @@ from alphaloom.tasks.tracking import runs, store
 
 MODELS = ("network", "lightgbm")
 MARKDOWN_NAME = "backtest.md"
+TAG_WALL = "alphaloom.wall_seconds"
 
 
 @dataclass
@@ -235,17 +236,17 @@ def log_backtest(
     wall_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Build the table from the concatenated predictions and log it (backtest.md, .csv, .png,
-    the predictions, metrics) to the parent run; return the flow's summary. `wall_seconds`
-    (this invocation's, so a resumed backtest's last leg) goes into a tag."""
+    the predictions, metrics) to the parent run; return the flow's summary. `wall_seconds` of
+    the invocation that first finishes the backtest (after a crash: its last leg) is a tag."""
     table = period_rows(periods, preds, cfg.evaluate, oracle)
     markdown = backtest_markdown(table, cfg)
     flat, steps = parent_metrics(table)
     runs.log_metrics(cfg, parent_run_id, flat)
     for step, metrics in steps:
         runs.log_metrics(cfg, parent_run_id, metrics, step=step)
-    if wall_seconds is not None:
-        runs.set_tags(cfg, parent_run_id, {"alphaloom.wall_seconds": f"{wall_seconds:.0f}"})
     client = store.client_for(cfg)
+    if wall_seconds is not None and TAG_WALL not in client.get_run(parent_run_id).data.tags:
+        client.set_tag(parent_run_id, TAG_WALL, f"{wall_seconds:.0f}")
     client.log_text(parent_run_id, markdown, MARKDOWN_NAME)
     client.log_text(parent_run_id, table.to_csv(index=False), "backtest.csv")
     client.log_figure(parent_run_id, backtest_figure(table, preds, cfg), "backtest.png")
