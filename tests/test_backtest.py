@@ -265,7 +265,12 @@ def test_backtest_table_of_an_unknown_run_exits_2_and_says_why(mlflow_uri: str, 
 def test_backtest_command_names_an_impossible_plan(tmp_path: Path, mlflow_uri: str, capsys) -> None:
     from alphaloom.flows.cli import main
 
-    sets = [*FAST, f"work_dir={tmp_path / 'work'}", "backtest.start=2030-01-01"]
+    sets = [
+        *FAST,
+        f"work_dir={tmp_path / 'work'}",
+        "backtest.end=null",
+        "backtest.start=2030-01-01",
+    ]
     args = ["backtest", "--config", str(REPO / "configs" / "smoke.yaml")]
     assert main([*args, *(t for item in sets for t in ("--set", item))]) == 2
     assert "no period to score" in capsys.readouterr().err
