@@ -12,7 +12,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from alphaloom.tasks.common.config import ConfigError, PipelineConfig, load_config, packaged_config
+from alphaloom.tasks.common.config import (
+    DEFAULT_CONFIG_NAME,
+    ConfigError,
+    PipelineConfig,
+    load_config,
+    packaged_config,
+)
 
 # Prefect's temporary server needs longer than its default 20 s to start on small machines.
 _ENV_DEFAULTS = {
@@ -30,10 +36,13 @@ def _set_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def _config(args: argparse.Namespace) -> PipelineConfig:
-    """--config, else the packaged default.yaml (the same file as the repository's
-    configs/default.yaml), with the --set overrides applied."""
-    return load_config(args.config or packaged_config(), args.overrides)
+NIGHTLY_CONFIG_NAME = "nightly.yaml"  # rolling splits and a promotion margin
+
+
+def _config(args: argparse.Namespace, default: str = DEFAULT_CONFIG_NAME) -> PipelineConfig:
+    """--config, else the packaged config `default` (default.yaml: the same file as the
+    repository's configs/default.yaml), with the --set overrides applied."""
+    return load_config(args.config or packaged_config(default), args.overrides)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alphaloom.flows.pipeline import train_pipeline
 
     cfg = _config(args)
-    summary = train_pipeline(cfg)
+    summary = train_pipeline(cfg, resume_run_id=args.resume)
     _print_summary(summary)
     return 0
 
@@ -99,7 +108,9 @@ def cmd_train_ddp(args: argparse.Namespace) -> int:
     from alphaloom.flows.pipeline import train_pipeline_ddp
 
     cfg = _config(args)
-    summary = train_pipeline_ddp(cfg, nproc_per_node=args.nproc_per_node, backend=args.backend)
+    summary = train_pipeline_ddp(
+        cfg, nproc_per_node=args.nproc_per_node, backend=args.backend, resume_run_id=args.resume
+    )
     _print_summary(summary)
     return 0
 
@@ -117,10 +128,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    """Run the nightly retrain once, now."""
+    """Run the nightly retrain once, now (default config: the packaged nightly.yaml)."""
     from alphaloom.flows.nightly import nightly_retrain
 
-    cfg = _config(args)
+    cfg = _config(args, NIGHTLY_CONFIG_NAME)
     _print_summary(nightly_retrain(cfg))
     return 0
 
@@ -129,7 +140,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train the full model, its ablations and the LightGBM baseline; compare them in MLflow."""
     from alphaloom.flows.compare import compare_models
     from alphaloom.tasks.comparison.baselines import INSTALL_HINT, lightgbm_available
-    from alphaloom.tasks.comparison.compare import (
+    from alphaloom.tasks.comparison.variants import (
         DEFAULT_VARIANTS,
         CompareError,
         load_variants,
@@ -195,7 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the nightly-retrain and score-latest deployments from this one process."""
     from alphaloom.flows.serve import serve_deployments
 
-    serve_deployments(args.config or packaged_config(), cron=args.cron, timezone=args.timezone)
+    config = args.config or packaged_config(NIGHTLY_CONFIG_NAME)
+    serve_deployments(config, cron=args.cron, timezone=args.timezone)
     return 0
 
 
@@ -217,7 +229,7 @@ def _print_summary(summary: dict) -> None:
         if key in metrics:
             print(f"{key:<22}{metrics[key]: .4f}")
     if "promoted" in summary:
-        print(f"champion moved:  {summary['promoted']}")
+        print(f"champion moved:  {summary['promoted']}  ({summary.get('registry_reason', '')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         _add_config_arguments(command)
         command.set_defaults(func=func)
+        if name == "run":
+            _add_resume_argument(command)
 
     compare = sub.add_parser("compare", help="compare the model, its ablations and LightGBM")
     _add_config_arguments(compare)
@@ -269,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=["auto", "gloo", "nccl"], default="auto", help="auto: NCCL on CUDA"
     )
     ddp.set_defaults(func=cmd_train_ddp)
+    _add_resume_argument(ddp)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     _add_config_arguments(ui)
@@ -281,11 +296,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
 
     serve = sub.add_parser("serve", help="serve the scheduled deployments in this process")
-    serve.add_argument("--config", default=None, help="default: the packaged default.yaml")
+    serve.add_argument("--config", default=None, help="default: the packaged nightly.yaml")
     serve.add_argument("--cron", default="0 22 * * 1-5", help="nightly retrain schedule")
     serve.add_argument("--timezone", default="America/New_York")
     serve.set_defaults(func=cmd_serve, overrides=[])
     return parser
+
+
+def _add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_ID",
+        help="continue this unfinished MLflow run from its checkpoint (without it, an unfinished "
+        "run of the same data, config and code is continued when there is one)",
+    )
+
+
+# Commands that run Prefect flows, and so may start Prefect's temporary server.
+FLOW_COMMANDS = ("run", "score", "nightly", "compare", "train-ddp", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,12 +322,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _set_env_defaults()  # before anything imports Prefect, which reads its settings then
     from alphaloom.tasks.common.storage import StorageError
     from alphaloom.tasks.data.checks import DataValidationError
+    from alphaloom.tasks.tracking.resume import ResumeError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in FLOW_COMMANDS:
+        from alphaloom.tasks.orchestration.reaper import start_reaper
+
+        start_reaper()  # a kill -9 of this process must not orphan Prefect's temporary server
     try:
         return args.func(args)
     except ConfigError as err:
@@ -309,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except StorageError as err:
         print(f"alphaloom: bad stored output:\n{err}", file=sys.stderr)
+        return 2
+    except ResumeError as err:
+        print(f"alphaloom: cannot resume:\n{err}", file=sys.stderr)
         return 2
 
 

@@ -15,23 +15,20 @@ from prefect import flow
 
 from alphaloom.flows.pipeline import data_stages, resolve_config
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.comparison.compare import (
-    DEFAULT_VARIANTS,
-    REFERENCE,
-    Progress,
-    Variant,
-    check_variants,
-    outcome_from_state,
-    seed_list,
-    skipped_variants,
-    variant_task,
-)
+from alphaloom.tasks.comparison.compare import REFERENCE, Progress, outcome_from_state, variant_task
 from alphaloom.tasks.comparison.summary import (
     log_comparison,
     log_plan,
     outcome_line,
     parent_tags,
     publish_comparison,
+)
+from alphaloom.tasks.comparison.variants import (
+    DEFAULT_VARIANTS,
+    Variant,
+    check_variants,
+    seed_list,
+    skipped_variants,
 )
 from alphaloom.tasks.data.ingest import load_saved_oracle
 from alphaloom.tasks.evaluation.exposures import market_exposures

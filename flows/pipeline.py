@@ -27,14 +27,16 @@ from alphaloom.tasks.dataset.shard_fanout import (
     write_shard_task,
 )
 from alphaloom.tasks.dataset.shards import shards_task
+from alphaloom.tasks.dataset.split_windows import evaluated_splits
 from alphaloom.tasks.dataset.text import text_task
 from alphaloom.tasks.evaluation.evaluate import evaluate_task
 from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.orchestration.caching import StageRef
 from alphaloom.tasks.orchestration.runners import task_runner_for
-from alphaloom.tasks.serving.registry import register_task
+from alphaloom.tasks.serving.promotion import register_task
 from alphaloom.tasks.tracking.report import publish_summary, run_summary
-from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
+from alphaloom.tasks.tracking.resume import resumable_run
+from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags
 from alphaloom.tasks.training.distributed import Backend, train_ddp_task
 from alphaloom.tasks.training.train import TrainResult, checkpoint_dir_for, train_task
 
@@ -95,14 +97,17 @@ def model_stages(
     market: StageRef,
     shards: StageRef,
     train: Callable[..., TrainResult] = train_task,
+    resume_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train (`train_task`, or e.g. the DDP launcher), evaluate and register inside one MLflow
-    run (FAILED if any stage fails)."""
-    with tracked_run(cfg, run_tags(shards)) as run_id:
+    run (FAILED if any stage fails): `resume_run_id`, else the unfinished run of the same work
+    (its checkpoint resumes), else a new run (tasks/tracking/resume.py)."""
+    with resumable_run(cfg, run_tags(shards), resume_run_id) as run_id:
         log_shard_dataset(cfg, run_id, shards.path)
         result = train(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
         oracle, exposures = load_saved_oracle(market), market_exposures(market)
-        metrics = evaluate_task(result.model, shards.path, cfg, run_id, oracle, exposures)
+        splits = evaluated_splits(shards.path)
+        metrics = evaluate_task(result.model, shards.path, cfg, run_id, oracle, exposures, splits)
         decision = register_task(cfg, run_id, result, shards.path)
     summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch)
     publish_summary(summary)
@@ -111,12 +116,15 @@ def model_stages(
 
 @flow(name="train-pipeline", log_prints=True)
 def train_pipeline(
-    config: PipelineConfig | None = None, config_path: str | None = None
+    config: PipelineConfig | None = None,
+    config_path: str | None = None,
+    resume_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate and register a ranker on the configured data."""
+    """Train, evaluate and register a ranker on the configured data (continuing MLflow run
+    `resume_run_id`, or an unfinished run of the same work, from its checkpoint)."""
     cfg = resolve_config(config, config_path)
     market, shards = data_stages(cfg)
-    return model_stages(cfg, market, shards)
+    return model_stages(cfg, market, shards, resume_run_id=resume_run_id)
 
 
 @flow(name="train-pipeline-ddp", log_prints=True)
@@ -125,9 +133,10 @@ def train_pipeline_ddp(
     config_path: str | None = None,
     nproc_per_node: int = 2,
     backend: Backend = "auto",
+    resume_run_id: str | None = None,
 ) -> dict[str, Any]:
     """The training pipeline with training run by torchrun (DDP) on this machine."""
     cfg = resolve_config(config, config_path)
     market, shards = data_stages(cfg)
     train = partial(train_ddp_task, nproc_per_node=nproc_per_node, backend=backend)
-    return model_stages(cfg, market, shards, train)
+    return model_stages(cfg, market, shards, train, resume_run_id)

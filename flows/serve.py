@@ -16,6 +16,7 @@ def serve_deployments(config_path: str, cron: str, timezone: str) -> None:
         parameters={"config_path": config_path},
         schedule=Cron(cron, timezone=timezone),
         tags=["alphaloom", "nightly"],
+        concurrency_limit=1,  # one promotion at a time (tasks/serving/promotion_lock.py)
     )
     scoring = score_latest.to_deployment(
         name="score-latest", parameters={"config_path": config_path}, tags=["alphaloom"]

@@ -29,7 +29,7 @@ class LossSpec(Protocol):
 
     kind: Literal["composite", "focal", "cross_entropy"]
     gamma: float
-    alpha: Literal["batch"] | Sequence[float] | None
+    alpha: Literal["batch", "batch_symmetric"] | Sequence[float] | None
     alpha_smoothing: float
     alpha_ema: float | None
     distance_weight: float
@@ -63,17 +63,24 @@ def _masked_mean(values: Tensor, known: Tensor) -> Tensor:
     return total / known.sum().clamp_min(1).to(total.dtype)
 
 
-def batch_class_weights(labels: Tensor, n_classes: int, smoothing: float) -> Tensor:
+def batch_class_weights(
+    labels: Tensor, n_classes: int, smoothing: float, symmetric: bool = False
+) -> Tensor:
     """Inverse class frequency 1 / (count_c + smoothing), normalised to mean 1 over the K classes.
 
     The additive smoothing keeps an absent class finite (its weight is then 1/smoothing before
-    normalisation). Ignored labels (-1) are not counted.
+    normalisation). Ignored labels (-1) are not counted. `symmetric` gives class k and class
+    K-1-k the mean of their two weights: the rare top class is still up-weighted, but so is the
+    bottom one by the same amount, so the weighting rewards neither tail over the other (plain
+    inverse frequency up-weights only the top decile, which pays any stock with fat tails).
     """
     if smoothing <= 0:
         raise ValueError(f"alpha smoothing must be > 0 (absent classes stay finite): {smoothing}")
     known = labels[labels != IGNORE_LABEL]
     counts = torch.bincount(known, minlength=n_classes)[:n_classes].float()
     raw = 1.0 / (counts + smoothing)
+    if symmetric:
+        raw = (raw + raw.flip(0)) / 2.0
     return raw * (n_classes / raw.sum())
 
 
@@ -82,7 +89,8 @@ class FocalLoss(nn.Module):
 
     `alpha`: None (all 1), a per-class sequence of K weights, or "batch" (inverse class frequency
     of the current batch, see `batch_class_weights`, optionally smoothed across batches by an
-    exponential moving average with decay `alpha_ema`). A scalar alpha, which detection libraries
+    exponential moving average with decay `alpha_ema`), or "batch_symmetric" (the same with
+    mirrored classes sharing one weight). A scalar alpha, which detection libraries
     apply as alpha for class 1 and 1-alpha for "background" class 0, is rejected: class 0 here is
     the worst return bucket, not background. The EMA advances only in training mode; in eval mode
     the current average is used as is. It is a buffer, so it is saved with the state_dict.
@@ -91,7 +99,7 @@ class FocalLoss(nn.Module):
     def __init__(
         self,
         gamma: float = 2.0,
-        alpha: Literal["batch"] | Sequence[float] | None = None,
+        alpha: Literal["batch", "batch_symmetric"] | Sequence[float] | None = None,
         alpha_smoothing: float = 1.0,
         alpha_ema: float | None = None,
         n_classes: int = NUM_CLASSES,
@@ -108,7 +116,8 @@ class FocalLoss(nn.Module):
             raise ValueError(f"alpha_ema must lie in [0, 1), got {alpha_ema}")
         self.gamma = float(gamma)
         self.n_classes = n_classes
-        self.batch_alpha = alpha == "batch"
+        self.batch_alpha = alpha in ("batch", "batch_symmetric")
+        self.symmetric_alpha = alpha == "batch_symmetric"
         self.alpha_smoothing = float(alpha_smoothing)
         self.alpha_ema = alpha_ema
         if self.batch_alpha:
@@ -130,7 +139,9 @@ class FocalLoss(nn.Module):
             return self.fixed_alpha
         if not self.batch_alpha:
             return None
-        current = batch_class_weights(labels, self.n_classes, self.alpha_smoothing)
+        current = batch_class_weights(
+            labels, self.n_classes, self.alpha_smoothing, self.symmetric_alpha
+        )
         if self.alpha_ema is None:
             return current
         if not self.training:

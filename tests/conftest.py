@@ -41,6 +41,16 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
+@pytest.fixture(scope="module")
+def module_store_uri(tmp_path_factory) -> Iterator[str]:
+    """One SQLite MLflow store for a test module (creating one costs seconds), also set as
+    $MLFLOW_TRACKING_URI for the module; tests name their registered models apart."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
 @pytest.fixture
 def memory_root() -> Iterator[str]:
     """A fresh memory:// folder, removed afterwards (the memory filesystem is global to the

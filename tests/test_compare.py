@@ -16,21 +16,20 @@ import pytest
 import torch
 
 from alphaloom.tasks.common.config import ConfigError, load_config
-from alphaloom.tasks.comparison.compare import (
-    DEFAULT_VARIANTS,
-    CompareError,
-    Variant,
-    VariantFailed,
-    VariantOutcome,
-    load_variants,
-    seed_list,
-    variant_config,
-)
+from alphaloom.tasks.comparison.compare import VariantFailed, VariantOutcome
 from alphaloom.tasks.comparison.summary import (
     comparison_csv,
     comparison_markdown,
     oracle_rank_ic,
     summarise,
+)
+from alphaloom.tasks.comparison.variants import (
+    DEFAULT_VARIANTS,
+    CompareError,
+    Variant,
+    load_variants,
+    seed_list,
+    variant_config,
 )
 from tests.helpers_train import build_tiny_shards
 
@@ -42,6 +41,7 @@ FAST = [
     "train.num_threads=1",
     "train.device=cpu",
 ]
+DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 TINY_LGBM = {"max_rounds": 12, "early_stopping_rounds": 4, "num_leaves": 7, "min_data_in_leaf": 20}
 
 
@@ -49,21 +49,31 @@ TINY_LGBM = {"max_rounds": 12, "early_stopping_rounds": 4, "num_leaves": 7, "min
 # variants as data
 
 
-def test_default_variants_cover_the_issue_and_validate():
-    cfg = load_config(SMOKE)
+def test_default_variants_cover_the_grid_and_each_changes_the_default():
+    """Every idea is separable: each network variant differs from the default config (a
+    variant that changes nothing would report a fake zero effect), and says what it means."""
+    cfg = load_config(DEFAULT)
     names = {v.name for v in DEFAULT_VARIANTS}
     assert {"full", "no_attention", "no_text", "no_industry", "no_index", "no_calendar"} <= names
-    assert {"cross_entropy", "focal_no_distance", "fixed_alpha", "lightgbm"} <= names
+    assert {
+        "cross_entropy", "ce_alpha", "focal", "focal_alpha", "no_distance", "no_rank",
+        "softmax_head", "softmax_class_values", "blend_lightgbm", "lightgbm",
+    } <= names  # fmt: skip
+    by_name = {v.name: variant_config(cfg, v, cfg.train.seed) for v in DEFAULT_VARIANTS}
+    assert by_name["full"].model_dump() == cfg.model_dump()
     for variant in DEFAULT_VARIANTS:
-        vcfg = variant_config(cfg, variant, seed=11)
-        assert vcfg.train.seed == 11
-    by_name = {v.name: variant_config(cfg, v, 0) for v in DEFAULT_VARIANTS}
+        if variant.kind == "network" and variant.name != "full":
+            assert by_name[variant.name].model_dump() != cfg.model_dump(), variant.name
+        assert variant.description, variant.name
+    ce = by_name["cross_entropy"]
+    assert ce.loss.kind == "cross_entropy" and ce.loss.rank_weight == 0
+    assert ce.model.model_dump() == cfg.model.model_dump()  # the same network
+    assert by_name["ce_alpha"].loss.gamma == 0 and by_name["ce_alpha"].loss.alpha == "batch"
+    assert by_name["focal"].loss.alpha is None and by_name["focal"].loss.kind == "focal"
+    assert by_name["no_rank"].loss.rank_weight == 0
+    assert by_name["softmax_class_values"].model.score == "class_values"
     assert not by_name["no_attention"].model.use_attention
-    assert by_name["cross_entropy"].loss.kind == "cross_entropy"
-    assert by_name["focal_no_distance"].loss.kind == "focal"
-    alpha = by_name["fixed_alpha"].loss.alpha
-    assert isinstance(alpha, list) and len(alpha) == 4 and np.isclose(np.mean(alpha), 1, atol=1e-3)
-    assert by_name["full"].model_dump() == cfg.model_dump()  # smoke's train.seed is 0
+    assert variant_config(cfg, DEFAULT_VARIANTS[1], seed=11).train.seed == 11
 
 
 def test_bad_override_names_the_variant_and_key():

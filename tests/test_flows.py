@@ -231,32 +231,75 @@ def test_failing_flow_leaves_mlflow_run_failed(tmp_path, mlflow_store, monkeypat
     assert runs[0].info.status == "FAILED"
 
 
-def test_nightly_trains_on_new_days_and_promotes_only_when_better(tmp_path, mlflow_store) -> None:
-    base = smoke(tmp_path / "work", "tracking.registered_model=alphaloom-nightly")
+ROLLING = (
+    "features.splits.valid_days=40",
+    "features.splits.promotion_days=25",
+    "features.splits.test_days=0",
+    "registry.min_days=20",
+)
+
+
+def shifted(before: str, after: str) -> int:
+    """Business days from `before` to `after` (the synthetic market's calendar)."""
+    return len(pd.bdate_range(before, after)) - 1
+
+
+def test_nightly_trains_on_the_new_days_and_promotes_only_past_the_margin(
+    tmp_path, mlflow_store
+) -> None:
+    base = smoke(tmp_path / "work")
     market_dir = tmp_path / "market"
     write_market(generate_market(base.data.synthetic), market_dir, base.data.synthetic)
     cfg = smoke(
         tmp_path / "work",
+        *ROLLING,
         "tracking.registered_model=alphaloom-nightly",
         "data.source=files",
         f"data.bars_path={market_dir}",
+        "registry.margin=1.0",  # no model beats another by a daily Rank IC of 1
     )
-    first = train_pipeline(config=cfg)
-    assert first["promoted"] is True
-    extended = extend_market(market_dir, 15)
-    summary = nightly_retrain(config=cfg)
-
     client = mlflow.MlflowClient(mlflow_store)
-    run = client.get_run(summary["run_id"])
-    assert run.data.tags["alphaloom.trigger"] == "nightly"
-    shard_dir = run.data.tags["alphaloom.shard_dir"]
-    assert pd.Timestamp(ShardSetInfo.open(shard_dir).last_date) == extended.bars["date"].max()
-    metrics = run.data.metrics
-    better = metrics["registry/new_valid_rank_ic"] > metrics["registry/champion_valid_rank_ic"]
-    assert summary["promoted"] is better
-    champion = client.get_model_version_by_alias("alphaloom-nightly", "champion")
-    assert (champion.run_id == summary["run_id"]) is better
-    assert Path(summary["scores"]["parquet"]).is_file()
+
+    def night(config: PipelineConfig) -> tuple[dict, dict[str, list[str]]]:
+        summary = nightly_retrain(config=config)
+        run = client.get_run(summary["run_id"])
+        assert run.data.tags["alphaloom.trigger"] == "nightly"
+        splits = ShardSetInfo.open(run.data.tags["alphaloom.shard_dir"]).manifest["splits"]
+        return summary, splits
+
+    first, first_splits = night(cfg)
+    assert first["promoted"] is True and "test" not in first_splits  # production: no test split
+    extended = extend_market(market_dir, 20)
+    second, splits = night(cfg)
+
+    # Trained on the new days: every window moved with the newest day, training took all 20.
+    assert splits["promotion"][1] == f"{extended.bars['date'].max():%Y-%m-%d}"
+    for name in ("train", "valid", "promotion"):
+        assert shifted(first_splits[name][1], splits[name][1]) == 20, name
+    # Compared where neither model selected: after the champion's and the challenger's validation.
+    assert splits["promotion"][0] > max(first_splits["valid"][1], splits["valid"][1])
+    assert second["promoted"] is False
+    name = "alphaloom-nightly"
+    version = client.get_model_version(name, second["model_version"])
+    tags = version.tags
+    assert tags["promotion.promoted"] == "false" and tags["promotion.margin"] == "1"
+    assert tags["promotion.champion_version"] == first["model_version"]
+    assert int(tags["promotion.paired_days"]) >= 20
+    gain = float(tags["promotion.mean_daily_diff"])
+    assert gain == pytest.approx(
+        float(tags["promotion.challenger_rank_ic"]) - float(tags["promotion.champion_rank_ic"]),
+        abs=1e-5,
+    )
+    assert client.get_model_version_by_alias(name, "challenger").version == version.version
+    assert client.get_model_version_by_alias(name, "champion").run_id == first["run_id"]
+    assert Path(second["scores"]["parquet"]).is_file()
+
+    # The same night with a margin the same challenger clears: promoted.
+    eager = cfg.model_copy(deep=True)
+    eager.registry.margin = gain - 0.5
+    third, _ = night(eager)
+    assert third["promoted"] is True
+    assert client.get_model_version_by_alias(name, "champion").run_id == third["run_id"]
 
 
 def test_pipeline_and_scoring_with_every_output_at_a_url(

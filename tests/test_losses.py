@@ -257,3 +257,16 @@ def test_composite_adds_the_weighted_rank_term_and_needs_its_inputs():
     with pytest.raises(ValueError, match="score, returns and days"):
         composite(logits, labels)
     assert not build_loss(LossSection()).needs_days
+
+
+def test_symmetric_batch_alpha_weights_both_tails_alike():
+    labels = torch.tensor([0] * 30 + [1] * 30 + [2] * 30 + [3] * 10)
+    plain = batch_class_weights(labels, 4, smoothing=1.0)
+    symmetric = batch_class_weights(labels, 4, smoothing=1.0, symmetric=True)
+    assert plain[3] > 2 * plain[0]  # inverse frequency: only the top decile is up-weighted
+    torch.testing.assert_close(symmetric[0], symmetric[3])
+    torch.testing.assert_close(symmetric[1], symmetric[2])
+    assert symmetric[3] > symmetric[1]  # the rare class is still up-weighted
+    assert symmetric.mean().item() == pytest.approx(1.0)
+    loss = FocalLoss(gamma=0.0, alpha="batch_symmetric")
+    torch.testing.assert_close(loss.class_weights(labels), symmetric)

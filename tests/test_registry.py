@@ -1,10 +1,10 @@
-"""Registry: the champion alias moves only on a better score on the same window; the logged
-champion loads in a fresh process and scores exactly like the in-memory model."""
+"""Registry with real models: registered once per run, alias `challenger`; champion and
+challenger scored through the same pyfunc path on the promotion window; the logged champion
+loads in a fresh process and scores exactly like the in-memory model."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -12,117 +12,22 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.evaluation.predictions import eval_dataset, torch_scorer
-from alphaloom.tasks.serving import registry
+from alphaloom.tasks.serving import promotion, registry
 from alphaloom.tasks.tracking import runs, store
 from alphaloom.tasks.training.train import TrainResult, train_model
 from tests.helpers_train import TinyData, build_tiny_shards, tiny_config
 
 
-def test_decision_rule() -> None:
-    assert registry.decide(0.01, None, None) == (True, "no champion yet")
-    assert registry.decide(0.05, "1", 0.04)[0] is True
-    assert registry.decide(0.04, "1", 0.04)[0] is False  # a tie keeps the champion
-    assert registry.decide(0.03, "1", 0.04)[0] is False
-    assert registry.decide(math.nan, "1", 0.04)[0] is False
-    promoted, reason = registry.decide(0.0, "1", None, "feature set differs")
-    assert promoted and "feature set differs" in reason and "v1" in reason
-
-
-@pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    """One SQLite store for the module (creating one costs seconds); models are named per test."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
-
-
 @pytest.fixture
-def cfg(store_uri: str, request) -> PipelineConfig:
+def cfg(module_store_uri: str, request) -> PipelineConfig:
     name = request.node.name.removeprefix("test_")[:60]
     return PipelineConfig(
-        tracking={"tracking_uri": store_uri, "experiment": "reg", "registered_model": name}
-    )
-
-
-def _register(cfg: PipelineConfig, run_id: str) -> str:
-    """A real model version (any artifact will do for the decision logic)."""
-    client = store.client_for(cfg)
-    client.log_text(run_id, "weights", "model/placeholder.txt")
-    name = cfg.tracking.registered_model
-    if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name)
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    return str(client.create_model_version(name, source, run_id=run_id).version)
-
-
-def test_champion_moves_only_on_a_better_score_and_both_scores_are_logged(
-    cfg: PipelineConfig,
-) -> None:
-    # Scores of each version on "the new validation window" (what re-scoring would return).
-    on_window = {"1": 0.030, "2": 0.020, "3": 0.045}
-    scored: list[str] = []
-
-    def scorer(uri: str) -> float:
-        version = uri.rsplit("/", 1)[1]
-        scored.append(version)
-        return on_window[version]
-
-    client = store.client_for(cfg)
-    outcomes = {}
-    for version_expected, new_score in (("1", 0.030), ("2", 0.020), ("3", 0.045)):
-        with runs.tracked_run(cfg) as run_id:
-            version = _register(cfg, run_id)
-            assert version == version_expected
-            outcomes[version] = (
-                run_id,
-                registry.promote_if_better(cfg, run_id, version, new_score, scorer),
-            )
-
-    assert [d.promoted for _, d in outcomes.values()] == [True, False, True]
-    assert scored == ["1", "1"]  # the champion of the day is re-scored, the newcomer is not
-    assert (
-        str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
-        == "3"
-    )
-
-    run_id, decision = outcomes["2"]
-    metrics = client.get_run(run_id).data.metrics
-    tags = client.get_run(run_id).data.tags
-    assert metrics["registry/new_valid_rank_ic"] == pytest.approx(0.020)
-    assert metrics["registry/champion_valid_rank_ic"] == pytest.approx(on_window["1"])
-    assert metrics["registry/promoted"] == 0.0
-    assert tags["registry.champion_version"] == "1" and tags["registry.promoted"] == "false"
-    assert decision.reason in tags["registry.reason"]
-    version_tags = client.get_model_version(cfg.tracking.registered_model, "2").tags
-    assert version_tags["promoted"] == "false" and float(version_tags["valid_rank_ic"]) == 0.02
-
-    run_id, _ = outcomes["3"]
-    assert client.get_run(run_id).data.metrics["registry/promoted"] == 1.0
-
-
-def test_an_incomparable_champion_loses_and_says_why(cfg: PipelineConfig) -> None:
-    def incompatible(uri: str) -> float:
-        raise registry.IncompatibleChampion("its feature set differs from the new shard set")
-
-    with runs.tracked_run(cfg) as first:
-        registry.promote_if_better(cfg, first, _register(cfg, first), 0.05, incompatible)
-    with runs.tracked_run(cfg) as second:
-        decision = registry.promote_if_better(
-            cfg, second, _register(cfg, second), 0.01, incompatible
-        )
-    assert decision.promoted and decision.champion_score is None
-    client = store.client_for(cfg)
-    tags = client.get_run(second).data.tags
-    assert "feature set differs" in tags["registry.reason"]
-    assert "registry/champion_valid_rank_ic" not in client.get_run(second).data.metrics
-    assert (
-        str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
-        == "2"
+        tracking={"tracking_uri": module_store_uri, "experiment": "reg", "registered_model": name}
     )
 
 
@@ -158,7 +63,7 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
     run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
     client = store.client_for(run_cfg)
     with runs.tracked_run(run_cfg) as run_id:
-        first = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
+        first = promotion.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
         assert client.get_run(run_id).info.status == "RUNNING"  # logging did not end the run
     assert first.promoted
     assert mlflow.active_run() is None
@@ -199,17 +104,49 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_identically(
     for k in range(4):
         np.testing.assert_allclose(loaded[f"p{k}"], probs[:, k], rtol=0, atol=1e-6)
 
-    # The same weights registered again: the champion re-scored on this window ties, so it stays.
+    # The same weights registered again: champion and challenger go through the same pyfunc
+    # code at the same precision on the same window, so every day ties exactly; the champion stays.
     with runs.tracked_run(run_cfg) as run_id:
-        second = registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
+        second = promotion.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
     assert second.champion_version == first.new_version
-    assert second.champion_score == pytest.approx(trained.best_val_rank_ic, abs=1e-9)
+    assert second.mean_daily_diff == 0.0 and second.new_score == second.champion_score
     assert not second.promoted
+    assert second.window.startswith("test ")  # fraction splits: the test window
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
-    assert (
-        str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
-        == "1"
+    name = cfg.tracking.registered_model
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+
+
+def test_a_retried_registration_adds_no_version(
+    tiny: TinyData, trained: TrainResult, cfg: PipelineConfig
+) -> None:
+    run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
+    client = store.client_for(run_cfg)
+    name = cfg.tracking.registered_model
+    with runs.tracked_run(run_cfg) as run_id:
+        first = registry.register_once(run_cfg, run_id, trained, tiny.shard_dir)
+        again = registry.register_once(run_cfg, run_id, trained, tiny.shard_dir)
+        decision = promotion.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
+    assert first == again == decision.new_version
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert len(client.get_run(run_id).outputs.model_outputs) == 1  # logged once, too
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == first
+
+
+def test_the_promotion_window_scores_the_days_after_validation(
+    tiny: TinyData, trained: TrainResult
+) -> None:
+    from alphaloom.tasks.dataset.split_windows import split_bounds
+
+    window, _ = promotion.window_scorer(tiny.shard_dir, tiny.cfg)
+    bounds = split_bounds(tiny.shard_dir)
+    assert (window.name, window.first, window.last) == (
+        "test",
+        pd.Timestamp(bounds["test"][0]),
+        pd.Timestamp(bounds["test"][1]),
     )
+    assert window.first > pd.Timestamp(bounds["valid"][1])
 
 
 def test_a_champion_with_another_feature_set_cannot_be_scored(
@@ -217,8 +154,8 @@ def test_a_champion_with_another_feature_set_cannot_be_scored(
 ) -> None:
     run_cfg = tiny.cfg.model_copy(update={"tracking": cfg.tracking})
     with runs.tracked_run(run_cfg) as run_id:
-        registry.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
+        promotion.register_and_promote(run_cfg, run_id, trained, tiny.shard_dir)
     other = build_tiny_shards(tmp_path, "features.factors=[KMID, KLEN, ROC]")
-    scorer = registry.pyfunc_champion_scorer(other.shard_dir, run_cfg)
+    _, scorer = promotion.window_scorer(other.shard_dir, run_cfg)
     with pytest.raises(registry.IncompatibleChampion, match="feature set differs"):
         scorer(f"models:/{cfg.tracking.registered_model}@champion")

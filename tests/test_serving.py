@@ -31,7 +31,7 @@ from alphaloom.tasks.data.alpha158 import compute_alpha158
 from alphaloom.tasks.data.synthetic import SyntheticMarket
 from alphaloom.tasks.evaluation.predictions import eval_dataset, predict, torch_scorer
 from alphaloom.tasks.serving import bundle as bundle_module
-from alphaloom.tasks.serving import registry
+from alphaloom.tasks.serving import promotion, registry
 from alphaloom.tasks.tracking import runs
 from alphaloom.tasks.training.distributed import free_port
 from alphaloom.tasks.training.train import TrainResult, train_model
@@ -84,7 +84,7 @@ def served(tmp_path_factory) -> Served:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store)
         with runs.tracked_run(cfg) as run_id:
-            decision = registry.register_and_promote(cfg, run_id, result, shard_dir)
+            decision = promotion.register_and_promote(cfg, run_id, result, shard_dir)
         assert decision is not None and decision.promoted
         yield Served(cfg, root, Path(shard_dir), market, result)
 

@@ -13,12 +13,13 @@ import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 
-from mlflow.entities import RunStatus
+import mlflow
+from mlflow.entities import Run, RunStatus
 
 from alphaloom.tasks.backtest.periods import Period
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.orchestration.caching import StageRef, stage_key
-from alphaloom.tasks.tracking import runs, store
+from alphaloom.tasks.tracking import resume, runs, store
 
 log = logging.getLogger(__name__)
 
@@ -28,44 +29,36 @@ TAG_BACKTEST_KEY = "alphaloom.backtest_key"
 TAG_PERIOD_KEY = "alphaloom.period_key"
 TAG_PERIOD = "alphaloom.period"
 TAG_MODEL = "alphaloom.backtest_model"
-# Settings that say where or how fast a run goes, not what it computes (train.fingerprint
-# leaves the same ones out of a checkpoint's identity).
-_NOT_IDENTITY = {
-    "train": ("device", "num_threads", "checkpoint_every_batches", "progress_every_batches"),
-    "loader": ("num_workers", "prefetch"),
-}
 
 
 def backtest_key(cfg: PipelineConfig, market: StageRef, periods: Sequence[Period]) -> str:
     """Identity of a backtest: the market, the periods and every setting that changes a result
-    (not the work dir, tracking, runner or device), plus this package's code."""
+    (not the work dir, tracking or `resume.VOLATILE`: device, threads, runner), plus this
+    package's code."""
     raw = cfg.model_dump(mode="json")
-    for section in ("work_dir", "tracking", "runner"):
-        raw.pop(section)
-    for section, keys in _NOT_IDENTITY.items():
+    for section, keys in resume.VOLATILE.items():
         for key in keys:
-            raw[section].pop(key)
+            raw[section].pop(key, None)
+    for section in ("work_dir", "tracking"):
+        raw.pop(section)
     section = {"config": raw, "periods": [p.model_dump(mode="json") for p in periods]}
     return stage_key("backtest", [market.key], section, (sys.modules[__name__],))
 
 
-def find_run(cfg: PipelineConfig, tags: Mapping[str, str], unfinished_only: bool) -> str | None:
-    """The newest active run of the experiment carrying all `tags` (unfinished ones only if
-    asked), or None."""
-    client = store.client_for(cfg)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        return None
+def find_run(
+    client: mlflow.MlflowClient, experiment_id: str, tags: Mapping[str, str], unfinished_only: bool
+) -> Run | None:
+    """The newest active run of the experiment carrying all `tags` (not FINISHED ones if
+    `unfinished_only`), or None."""
     clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
     found = client.search_runs(
-        [experiment.experiment_id],
+        [experiment_id],
         filter_string=" and ".join(clauses),
         order_by=["attributes.start_time DESC"],
     )
-    finished = RunStatus.to_string(RunStatus.FINISHED)
     for run in found:
-        if not unfinished_only or run.info.status != finished:
-            return run.info.run_id
+        if not unfinished_only or run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            return run
     return None
 
 
@@ -77,22 +70,26 @@ def continued_run(
     run_name: str,
     unfinished_only: bool,
 ) -> Iterator[str]:
-    """`runs.tracked_run`, but an existing run with the `match` tags is reopened instead of a
-    new one created; it ends FINISHED, or FAILED if the block raises."""
-    run_id = find_run(cfg, match, unfinished_only)
-    if run_id is None:
-        with runs.tracked_run(cfg, {**tags, **match}, run_name) as new_id:
-            yield new_id
-        return
-    log.info("continuing MLflow run %s (%s)", run_id, run_name)
+    """Yield the run to work in: the newest with the `match` tags, reopened and owned by this
+    process (tasks/tracking/resume.py: a RUNNING run whose process died is marked KILLED first),
+    else a new one. It ends FINISHED, or FAILED if the block raises. A run with these tags still
+    RUNNING in a live process (or on another host) is an error, never taken over."""
     client = store.client_for(cfg)
-    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    try:
+    experiment_id = store.ensure_experiment(client, cfg)
+    resume.mark_dead_runs(client, experiment_id)
+    run = find_run(client, experiment_id, match, unfinished_only)
+    if run is None:
+        owner = {resume.TAG_OWNER: resume.Owner.this_process().tag()}
+        run_id = runs.start_run(cfg, {**tags, **match, **owner}, run_name)
+    elif run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+        raise RuntimeError(
+            f"MLflow run {run.info.run_id} ({run_name}) is still running in another process "
+            f"({run.data.tags.get(resume.TAG_OWNER, 'owner unknown')}); wait for it or end it"
+        )
+    else:
+        run_id = resume.reopen(client, run)
+    with runs.ending_run(cfg, run_id):
         yield run_id
-    except BaseException:
-        runs.end_run(cfg, run_id, failed=True)
-        raise
-    runs.end_run(cfg, run_id, failed=False)
 
 
 def parent_run(

@@ -74,11 +74,21 @@ class LabelSection(Section):
 
 
 class SplitSection(Section):
-    """Date splits. Explicit end dates win over fractions of the trading calendar.
+    """Date splits: by explicit end dates (which win over fractions), by fractions of the trading
+    calendar, or rolling, by trailing lengths counted back from the newest day (`valid_days`).
 
     `test_end` (optional) ends the test split: later days are in no split (a backtest of an
     earlier period on data that goes on). `train_start` (optional) starts the train split:
-    earlier days are in no split but still give windows their history (a rolling window).
+    earlier days are in no split but still give windows their history (a walk-forward period's
+    rolling window, tasks/backtest/periods.py).
+
+    Rolling splits keep their windows pinned to the newest data as the calendar grows, so a
+    nightly retrain trains on everything up to its validation window. From the end:
+    `test_days` (0: no test split, the production mode), then `promotion_days` (the window on
+    which the registry compares champion and challenger: neither selected on it), then
+    `valid_days`, then training (at most `train_days`, default all that is left), with
+    `purge_days` between neighbours. Without a promotion window the registry uses the test split.
+    The fractions are ignored in rolling mode; explicit end dates cannot be combined with it.
     """
 
     train_start: dt.date | None = None
@@ -88,6 +98,44 @@ class SplitSection(Section):
     train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
     valid_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     purge_days: int | None = Field(None, ge=0, description="default: label horizon + 1")
+    valid_days: int | None = Field(None, ge=1, description="rolling splits: trailing valid days")
+    test_days: int = Field(0, ge=0, description="rolling: trailing test days; 0 = no test split")
+    promotion_days: int = Field(0, ge=0, description="rolling: champion/challenger window days")
+    train_days: int | None = Field(None, ge=1, description="rolling: cap on training days")
+
+    @property
+    def rolling(self) -> bool:
+        """Whether the splits are trailing lengths (`valid_days` set)."""
+        return self.valid_days is not None
+
+    @model_validator(mode="after")
+    def _rolling_is_one_mode(self) -> SplitSection:
+        if not self.rolling:
+            trailing = {"test_days": self.test_days, "promotion_days": self.promotion_days}
+            trailing["train_days"] = self.train_days
+            for name, value in trailing.items():
+                if value:
+                    raise ValueError(
+                        f"features.splits.{name} is a rolling split length: it needs "
+                        "features.splits.valid_days"
+                    )
+            return self
+        dated = [
+            name
+            for name in ("train_start", "train_end", "valid_end", "test_end")
+            if getattr(self, name)
+        ]
+        if dated:
+            raise ValueError(
+                "features.splits.valid_days (rolling splits) cannot be combined with "
+                + ", ".join(f"features.splits.{name}" for name in dated)
+            )
+        if self.test_days == 0 and self.promotion_days == 0:
+            raise ValueError(
+                "rolling features.splits need promotion_days or test_days > 0: the registry "
+                "compares champion and challenger on a window after validation"
+            )
+        return self
 
     @model_validator(mode="after")
     def _splits_leave_room(self) -> SplitSection:
@@ -207,7 +255,7 @@ class LossSection(Section):
 
     kind: Literal["composite", "focal", "cross_entropy"] = "composite"
     gamma: float = Field(2.0, ge=0.0)
-    alpha: Literal["batch"] | list[float] | None = "batch"
+    alpha: Literal["batch", "batch_symmetric"] | list[float] | None = "batch"
     alpha_smoothing: float = Field(1.0, gt=0.0, description="added to class counts")
     alpha_ema: float | None = Field(None, ge=0.0, lt=1.0)
     distance_weight: float = Field(0.5, ge=0.0)
@@ -280,6 +328,21 @@ class TrackingSection(Section):
     ui_port: int = Field(5000, ge=1, le=65535)
 
 
+class RegistrySection(Section):
+    """Champion / challenger promotion (tasks/serving/promotion.py).
+
+    Every registered model gets the alias `challenger`; it takes `champion` only when its mean
+    daily Rank IC on the promotion window (`features.splits.promotion_days`, else the test split:
+    days neither model selected on) beats the champion's by more than `margin`, over at least
+    `min_days` days on which both have a defined Rank IC. Both are scored by the same code (the
+    registered pyfunc model, CPU, float32). A negative margin prefers the newer model unless it is
+    worse by more than -margin.
+    """
+
+    margin: float = Field(0.0, description="required mean daily Rank IC gain over the champion")
+    min_days: int = Field(20, ge=1, description="paired days the promotion window must have")
+
+
 class RunnerSection(Section):
     """Which Prefect task runner executes fanned-out stage tasks (docs/scaling.md)."""
 
@@ -310,6 +373,7 @@ class PipelineConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
     backtest: BacktestSection = Field(default_factory=BacktestSection)
     runner: RunnerSection = Field(default_factory=RunnerSection)
 

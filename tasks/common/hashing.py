@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,10 +56,22 @@ def code_version(*modules: ModuleType) -> str:
     return digest.hexdigest()[:16]
 
 
-def _imported_names(module: ModuleType) -> set[str]:
-    """Modules named by `module`'s imports (anywhere in it: deferred imports count too)."""
+_AST_LOCK = threading.Lock()  # ast.parse is not thread-safe on CPython 3.11 (gh-106905)
+_IMPORTS: dict[str, frozenset[str]] = {}
+
+
+def _imported_names(module: ModuleType) -> frozenset[str]:
+    """Modules named by `module`'s imports (anywhere in it: deferred imports count too),
+    parsed once per process (stage keys are computed for every task call, in many threads)."""
+    with _AST_LOCK:
+        if module.__name__ not in _IMPORTS:
+            _IMPORTS[module.__name__] = frozenset(_parse_imports(inspect.getsource(module)))
+        return _IMPORTS[module.__name__]
+
+
+def _parse_imports(source: str) -> set[str]:
     names: set[str] = set()
-    for node in ast.walk(ast.parse(inspect.getsource(module))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)

@@ -1,22 +1,21 @@
 """Baselines and ablations side by side: one parent MLflow run, one child run per variant and seed.
 
-A variant is data: a name plus `section.key=value` overrides of the pipeline config (or
-`kind: lightgbm` plus LightGBM parameters), so the ablation list can be extended from YAML
-(`alphaloom compare --variants FILE`) without code. Every variant trains on the same shard set
-and splits, in its own checkpoint directory, and both kinds go through one scoring path
-(`score_and_log`: the prediction frame of each split into `tasks.evaluate.evaluate_predictions`,
-logged by `tasks.runs.log_evaluation`), so every child run carries the same `valid/*` and
-`test/*` metric keys and MLflow's compare view lines them up. Nothing is registered: a
-comparison never moves the `champion` alias.
+Variants are data (tasks/comparison/variants.py). Every variant trains on the same shard set
+and splits, in its own checkpoint directory, and every kind (network, LightGBM, their blend)
+goes through one scoring path (`score_and_log`: the prediction frame of each split into
+`evaluate_predictions`, logged by `runs.log_evaluation`, the daily Rank IC series kept for
+per-day paired tests), so every child run carries the same `valid/*` and `test/*` metric keys
+and MLflow's compare view lines them up. Nothing is registered: a comparison never moves the
+`champion` alias.
 
 Runs are created with explicit ids through `tasks.runs.tracked_run` (child runs carry the
 `mlflow.parentRunId` tag), never through MLflow's thread-local active run. A variant that fails
 ends its child run FAILED and its row says so; the others still run.
 
-The parent run logs `comparison.md`, `comparison.csv` and `rank_ic.png` (mean test Rank IC per
-variant, std as error bars, the oracle's as a line). With several seeds each cell is mean ± std
-over seeds, and the gain column is the mean ± std of the per-seed paired difference
-reference (the full model) minus variant in test Rank IC, so seed noise shared by both cancels.
+The parent run logs `comparison.md`, `comparison.csv` and `rank_ic.png` (tasks/comparison/
+summary.py): each cell is mean ± std over seeds, the gain column the mean ± std of the per-seed
+paired difference reference (the full model) minus variant in test Rank IC, so seed noise shared
+by both cancels, and a per-day paired t-statistic of the same difference.
 """
 
 from __future__ import annotations
@@ -24,20 +23,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import yaml
 from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from alphaloom.tasks.common.config import ConfigError, PipelineConfig, config_from_dict
-from alphaloom.tasks.comparison import baselines
+from alphaloom.tasks.common.config import ConfigError, PipelineConfig
+from alphaloom.tasks.comparison.variants import Variant, variant_config
 from alphaloom.tasks.tracking import runs, store
 
 log = logging.getLogger(__name__)
@@ -63,132 +59,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, int], ...] = (
 )
 
 
-class Variant(BaseModel):
-    """One entry of the comparison: config overrides for the network, or the LightGBM baseline."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["network", "lightgbm", "blend"] = "network"
-    overrides: tuple[str, ...] = ()
-    params: dict[str, Any] = Field(default_factory=dict, description="LightGBM parameters")
-    description: str = ""
-
-    @model_validator(mode="after")
-    def _params_need_lightgbm(self) -> Variant:
-        if self.params and self.kind == "network":
-            raise ValueError(f"variant '{self.name}': params are for kinds 'lightgbm', 'blend'")
-        return self
-
-
-# Inverse class frequencies of the default quantile labels (edges 0.3/0.6/0.9 -> shares
-# 0.3/0.3/0.3/0.1), normalised to mean 1: what batch alpha averages to, but held fixed.
-_FIXED_ALPHA = "loss.alpha=[0.6667, 0.6667, 0.6667, 2.0]"
-
-DEFAULT_VARIANTS: tuple[Variant, ...] = (
-    Variant(name="full", description="the configured model and loss"),
-    Variant(
-        name="no_attention",
-        overrides=("model.use_attention=false",),
-        description="LSTM only, no self-attention",
-    ),
-    Variant(name="no_text", overrides=("model.use_text=false",), description="no text vector"),
-    Variant(
-        name="no_industry",
-        overrides=("model.use_industry=false",),
-        description="no industry embedding",
-    ),
-    Variant(
-        name="no_index", overrides=("model.use_index=false",), description="no index embedding"
-    ),
-    Variant(
-        name="no_calendar",
-        overrides=("model.use_calendar=false",),
-        description="no day-of-week / month embedding",
-    ),
-    Variant(
-        name="cross_entropy",
-        overrides=("loss.kind=cross_entropy",),
-        description="plain cross-entropy instead of the composite loss",
-    ),
-    Variant(
-        name="focal_no_distance",
-        overrides=("loss.kind=focal",),
-        description="focal loss without the ordinal distance term",
-    ),
-    Variant(
-        name="fixed_alpha",
-        overrides=(_FIXED_ALPHA,),
-        description="fixed class weights instead of batch alpha",
-    ),
-    Variant(
-        name="lightgbm",
-        kind="lightgbm",
-        description="LightGBM on the end-day factors (Qlib's Alpha158 baseline)",
-    ),
-)
-
-
-class CompareError(ValueError):
-    """The variant list is unusable; the message names the file or the variant."""
-
-
 # ----------------------------------------------------------------------------------------------
 # the plan
-
-
-def load_variants(path: str | Path) -> list[Variant]:
-    """Variants from a YAML list of mappings (name, kind, overrides, params, description)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise CompareError(f"variants file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise CompareError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, list) or not raw:
-        raise CompareError(f"{path}: expected a non-empty list of variants")
-    variants = []
-    for i, entry in enumerate(raw):
-        try:
-            variants.append(Variant.model_validate(entry))
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"]) or "<entry>"
-            raise CompareError(f"{path}: variant #{i + 1}: '{key}': {first['msg']}") from None
-    return check_variants(variants)
-
-
-def check_variants(variants: Sequence[Variant]) -> list[Variant]:
-    """The list itself if its names are unique (rows and runs are keyed by name)."""
-    names = [v.name for v in variants]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise CompareError(f"variant names must be unique; repeated: {duplicates}")
-    if not variants:
-        raise CompareError("the variant list is empty")
-    return list(variants)
-
-
-def seed_list(cfg: PipelineConfig, n_seeds: int) -> list[int]:
-    """train.seed, train.seed + 1, ...: the seeds every variant runs with (paired by seed)."""
-    if n_seeds < 1:
-        raise CompareError(f"--seeds must be >= 1, got {n_seeds}")
-    return [cfg.train.seed + i for i in range(n_seeds)]
-
-
-def skipped_variants(variants: Iterable[Variant]) -> dict[str, str]:
-    """Variants that cannot run here and why (LightGBM without the optional extra)."""
-    if baselines.lightgbm_available():
-        return {}
-    reason = f"LightGBM is not installed: {baselines.INSTALL_HINT}"
-    return {v.name: reason for v in variants if v.kind in ("lightgbm", "blend")}
-
-
-def variant_config(cfg: PipelineConfig, variant: Variant, seed: int) -> PipelineConfig:
-    """The base config with the variant's overrides and the seed applied (ConfigError if bad)."""
-    overrides = [*variant.overrides, f"train.seed={seed}"]
-    return config_from_dict(cfg.model_dump(mode="json"), overrides, f"variant '{variant.name}'")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from alphaloom.tasks.comparison.compare import (
     REFERENCE,
     TABLE_COLUMNS,
     TAG_KIND,
-    Variant,
     VariantOutcome,
 )
+from alphaloom.tasks.comparison.variants import Variant
+from alphaloom.tasks.evaluation.metrics import paired_t
 from alphaloom.tasks.tracking import runs, store
 
 
@@ -74,10 +75,7 @@ def paired_daily_test(
     days = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
     if len(days) < 2:
         return math.nan, math.nan, len(days)
-    diffs = np.mean([[a[d] - b[d] for d in days] for a, b in pairs], axis=0)
-    mean, std = float(diffs.mean()), float(diffs.std(ddof=1))
-    t_stat = mean / (std / math.sqrt(len(days))) if std > 0 else math.nan
-    return mean, t_stat, len(days)
+    return paired_t(np.mean([[a[d] - b[d] for d in days] for a, b in pairs], axis=0))
 
 
 def _status(outcomes: Sequence[VariantOutcome], skipped: str | None) -> tuple[str, str | None]:

@@ -185,6 +185,7 @@ def evaluate_task(
     run_id: str | None,
     oracle: pd.DataFrame | None = None,
     exposures: pd.DataFrame | None = None,
+    splits: tuple[str, ...] = ("valid", "test"),
 ) -> dict[str, float]:
-    """Prefect wrapper of `evaluate_and_log` (validation and test splits)."""
-    return evaluate_and_log(model, shard_dir, cfg, run_id, oracle, exposures=exposures)
+    """Prefect wrapper of `evaluate_and_log` (by default the validation and test splits)."""
+    return evaluate_and_log(model, shard_dir, cfg, run_id, oracle, splits, exposures=exposures)

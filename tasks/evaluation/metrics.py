@@ -267,3 +267,20 @@ def quantile_metrics(table: pd.DataFrame) -> dict[str, float]:
     top, bottom = table["mean_return"].iloc[-1], table["mean_return"].iloc[0]
     out[f"q{len(table)}_minus_q1"] = float(top - bottom)
     return out
+
+
+def paired_t(differences: Iterable[float]) -> tuple[float, float, int]:
+    """Mean of paired differences (e.g. one model's daily Rank IC minus another's on the same
+    days), its t-statistic mean / (std / sqrt(n)) with ddof=1, and n.
+
+    Used by the comparison table and by the registry's champion/challenger decision, so both
+    report the same statistic. Mean and t are NaN with fewer than two differences; t is NaN
+    when they are all equal.
+    """
+    diffs = np.asarray(list(differences), dtype=np.float64)
+    n = int(diffs.size)
+    if n < 2:
+        return math.nan, math.nan, n
+    mean, std = float(diffs.mean()), float(diffs.std(ddof=1))
+    t_stat = mean / (std / math.sqrt(n)) if std > 0 else math.nan
+    return mean, t_stat, n

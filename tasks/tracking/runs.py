@@ -180,11 +180,8 @@ def end_run(cfg: PipelineConfig, run_id: str, failed: bool) -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(
-    cfg: PipelineConfig, tags: Mapping[str, str] | None = None, run_name: str | None = None
-) -> Iterator[str]:
-    """Yield a run id; the run ends FAILED if the block raises (anything) and FINISHED else."""
-    run_id = start_run(cfg, tags, run_name)
+def ending_run(cfg: PipelineConfig, run_id: str) -> Iterator[str]:
+    """Yield `run_id`; the run ends FAILED if the block raises (anything) and FINISHED else."""
     try:
         yield run_id
     except BaseException as err:
@@ -195,6 +192,15 @@ def tracked_run(
         end_run(cfg, run_id, failed=True)
         raise
     end_run(cfg, run_id, failed=False)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: PipelineConfig, tags: Mapping[str, str] | None = None, run_name: str | None = None
+) -> Iterator[str]:
+    """Yield a new run's id; the run ends FAILED if the block raises (anything), FINISHED else."""
+    with ending_run(cfg, start_run(cfg, tags, run_name)) as run_id:
+        yield run_id
 
 
 @contextlib.contextmanager

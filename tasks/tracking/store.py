@@ -36,6 +36,20 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path[1:])
 
 
+def local_store_path(uri: str) -> Path | None:
+    """The file (SQLite) or directory (file store) a tracking URI lives in on this machine; None
+    for a tracking server, whose state only it can see."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        return db
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and uri:
+        return Path(uri)
+    return None
+
+
 def ensure_store(uri: str) -> None:
     """Create (migrate) the tracking store once, serialised across processes by a file lock."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
