@@ -91,6 +91,11 @@ def fresh_load(uri: str, name: str, inputs: Path, mode: str, keys: list[str]) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def tensor_schema(example: dict[str, np.ndarray]) -> Schema:
+    """The batch arrays as TensorSpecs (the pt2 flavor takes tensors only)."""
+    return Schema([TensorSpec(v.dtype, (-1, *v.shape[1:]), k) for k, v in example.items()])
+
+
 def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     work = Path(tempfile.mkdtemp(prefix="model-format-"))
@@ -110,7 +115,10 @@ def main() -> None:
     with runs.tracked_run(cfg) as run_id:
         cfg.tracking.registered_model = "fmt-pyfunc"
         started = time.perf_counter()
-        model_logging.log_ranker(cfg, run_id, net, model_dims(info), example, info.feature_names)
+        model_logging.log_ranker(
+            cfg, run_id, net, model_dims(info), example, info.feature_names,
+            shard_dir=tiny.shard_dir,
+        )  # fmt: skip
         results["pyfunc-from-code"] = {"log_seconds": time.perf_counter() - started}
         started = time.perf_counter()
         try:
@@ -123,7 +131,7 @@ def main() -> None:
                 serialization_format="pt2",
                 input_example=[example[k] for k in keys],
                 signature=ModelSignature(
-                    inputs=model_logging._signature(example).inputs,
+                    inputs=tensor_schema(example),
                     outputs=Schema([TensorSpec(np.dtype("float32"), (-1, 4))]),
                 ),
                 pip_requirements=model_logging.pip_requirements(),

@@ -191,6 +191,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    """Walk-forward backtest of the network and LightGBM; or print a finished one's table."""
+    from alphaloom.tasks.backtest.periods import BacktestError
+
+    cfg = _config(args)
+    if args.table:
+        from alphaloom.tasks.backtest.report import markdown_of_run
+
+        try:
+            print(markdown_of_run(cfg, args.table), end="")
+        except LookupError as err:
+            print(f"alphaloom: {err}", file=sys.stderr)
+            return 2
+        return 0
+    from alphaloom.flows.backtest import backtest
+
+    try:
+        summary = backtest(cfg)
+    except BacktestError as err:
+        print(f"alphaloom: {err}", file=sys.stderr)
+        return 2
+    print(f"\nMLflow parent run: {summary['parent_run_id']} ({summary['experiment']})")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI on 127.0.0.1 against the tracking store; needs no pipeline config
     (a --config only supplies its tracking section)."""
@@ -273,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     compare.add_argument("--variants", default=None, help="YAML list of variants")
     compare.set_defaults(func=cmd_compare)
+
+    backtest = sub.add_parser(
+        "backtest", help="walk-forward backtest: retrain every K months, score the next period"
+    )
+    _add_config_arguments(backtest)
+    backtest.add_argument(
+        "--table", metavar="RUN_ID", default=None, help="print a finished backtest's table"
+    )
+    backtest.set_defaults(func=cmd_backtest)
 
     ddp = sub.add_parser("train-ddp", help="run the training pipeline with DDP training")
     _add_config_arguments(ddp)

@@ -96,7 +96,9 @@ class SplitSection(Section):
     calendar, or rolling, by trailing lengths counted back from the newest day (`valid_days`).
 
     `test_end` (optional) ends the test split: later days are in no split (a backtest of an
-    earlier period on data that goes on).
+    earlier period on data that goes on). `train_start` (optional) starts the train split:
+    earlier days are in no split but still give windows their history (a walk-forward period's
+    rolling window, tasks/backtest/periods.py).
 
     Rolling splits keep their windows pinned to the newest data as the calendar grows, so a
     nightly retrain trains on everything up to its validation window. From the end:
@@ -107,6 +109,7 @@ class SplitSection(Section):
     The fractions are ignored in rolling mode; explicit end dates cannot be combined with it.
     """
 
+    train_start: dt.date | None = None
     train_end: dt.date | None = None
     valid_end: dt.date | None = None
     test_end: dt.date | None = None
@@ -135,7 +138,11 @@ class SplitSection(Section):
                         "features.splits.valid_days"
                     )
             return self
-        dated = [name for name in ("train_end", "valid_end", "test_end") if getattr(self, name)]
+        dated = [
+            name
+            for name in ("train_start", "train_end", "valid_end", "test_end")
+            if getattr(self, name)
+        ]
         if dated:
             raise ValueError(
                 "features.splits.valid_days (rolling splits) cannot be combined with "
@@ -158,6 +165,8 @@ class SplitSection(Section):
             raise ValueError("features.splits.valid_end must be after features.splits.train_end")
         if self.test_end and (self.valid_end is None or self.test_end <= self.valid_end):
             raise ValueError("features.splits.test_end needs features.splits.valid_end before it")
+        if self.train_start and (self.train_end is None or self.train_end <= self.train_start):
+            raise ValueError("features.splits.train_start needs features.splits.train_end after it")
         return self
 
 
@@ -299,6 +308,33 @@ class EvaluateSection(Section):
     annualization_days: int = Field(252, ge=1)
 
 
+class BacktestSection(Section):
+    """Walk-forward backtest (`alphaloom backtest`, tasks/backtest/periods.py): retrain every
+    `retrain_months` on the data before the period and score the period out of sample.
+
+    Each period validates (early stopping) on the `valid_months` before it and trains on what
+    comes before that: from the first day ("expanding") or on the last `train_months` only
+    ("rolling"). The first period starts `train_months + valid_months` after the data's first
+    day unless `start` says otherwise; `end` (optional) is the last day scored.
+    """
+
+    retrain_months: int = Field(3, ge=1, le=120)
+    window: Literal["expanding", "rolling"] = "expanding"
+    train_months: int = Field(24, ge=1, description="rolling: every period's; expanding: the first")
+    valid_months: int = Field(3, ge=1)
+    start: dt.date | None = None
+    end: dt.date | None = None
+    min_test_days: int = Field(5, ge=1, description="a shorter last period is dropped")
+    lightgbm: bool = Field(True, description="also retrain and score the LightGBM baseline")
+    lightgbm_params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> BacktestSection:
+        if self.start and self.end and self.end <= self.start:
+            raise ValueError("backtest.end must be after backtest.start")
+        return self
+
+
 class TrackingSection(Section):
     """MLflow tracking and the model registry."""
 
@@ -356,6 +392,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
+    backtest: BacktestSection = Field(default_factory=BacktestSection)
     runner: RunnerSection = Field(default_factory=RunnerSection)
 
     @model_validator(mode="after")

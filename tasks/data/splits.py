@@ -45,6 +45,11 @@ def _end_index(calendar: pd.DatetimeIndex, end: Any, fraction_end: int) -> int:
     return int(calendar.searchsorted(pd.Timestamp(end), side="right")) - 1
 
 
+def _start_index(calendar: pd.DatetimeIndex, start: Any) -> int:
+    """Index of the first date on or after `start`."""
+    return int(calendar.searchsorted(pd.Timestamp(start), side="left"))
+
+
 def _fixed_ranges(
     calendar: pd.DatetimeIndex, splits: SplitSection, purge: int
 ) -> dict[str, tuple[int, int]]:
@@ -57,8 +62,9 @@ def _fixed_ranges(
     )
     test_first = valid_last + 1 + purge
     test_last = _end_index(calendar, splits.test_end, n - 1)
+    train_first = 0 if splits.train_start is None else _start_index(calendar, splits.train_start)
     return {
-        "train": (0, train_last),
+        "train": (train_first, train_last),
         "valid": (valid_first, valid_last),
         "test": (test_first, test_last),
     }
@@ -88,7 +94,8 @@ def _describe(splits: SplitSection) -> str:
     if splits.rolling:
         keys = ("valid_days", "promotion_days", "test_days", "train_days")
     else:
-        keys = ("train_end", "valid_end", "test_end", "train_fraction", "valid_fraction")
+        keys = ("train_start", "train_end", "valid_end", "test_end", "train_fraction",
+                "valid_fraction")  # fmt: skip
     return ", ".join(f"{key}={getattr(splits, key)}" for key in keys)
 
 
@@ -101,8 +108,8 @@ def assign_splits(
     The calendar is the sorted unique dates. `purge_days` trading days are dropped between
     neighbouring windows, so the last training label (which reads close up to t + 1 + horizon)
     ends before the first validation day when purge_days = horizon + 1. Days after `test_end`
-    (when set) are in no split; so are the promotion window's, which no model trains or selects
-    on: the registry scores champion and challenger on them by date.
+    and before `train_start` (when set) are in no split; so are the promotion window's, which
+    no model trains or selects on: the registry scores champion and challenger on them by date.
     """
     purge = resolve_purge_days(splits, horizon)
     calendar = pd.DatetimeIndex(np.unique(pd.to_datetime(dates).to_numpy("datetime64[ns]")))

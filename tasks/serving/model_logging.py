@@ -23,18 +23,16 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from mlflow.types.schema import ParamSchema, ParamSpec
 
 from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.serving.bundle import write_bundle
 from alphaloom.tasks.tracking.runs import active_run
 
 log = logging.getLogger(__name__)
 
 
 MODEL_INPUT_KEYS = ("x", "mask", "text", "has_text", "industry", "index", "dow", "month")
-
-
-OUTPUT_COLUMNS = ("score", "p0", "p1", "p2", "p3")
 
 
 MODEL_TYPE = "alphaloom-ranker"  # the logged model's type, to search for in the MLflow UI
@@ -44,15 +42,16 @@ _MODEL_CODE = '''"""alphaloom ranker: MLflow pyfunc model from code.
 
 Written by alphaloom.tasks.serving.model_logging. Rebuilds alphaloom.model.network.SequenceModel
 from spec.json and loads state_dict.pt with torch.load(weights_only=True): nothing is unpickled.
-Input: a dict of numpy arrays with the batch keys of alphaloom.model.batch; output: a DataFrame
-with the model's score (its utility, or sum_k v_k * p_k) and p0..p3.
+The serving bundle (preprocess.json, symbols.parquet, text_vectors.npy) holds the preprocessing
+of the shard set it was trained on. Input: a DataFrame of raw bars (symbol, date, open, high,
+low, close, volume[, amount]) or raw factor rows, plus optional industry / index / description,
+-> rank, symbol, date, score, p0..p3; or a dict of batch arrays -> score, p0..p3. See
+alphaloom.tasks.serving.ranking.
 """
 
 import json
 from types import SimpleNamespace
 
-import numpy as np
-import pandas as pd
 import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
@@ -61,6 +60,7 @@ from mlflow.pyfunc import PythonModel
 class AlphaloomRanker(PythonModel):
     def load_context(self, context):
         from alphaloom.model.network import SequenceModel
+        from alphaloom.tasks.serving.bundle import load_bundle
 
         with open(context.artifacts["spec"]) as handle:
             spec = json.load(handle)
@@ -70,15 +70,12 @@ class AlphaloomRanker(PythonModel):
         self.model = model.eval()
         self.spec = spec
         self.keys = spec["input_keys"]
+        self.bundle = load_bundle(context.artifacts)
 
     def predict(self, context, model_input, params=None):
-        batch = {key: torch.as_tensor(np.asarray(model_input[key])) for key in self.keys}
-        with torch.no_grad():
-            logits = self.model(batch).float()
-        probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
-        out = pd.DataFrame(probs, columns=[f"p{k}" for k in range(probs.shape[1])])
-        out.insert(0, "score", self.model.score(logits).numpy().astype(np.float64))
-        return out
+        from alphaloom.tasks.serving.ranking import predict
+
+        return predict(self.model, self.bundle, model_input, params)
 
 
 set_model(AlphaloomRanker())
@@ -116,27 +113,29 @@ def model_input_example(
     return {key: batch[key][:rows].detach().cpu().numpy() for key in keys}
 
 
+# What the served model imports besides torch and mlflow: the factor, normalisation and window
+# code of the bundled `alphaloom` package (pyarrow for parquet, pydantic/yaml for the config
+# sections, fsspec and prefect through the features module). sentence-transformers is left out:
+# it only embeds descriptions of symbols the model has never seen (tasks/serving/bundle.py).
+SERVING_DISTRIBUTIONS = ("numpy", "pandas", "pyarrow", "pydantic", "PyYAML", "fsspec", "prefect")
+
+
 def pip_requirements() -> list[str]:
     """Pinned requirements of the logged model (explicit: inference would load it, ~20 s)."""
-    import pandas
+    from importlib.metadata import version
 
-    def base(version: str) -> str:
-        return version.split("+")[0]
+    def base(text: str) -> str:
+        return text.split("+")[0]
 
-    return [
-        f"mlflow=={mlflow.__version__}",
-        f"torch=={base(torch.__version__)}",
-        f"numpy=={np.__version__}",
-        f"pandas=={pandas.__version__}",
-    ]
+    pinned = [f"{name}=={version(name)}" for name in SERVING_DISTRIBUTIONS]
+    return [f"mlflow=={mlflow.__version__}", f"torch=={base(torch.__version__)}", *pinned]
 
 
-def _signature(example: Mapping[str, np.ndarray]) -> ModelSignature:
-    inputs = Schema(
-        [TensorSpec(value.dtype, (-1, *value.shape[1:]), name) for name, value in example.items()]
-    )
-    outputs = Schema([ColSpec("double", name) for name in OUTPUT_COLUMNS])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+def _signature() -> ModelSignature:
+    """Params only: the model takes two input shapes (a frame of raw rows, or a dict of batch
+    arrays, tasks/serving/ranking.py) and a signature holds one input schema, which MLflow would
+    then enforce on both; the inputs are checked by the model itself, naming every problem."""
+    return ModelSignature(params=ParamSchema([ParamSpec("all_dates", "boolean", False)]))
 
 
 def log_ranker(
@@ -148,11 +147,15 @@ def log_ranker(
     feature_names: Iterable[str],
     register: bool = True,
     with_example: bool = True,
+    *,
+    shard_dir: str | Path,
 ) -> tuple[str, str | None]:
     """Log the model as a pyfunc (from code) under the run; register it if asked.
 
     `dims` are SequenceModel's size arguments (n_features, text_dim, n_industries, n_indices);
     `feature_names` are recorded so the registry can tell whether a later shard set still fits.
+    `shard_dir` is the shard set it was trained on: its preprocessing is logged with it (the
+    serving bundle, tasks/serving/bundle.py), so the model scores raw bars on its own.
     Returns (model URI, registered version or None).
     """
     spec = {
@@ -168,6 +171,7 @@ def log_ranker(
         torch.save(state, tmp_dir / "state_dict.pt")
         code = tmp_dir / "alphaloom_ranker.py"
         code.write_text(_MODEL_CODE)
+        bundle = write_bundle(shard_dir, cfg, tmp_dir / "bundle")
         # mlflow.pyfunc.log_model takes no run id: it logs to the calling thread's active run,
         # and creates the logged model in that run's experiment (not the fluent default one).
         with active_run(cfg, run_id):
@@ -177,10 +181,11 @@ def log_ranker(
                 artifacts={
                     "spec": str(tmp_dir / "spec.json"),
                     "state_dict": str(tmp_dir / "state_dict.pt"),
+                    **bundle,
                 },
                 code_paths=[str(package_source(tmp_dir / "code"))],
                 pip_requirements=pip_requirements(),
-                signature=_signature(example),
+                signature=_signature(),
                 input_example=dict(example) if with_example else None,
                 registered_model_name=cfg.tracking.registered_model if register else None,
                 await_registration_for=0,

@@ -117,8 +117,9 @@ def register_once(
         batch = next(iter(eval_dataset(shard_dir, "valid", cfg)))
         example = model_logging.model_input_example(batch, result.model.input_keys)
         _, version = model_logging.log_ranker(
-            cfg, run_id, result.model, result.dims, example, result.feature_names
-        )
+            cfg, run_id, result.model, result.dims, example, result.feature_names,
+            shard_dir=shard_dir,
+        )  # fmt: skip
         if version is None:
             raise RuntimeError(f"model of run {run_id} was logged but not registered")
     client.set_registered_model_alias(name, CHALLENGER, str(version))

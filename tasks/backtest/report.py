@@ -1,0 +1,277 @@
+"""The backtest's verdict: per-period and overall figures of the concatenated out-of-sample
+predictions, the network against LightGBM period by period, logged to the parent run.
+
+Every figure comes from one daily series per model, built once on the whole out-of-sample
+history with the evaluation's functions (tasks/evaluation/metrics.py): the daily IC / Rank IC,
+and the daily long-short book after costs (`long_short_returns`: top / bottom
+`evaluate.long_short_quantile` by score, `evaluate.cost_bps` per unit of turnover). A period's
+row is that series over its test days, so the first day of a period pays for turning the
+previous model's book into the new one's, as it would in production; the "all" row is the
+whole series. Turnover is the mean daily sum |w_t - w_{t-1}| over both legs (2.0 = the whole
+book replaced once). The Rank IC difference comes with the t-statistic of its daily values.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from alphaloom.tasks.common.config import EvaluateSection, PipelineConfig
+from alphaloom.tasks.evaluation.metrics import (
+    daily_ic,
+    ic_summary,
+    long_short_returns,
+    portfolio_metrics,
+)
+from alphaloom.tasks.tracking import runs, store
+
+MODELS = ("network", "lightgbm")
+MARKDOWN_NAME = "backtest.md"
+TAG_WALL = "alphaloom.wall_seconds"
+
+
+@dataclass
+class DailySeries:
+    """One model's daily out-of-sample figures, indexed by date."""
+
+    rank_ic: pd.Series
+    ic: pd.Series
+    book: pd.DataFrame  # gross, turnover, cost, net
+
+
+def concatenate(
+    loaded: Sequence[tuple[Mapping[str, Any], Mapping[str, pd.DataFrame]]],
+) -> tuple[list[dict[str, Any]], dict[str, pd.DataFrame]]:
+    """(periods, {model: out-of-sample predictions of every period, with a `period` column})
+    of the finished periods' (period.json, predictions); a model is kept if every period has
+    it (a LightGBM installed half-way would otherwise compare different days)."""
+    periods = [dict(record["period"]) for record, _ in loaded]
+    models = [m for m in MODELS if all(m in preds for _, preds in loaded)]
+    frames = {
+        model: pd.concat(
+            [preds[model].assign(period=record["period"]["number"]) for record, preds in loaded],
+            ignore_index=True,
+        )
+        for model in models
+    }
+    return periods, frames
+
+
+def daily_series(preds: pd.DataFrame, cfg: EvaluateSection) -> DailySeries:
+    """The daily Rank IC, IC and long-short book of a predictions frame."""
+    return DailySeries(
+        rank_ic=daily_ic(preds, "spearman"),
+        ic=daily_ic(preds, "pearson"),
+        book=long_short_returns(preds, cfg.long_short_quantile, cfg.cost_bps),
+    )
+
+
+def _between(frame: pd.Series | pd.DataFrame, first: Any, last: Any) -> Any:
+    index = pd.DatetimeIndex(frame.index)
+    return frame[(index >= pd.Timestamp(first)) & (index <= pd.Timestamp(last))]
+
+
+def span_metrics(series: DailySeries, first: Any, last: Any, cfg: EvaluateSection) -> dict:
+    """Rank IC, its IR, IC, and the book's net return, Sharpe, drawdown and turnover over
+    the days from `first` to `last`."""
+    rank_ic, rank_icir = ic_summary(_between(series.rank_ic, first, last))
+    ic, _ = ic_summary(_between(series.ic, first, last))
+    book = portfolio_metrics(_between(series.book, first, last), cfg.annualization_days)
+    return {"rank_ic": rank_ic, "rank_icir": rank_icir, "ic": ic, **book}
+
+
+def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
+    """Mean daily a - b over the days both have, its t-statistic and the number of days."""
+    diff = (a - b).dropna()
+    mean, ir = ic_summary(diff)
+    return mean, ir * math.sqrt(len(diff)) if len(diff) > 1 else math.nan, len(diff)
+
+
+def oracle_daily(preds: pd.DataFrame, oracle: pd.DataFrame | None) -> pd.Series | None:
+    """Daily Rank IC of the synthetic market's true expected return on the scored rows."""
+    if oracle is None:
+        return None
+    rows = preds[["symbol", "date", "fwd_return"]].merge(
+        oracle[["symbol", "date", "expected_return"]].assign(
+            date=lambda f: pd.to_datetime(f["date"]).dt.normalize()
+        ),
+        on=["symbol", "date"],
+        how="inner",
+    )
+    return daily_ic(rows, "spearman", score="expected_return")
+
+
+def period_rows(
+    periods: Sequence[Mapping[str, Any]],
+    preds: Mapping[str, pd.DataFrame],
+    cfg: EvaluateSection,
+    oracle: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """One row per period plus the "all" row: each model's figures, their Rank IC difference
+    (network - LightGBM) with its daily t, and the oracle's Rank IC when there is one."""
+    series = {model: daily_series(frame, cfg) for model, frame in preds.items()}
+    truth = oracle_daily(preds["network"], oracle)
+    spans = [(str(p["number"]), p["test_start"], p["test_end"]) for p in periods]
+    spans.append(("all", periods[0]["test_start"], periods[-1]["test_end"]))
+    rows = []
+    for name, first, last in spans:
+        row: dict[str, Any] = {"period": name, "test_start": first, "test_end": last}
+        row["days"] = len(_between(series["network"].rank_ic, first, last))
+        for model, daily in series.items():
+            row.update(
+                {f"{model}_{k}": v for k, v in span_metrics(daily, first, last, cfg).items()}
+            )
+        if "lightgbm" in series:
+            mean, t, _ = paired_difference(
+                _between(series["network"].rank_ic, first, last), series["lightgbm"].rank_ic
+            )
+            row["rank_ic_difference"], row["rank_ic_difference_t"] = mean, t
+        if truth is not None:
+            row["oracle_rank_ic"] = ic_summary(_between(truth, first, last))[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _num(value: Any, decimals: int = 4) -> str:
+    if value is None or not isinstance(value, int | float) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{decimals}f}"
+
+
+def backtest_markdown(table: pd.DataFrame, cfg: PipelineConfig) -> str:
+    """The per-period table (period, model Rank IC, LightGBM Rank IC, difference, L-S net
+    returns, turnover) with a line saying how it was made."""
+    bt, ev = cfg.backtest, cfg.evaluate
+    window = (
+        f"rolling {bt.train_months}-month training window"
+        if bt.window == "rolling"
+        else f"expanding training window (first {bt.train_months} months)"
+    )
+    oracle = "oracle_rank_ic" in table
+    header = [
+        "period", "test period", "days", "network Rank IC", "LightGBM Rank IC", "difference (t)",
+        "network L-S net ann.", "LightGBM L-S net ann.", "network turnover", "LightGBM turnover",
+    ] + (["oracle Rank IC"] if oracle else [])  # fmt: skip
+    lines = [
+        f"Walk-forward backtest: retrained every {bt.retrain_months} months on an {window}, "
+        f"validated (early stopping) on the {bt.valid_months} months before each period; "
+        f"long-short top/bottom {ev.long_short_quantile:.0%} daily after {ev.cost_bps:g} bps "
+        "per unit turnover; turnover = mean daily sum |dw| over both legs.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    for row in table.to_dict(orient="records"):
+        bold = "**" if row["period"] == "all" else ""
+        cells = [
+            f"{bold}{row['period']}{bold}",
+            f"{row['test_start']}..{row['test_end']}",
+            str(row["days"]),
+            _num(row.get("network_rank_ic")),
+            _num(row.get("lightgbm_rank_ic")),
+            f"{_num(row.get('rank_ic_difference'))} ({_num(row.get('rank_ic_difference_t'), 2)})",
+            _num(row.get("network_ls_ann_return"), 3),
+            _num(row.get("lightgbm_ls_ann_return"), 3),
+            _num(row.get("network_ls_turnover"), 3),
+            _num(row.get("lightgbm_ls_turnover"), 3),
+        ] + ([_num(row.get("oracle_rank_ic"))] if oracle else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def backtest_figure(table: pd.DataFrame, preds: Mapping[str, pd.DataFrame], cfg) -> Figure:
+    """Rank IC per period of each model, and each model's cumulative net long-short return."""
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    bars, lines = figure.subplots(1, 2)
+    periods = table[table["period"] != "all"]
+    x = np.arange(len(periods))
+    for offset, model in zip((-0.2, 0.2), preds, strict=False):
+        bars.bar(x + offset, periods[f"{model}_rank_ic"], width=0.4, label=model)
+        net = daily_series(preds[model], cfg.evaluate).book["net"].cumsum()
+        lines.plot(net.index, net.to_numpy(), label=model)
+    bars.set(xticks=x, xticklabels=periods["period"], xlabel="period", ylabel="Rank IC")
+    lines.set(xlabel="date", ylabel="cumulative net L-S return (sum)")
+    bars.legend()
+    lines.legend()
+    figure.tight_layout()
+    return figure
+
+
+HEADLINE = ("rank_ic", "rank_icir", "ic", "ls_ann_return", "ls_sharpe", "max_drawdown",
+            "ls_turnover")  # fmt: skip
+
+
+def parent_metrics(table: pd.DataFrame) -> tuple[dict[str, float], list[tuple[int, dict]]]:
+    """(overall metrics, per-period metrics by step) of the parent run: `test/<metric>` for the
+    network's whole out-of-sample history, `test/lightgbm_<metric>` for the baseline's."""
+    overall = table[table["period"] == "all"].iloc[0]
+    flat = {f"test/{k}": overall[f"network_{k}"] for k in HEADLINE}
+    if "lightgbm_rank_ic" in table:
+        flat.update({f"test/lightgbm_{k}": overall[f"lightgbm_{k}"] for k in HEADLINE})
+        flat["test/rank_ic_difference"] = overall["rank_ic_difference"]
+        flat["test/rank_ic_difference_t"] = overall["rank_ic_difference_t"]
+    steps = []
+    for row in table[table["period"] != "all"].to_dict(orient="records"):
+        keys = [c for c in row if c.endswith(("_rank_ic", "_ls_ann_return", "_ls_turnover"))]
+        steps.append((int(row["period"]), {f"period/{k}": float(row[k]) for k in keys}))
+    return flat, steps
+
+
+def log_backtest(
+    cfg: PipelineConfig,
+    parent_run_id: str,
+    periods: Sequence[Mapping[str, Any]],
+    preds: Mapping[str, pd.DataFrame],
+    oracle: pd.DataFrame | None = None,
+    wall_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Build the table from the concatenated predictions and log it (backtest.md, .csv, .png,
+    the predictions, metrics) to the parent run; return the flow's summary. `wall_seconds` of
+    the invocation that first finishes the backtest (after a crash: its last leg) is a tag."""
+    table = period_rows(periods, preds, cfg.evaluate, oracle)
+    markdown = backtest_markdown(table, cfg)
+    flat, steps = parent_metrics(table)
+    runs.log_metrics(cfg, parent_run_id, flat)
+    for step, metrics in steps:
+        runs.log_metrics(cfg, parent_run_id, metrics, step=step)
+    client = store.client_for(cfg)
+    if wall_seconds is not None and TAG_WALL not in client.get_run(parent_run_id).data.tags:
+        client.set_tag(parent_run_id, TAG_WALL, f"{wall_seconds:.0f}")
+    client.log_text(parent_run_id, markdown, MARKDOWN_NAME)
+    client.log_text(parent_run_id, table.to_csv(index=False), "backtest.csv")
+    client.log_figure(parent_run_id, backtest_figure(table, preds, cfg), "backtest.png")
+    with tempfile.TemporaryDirectory(prefix="alphaloom-backtest-") as tmp:
+        for model, frame in preds.items():
+            frame.to_parquet(Path(tmp) / f"{model}.parquet", index=False)
+        client.log_artifacts(parent_run_id, tmp, "predictions")
+    return {
+        "parent_run_id": parent_run_id,
+        "experiment": cfg.tracking.experiment,
+        "markdown": markdown,
+        "table": table.to_dict(orient="records"),
+        "metrics": {k: float(v) for k, v in flat.items()},
+    }
+
+
+def markdown_of_run(cfg: PipelineConfig, parent_run_id: str) -> str:
+    """The `backtest.md` table of a finished backtest parent run (for docs/benchmark.md)."""
+    import mlflow
+
+    store.client_for(cfg)  # points MLflow at the configured store
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{parent_run_id}/{MARKDOWN_NAME}")
+    except Exception as err:
+        raise LookupError(
+            f"run {parent_run_id} in {store.resolve_tracking_uri(cfg)} has no {MARKDOWN_NAME}: "
+            f"is it a finished backtest parent run? ({type(err).__name__}: {err})"
+        ) from err
