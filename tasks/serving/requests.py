@@ -16,19 +16,20 @@ be seen at once is reported at once, one line per column, in one `RequestError`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from alphaloom.tasks.data.checks import (
-    DataValidationError,
-    _check_numbers,
-    _check_unique,
-    _parse_dates,
-    _parse_symbols,
-    _to_float,
+    PROBLEM_NAMES,
+    BarKeys,
+    BarRows,
+    failure_cases,
+    parse_dates,
+    parse_numbers,
+    parse_symbols,
 )
 
 BAR_COLUMNS = ("symbol", "date", "open", "high", "low", "close", "volume")
@@ -59,35 +60,70 @@ def input_kind(frame: pd.DataFrame, feature_names: Sequence[str]) -> InputKind:
     )
 
 
-def _collect(checks: Sequence[Callable[[], None]]) -> list[str]:
-    """Run every check; return the messages of those that failed."""
-    problems = []
-    for check in checks:
-        try:
-            check()
-        except DataValidationError as err:
-            problems.append(str(err))
-    return problems
+Unparsed = dict[str, pd.Series]  # column -> the raw text that could not be parsed, by row
 
 
-def _keys(frame: pd.DataFrame, out: pd.DataFrame) -> list[str]:
-    """Parse symbol and date into `out`; the problems found."""
+def _row(label: object) -> object:
+    """A row label as the user indexed it (concatenating failure cases can make ints floats)."""
+    if isinstance(label, (float, np.floating)) and float(label).is_integer():
+        return int(label)
+    return label
 
-    def symbols() -> None:
-        out["symbol"] = _parse_symbols(frame["symbol"], SOURCE, "symbol")
 
-    def dates() -> None:
-        out["date"] = _parse_dates(frame["date"], SOURCE, "date")
+def _unparsed_problems(unparsed: Unparsed) -> list[str]:
+    """One line per column with text that could not be parsed."""
+    return [
+        f"{SOURCE}: column '{column}' has {len(raw)} row(s) with "
+        f"{'unparseable dates' if column == 'date' else 'non-numeric values'} "
+        f"(first: {str(raw.iloc[0])!r} at row {_row(raw.index[0])})"
+        for column, raw in unparsed.items()
+        if not raw.empty
+    ]
 
+
+def _schema_problems(out: pd.DataFrame, unparsed: Unparsed, rows: bool) -> list[str]:
+    """Every rule of the bars schema `out` breaks, one line per (column, rule): the key rules
+    always, the row rules (prices, volume) when `rows`. Text already reported as unparseable
+    is not reported again as missing."""
+    keys = out[list(KEY_COLUMNS)]
+    parts = [failure_cases(BarKeys, keys)]
+    if rows:
+        parts.append(failure_cases(BarRows, out))
+    else:  # factor rows: the one row rule of the keys that BarKeys leaves to BarRows
+        blank = keys.index[keys["symbol"] == ""]
+        parts.append(
+            pd.DataFrame({"column": "symbol", "check": "str_length(1, None)", "index": blank})
+        )
+    cases = pd.concat(parts, ignore_index=True).drop_duplicates(["column", "check", "index"])
+    told = pd.Series(False, index=cases.index)
+    for column, raw in unparsed.items():
+        told |= cases["column"].eq(column) & cases["index"].isin(raw.index)
+    lines = []
+    for (column, check), found in cases[~told].groupby(["column", "check"], sort=True):
+        name = PROBLEM_NAMES.get(check, check)
+        if check == "multiple_fields_uniqueness":
+            lines.append(f"{SOURCE}: {found['index'].nunique()} rows share a {name}")
+        else:
+            lines.append(
+                f"{SOURCE}: column '{column}' has {found['index'].nunique()} row(s) with {name} "
+                f"(first at row {_row(found['index'].iloc[0])})"
+            )
+    return lines
+
+
+def _keys(frame: pd.DataFrame) -> tuple[pd.DataFrame, Unparsed]:
+    """symbol and date parsed into a new frame; the date text that could not be parsed."""
     if frame.empty:
-        return [f"{SOURCE}: no rows"]
-    return _collect([symbols, dates])
+        raise RequestError(f"{SOURCE}: no rows")
+    out = pd.DataFrame(index=frame.index)
+    out["symbol"] = parse_symbols(frame["symbol"])
+    dates = parse_dates(frame["date"])
+    out["date"] = dates.values
+    return out, {"date": dates.unparsed}
 
 
 def _finish(out: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
-    """Raise the problems, or check unique keys and sort by (symbol, date)."""
-    if not problems:
-        problems += _collect([lambda: _check_unique(out, list(KEY_COLUMNS), SOURCE)])
+    """Raise every problem found at once, or return `out` sorted by (symbol, date)."""
     if problems:
         raise RequestError("\n".join(problems))
     return out.sort_values(list(KEY_COLUMNS), kind="stable", ignore_index=True)
@@ -95,35 +131,26 @@ def _finish(out: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
 
 def canonical_bars(frame: pd.DataFrame) -> pd.DataFrame:
     """Validated canonical bars (symbol, date, open, high, low, close, volume[, amount]),
-    sorted by (symbol, date)."""
-    out = pd.DataFrame(index=frame.index)
-    problems = _keys(frame, out)
-    numeric = [c for c in (*BAR_COLUMNS[2:], *OPTIONAL_BAR_COLUMNS) if c in frame.columns]
-
-    def number(column: str) -> Callable[[], None]:
-        def check() -> None:
-            values = _to_float(frame[column], SOURCE, column)
-            _check_numbers(pd.DataFrame({column: values}), SOURCE, {column: column})
-            out[column] = values
-
-        return check
-
-    problems += _collect([number(column) for column in numeric])
+    sorted by (symbol, date). The same schema as the training bars checks them, but a request
+    with a bad row is refused, not trimmed: the caller asked for a score on every row."""
+    out, unparsed = _keys(frame)
+    for column in [c for c in (*BAR_COLUMNS[2:], *OPTIONAL_BAR_COLUMNS) if c in frame.columns]:
+        numbers = parse_numbers(frame[column])
+        out[column] = numbers.values
+        unparsed[column] = numbers.unparsed
+    problems = _unparsed_problems(unparsed) + _schema_problems(out, unparsed, rows=True)
     return _finish(out, problems)
 
 
 def canonical_factors(frame: pd.DataFrame, feature_names: Sequence[str]) -> pd.DataFrame:
     """symbol, date and the raw factors as float64 (non-finite -> NaN, as compute_alpha158
     leaves them), sorted by (symbol, date)."""
-    out = pd.DataFrame(index=frame.index)
-    problems = _keys(frame, out)
+    out, unparsed = _keys(frame)
     for name in feature_names:
-        values = pd.to_numeric(frame[name], errors="coerce")
-        bad = values.isna() & frame[name].notna()
-        if bad.any():
-            problems.append(f"{SOURCE}: column '{name}' has {int(bad.sum())} non-numeric value(s)")
-            continue
-        out[name] = values.astype(np.float64).where(np.isfinite(values))
+        numbers = parse_numbers(frame[name])
+        unparsed[name] = numbers.unparsed
+        out[name] = numbers.values.where(np.isfinite(numbers.values))
+    problems = _unparsed_problems(unparsed) + _schema_problems(out, unparsed, rows=False)
     return _finish(out, problems)
 
 
