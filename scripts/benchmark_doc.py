@@ -57,6 +57,7 @@ class Section(BaseModel):
     config: str
     overrides: list[str] = Field(default_factory=list)
     requires: str | None = None  # a path the section needs (its data); absent: left out
+    variants: str | None = None  # a variants YAML for this section; None: the plan's
     note: str = ""
 
 
@@ -91,8 +92,9 @@ class Plan(BaseModel):
 def compare_argv(plan: Plan, section: Section) -> list[str]:
     """The `alphaloom compare` arguments of a section."""
     argv = ["compare", "--config", section.config, "--seeds", str(plan.seeds)]
-    if plan.variants:
-        argv += ["--variants", plan.variants]
+    variants = section.variants or plan.variants
+    if variants:
+        argv += ["--variants", variants]
     for item in section.overrides:
         argv += ["--set", item]
     return argv
@@ -368,6 +370,8 @@ def compare_argv_from(result: SectionResult) -> list[str]:
     seeds = result.run.data.tags.get("alphaloom.seeds", "[]")
     n_seeds = len(yaml.safe_load(seeds) or [])
     argv = ["compare", "--config", result.section.config, "--seeds", str(n_seeds)]
+    if result.section.variants:
+        argv += ["--variants", result.section.variants]
     for item in result.section.overrides:
         argv += ["--set", item]
     return argv

@@ -56,8 +56,9 @@ def test_default_variants_cover_the_grid_and_each_changes_the_default():
     names = {v.name for v in DEFAULT_VARIANTS}
     assert {"full", "no_attention", "no_text", "no_industry", "no_index", "no_calendar"} <= names
     assert {
-        "cross_entropy", "ce_alpha", "focal", "focal_alpha", "no_distance", "no_rank",
-        "softmax_head", "softmax_class_values", "blend_lightgbm", "lightgbm",
+        "cross_entropy", "ce_alpha", "focal", "focal_alpha", "no_focal", "no_distance",
+        "no_rank", "symmetric_alpha", "softmax_head", "softmax_class_values",
+        "softmax_cross_entropy", "previous_default", "blend_lightgbm", "lightgbm",
     } <= names  # fmt: skip
     by_name = {v.name: variant_config(cfg, v, cfg.train.seed) for v in DEFAULT_VARIANTS}
     assert by_name["full"].model_dump() == cfg.model_dump()
@@ -71,6 +72,13 @@ def test_default_variants_cover_the_grid_and_each_changes_the_default():
     assert by_name["ce_alpha"].loss.gamma == 0 and by_name["ce_alpha"].loss.alpha == "batch"
     assert by_name["focal"].loss.alpha is None and by_name["focal"].loss.kind == "focal"
     assert by_name["no_rank"].loss.rank_weight == 0
+    assert by_name["no_focal"].loss.gamma == 0 and by_name["no_focal"].loss.rank_weight > 0
+    previous = by_name["previous_default"]
+    assert (previous.model.head, previous.loss.gamma, previous.loss.alpha) == (
+        "softmax",
+        2,
+        "batch",
+    )
     assert by_name["softmax_class_values"].model.score == "class_values"
     assert not by_name["no_attention"].model.use_attention
     assert variant_config(cfg, DEFAULT_VARIANTS[1], seed=11).train.seed == 11
@@ -98,6 +106,17 @@ def test_load_variants_yaml(tmp_path):
     )
     variants = load_variants(good)
     assert [v.name for v in variants] == ["full", "small", "gbm"]
+    picked = tmp_path / "picked.yaml"
+    picked.write_text("- full\n- no_rank\n- name: mine\n  overrides: ['loss.gamma=3']\n")
+    assert [v.overrides for v in load_variants(picked)] == [
+        (),
+        ("loss.rank_weight=0",),
+        ("loss.gamma=3",),
+    ]
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("- full\n- no_rnak\n")
+    with pytest.raises(CompareError, match=r"#2: 'no_rnak' is not a built-in variant.*no_rank"):
+        load_variants(unknown)
     assert variants[1].overrides == ("model.lstm_hidden=8",)
     assert variants[2].params == {"num_leaves": 15}
     dup = tmp_path / "dup.yaml"

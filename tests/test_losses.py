@@ -133,25 +133,25 @@ def test_composite_returns_parts_and_build_loss_kinds():
     torch.manual_seed(1)
     logits = torch.randn(16, 4)
     labels = torch.randint(0, 4, (16,))
-    spec = LossSection(kind="composite", alpha=None, distance_weight=0.7)
+    spec = LossSection(kind="composite", alpha=None, distance_weight=0.7, rank_weight=0)
     parts = build_loss(spec)(logits, labels)
     assert set(parts) == {"loss", "focal", "distance", "rank"}
-    assert parts["rank"].item() == 0.0  # off unless loss.rank_weight > 0
+    assert parts["rank"].item() == 0.0  # off at loss.rank_weight = 0
     torch.testing.assert_close(parts["loss"], parts["focal"] + 0.7 * parts["distance"])
     assert parts["distance"] > 0
 
-    focal_only = build_loss(LossSection(kind="focal", alpha=None))(logits, labels)
+    focal_only = build_loss(LossSection(kind="focal", rank_weight=0))(logits, labels)
     assert focal_only["distance"].item() == 0.0
     torch.testing.assert_close(focal_only["loss"], parts["focal"])
 
-    ce = build_loss(LossSection(kind="cross_entropy"))(logits, labels)
+    ce = build_loss(LossSection(kind="cross_entropy", rank_weight=0))(logits, labels)
     torch.testing.assert_close(ce["loss"], F.cross_entropy(logits, labels))
     assert isinstance(build_loss(LossSection()), CompositeLoss)
 
 
 def test_all_ignored_batch_gives_zero_not_nan():
     logits = torch.randn(3, 4, requires_grad=True)
-    parts = build_loss(LossSection())(logits, torch.full((3,), -1))
+    parts = build_loss(LossSection(rank_weight=0))(logits, torch.full((3,), -1))
     assert parts["loss"].item() == 0.0
     parts["loss"].backward()
     assert torch.isfinite(logits.grad).all()
@@ -159,7 +159,7 @@ def test_all_ignored_batch_gives_zero_not_nan():
 
 def test_out_of_range_label_is_a_clear_error():
     with pytest.raises(ValueError, match=r"label 4 is outside 0\.\.3"):
-        build_loss(LossSection())(torch.randn(2, 4), torch.tensor([0, 4]))
+        build_loss(LossSection(rank_weight=0))(torch.randn(2, 4), torch.tensor([0, 4]))
 
 
 @pytest.mark.parametrize("kind", ["composite", "focal", "cross_entropy"])
@@ -170,7 +170,7 @@ def test_no_nan_at_extreme_logits_also_under_bf16_autocast(kind, gamma):
         [[big, -big, 0.0, -big], [-big, -big, -big, big], [big, big, -big, -big], [0.0] * 4]
     )
     labels = torch.tensor([0, 1, 3, 2])  # right with certainty, wrong with certainty, tie, flat
-    loss_fn = build_loss(LossSection(kind=kind, gamma=gamma))
+    loss_fn = build_loss(LossSection(kind=kind, gamma=gamma, rank_weight=0))
     for use_autocast in (False, True):
         weight = torch.ones(4, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
@@ -256,7 +256,7 @@ def test_composite_adds_the_weighted_rank_term_and_needs_its_inputs():
     assert 0.0 < parts["rank"].item() < 2.0
     with pytest.raises(ValueError, match="score, returns and days"):
         composite(logits, labels)
-    assert not build_loss(LossSection()).needs_days
+    assert not build_loss(LossSection(rank_weight=0)).needs_days
 
 
 def test_symmetric_batch_alpha_weights_both_tails_alike():

@@ -154,7 +154,7 @@ class ModelSection(Section):
     of the forward return on the training split ("class_values").
     """
 
-    head: Literal["softmax", "ordinal"] = "softmax"
+    head: Literal["softmax", "ordinal"] = "ordinal"
     score: Literal["expected_class", "class_values"] = "expected_class"
     input_dim: int = Field(64, ge=1)
     lstm_hidden: int = Field(64, ge=1)
@@ -186,20 +186,24 @@ class ModelSection(Section):
 
 
 class LossSection(Section):
-    """Focal loss with batch alpha plus lambda times the ordinal distance loss, plus an optional
-    per-day ranking term (`rank_weight` times 1 - the day's correlation of the score with the
+    """Focal loss (optionally with batch alpha) plus lambda times the ordinal distance loss, plus
+    the per-day ranking term (`rank_weight` times 1 - the day's correlation of the score with the
     rank of the forward return, averaged over the days of a batch; needs date-grouped batches).
+
+    The defaults are issue 12's measured choice (docs/benchmark.md): gamma 1, no alpha (plain
+    batch alpha up-weights the top decile and made the score rank volatility), distance 0.5,
+    ranking term 1.
     """
 
     kind: Literal["composite", "focal", "cross_entropy"] = "composite"
-    gamma: float = Field(2.0, ge=0.0)
-    alpha: Literal["batch", "batch_symmetric"] | list[float] | None = "batch"
+    gamma: float = Field(1.0, ge=0.0)
+    alpha: Literal["batch", "batch_symmetric"] | list[float] | None = None
     alpha_smoothing: float = Field(1.0, gt=0.0, description="added to class counts")
     alpha_ema: float | None = Field(None, ge=0.0, lt=1.0)
     distance_weight: float = Field(0.5, ge=0.0)
     distance_power: float = Field(2.0, gt=0.0)
     distance_normalize: bool = True
-    rank_weight: float = Field(0.0, ge=0.0, description="weight of the per-day ranking term")
+    rank_weight: float = Field(1.0, ge=0.0, description="weight of the per-day ranking term")
     rank_min_names: int = Field(10, ge=2, description="smallest day group the term scores")
 
 

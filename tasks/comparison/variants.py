@@ -66,6 +66,11 @@ _NETWORK_LOSS_GRID: tuple[Variant, ...] = (
         description="focal loss with batch alpha, without distance or ranking term",
     ),
     Variant(
+        name="no_focal",
+        overrides=("loss.gamma=0",),
+        description="the default with cross-entropy in place of focal loss (gamma 0)",
+    ),
+    Variant(
         name="no_distance",
         overrides=("loss.kind=focal",),
         description="the default without the ordinal distance term",
@@ -77,9 +82,9 @@ _NETWORK_LOSS_GRID: tuple[Variant, ...] = (
         description="plain batch alpha (only the rare top class up-weighted)",
     ),
     Variant(
-        name="no_alpha",
-        overrides=("loss.alpha=null",),
-        description="no class weights",
+        name="symmetric_alpha",
+        overrides=("loss.alpha=batch_symmetric",),
+        description="batch alpha that up-weights both rare tails alike",
     ),
     Variant(
         name="softmax_head",
@@ -163,7 +168,8 @@ class CompareError(ValueError):
 
 
 def load_variants(path: str | Path) -> list[Variant]:
-    """Variants from a YAML list of mappings (name, kind, overrides, params, description)."""
+    """Variants from a YAML list: mappings (name, kind, overrides, params, description), or
+    plain names, which pick that variant of the built-in grid (`DEFAULT_VARIANTS`)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -173,8 +179,17 @@ def load_variants(path: str | Path) -> list[Variant]:
         raise CompareError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, list) or not raw:
         raise CompareError(f"{path}: expected a non-empty list of variants")
+    built_in = {v.name: v for v in DEFAULT_VARIANTS}
     variants = []
     for i, entry in enumerate(raw):
+        if isinstance(entry, str):
+            if entry not in built_in:
+                raise CompareError(
+                    f"{path}: variant #{i + 1}: '{entry}' is not a built-in variant "
+                    f"(known: {', '.join(built_in)})"
+                )
+            variants.append(built_in[entry])
+            continue
         try:
             variants.append(Variant.model_validate(entry))
         except ValidationError as err:
