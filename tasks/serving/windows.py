@@ -6,6 +6,11 @@ shorter, emitted only with at least `min_valid_days` own rows. So the normalised
 laid out as the loader's panel (`alphaloom.model.panels.Panel`: T-1 zero rows, then the rows in
 (symbol, date) order) and batches come from `alphaloom.model.panels.gather_batch`, the function
 the loader itself gathers with.
+
+Windows are calendar-true, as the shards' are (tasks/dataset/row_layout.py): T trading days,
+a day the symbol has no bar masked. The request's trading calendar is the union of its dates,
+so a day on which no requested symbol traded is not a day of the windows; send the whole
+cross-section (as the nightly scorer does) for halts to show as the gaps training saw.
 """
 
 from __future__ import annotations
@@ -18,16 +23,22 @@ import pandas as pd
 
 from alphaloom.model.batch import Batch
 from alphaloom.model.panels import Panel, gather_batch
-from alphaloom.model.shard_format import valid_lengths
+from alphaloom.model.shard_format import valid_lengths, window_spans
+from alphaloom.tasks.dataset.row_layout import calendar_rows
 from alphaloom.tasks.serving.bundle import SymbolInputs
 
 
 @dataclass(frozen=True)
 class SymbolTable:
-    """The two ShardSetInfo fields `gather_batch` reads, for the request's symbols (row = id)."""
+    """What `gather_batch` reads of a ShardSetInfo, for the request's symbols (text row = id)."""
 
     text: np.ndarray
     has_text: np.ndarray
+
+    def text_of(self, text_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Description vectors [B, D] and has-text flags [B] of the rows' symbol ids."""
+        rows = np.asarray(text_rows, dtype=np.int64)
+        return self.text[rows], self.has_text[rows].astype(bool)
 
 
 def request_panel(
@@ -36,21 +47,29 @@ def request_panel(
     """The loader's panel of a (symbol, date)-sorted normalised table, one window per row, and
     the request's symbol names (id -> name)."""
     codes, symbols = pd.factorize(normed["symbol"], sort=False)
-    n_rows, n_features = len(normed), len(feature_names)
-    x = np.zeros((window - 1 + n_rows, n_features), np.float32)
-    x[window - 1 :] = normed[list(feature_names)].to_numpy(np.float32)
-    codes = codes.astype(np.int64)
+    days = normed["date"].to_numpy("datetime64[D]").astype(np.int64)
+    rows = calendar_rows(codes.astype(np.int64), days, None)
+    own = rows.source >= 0
+    ends = np.flatnonzero(own)  # a window ends on a bar, as the loader's Selection asks
+    if not np.array_equal(rows.source[ends], np.arange(len(normed))):
+        raise ValueError("request_panel needs a table sorted by (symbol, date)")
+    x = np.zeros((window - 1 + len(rows), len(feature_names)), np.float32)
+    x[window - 1 :][own] = normed[list(feature_names)].to_numpy(np.float32)
+    ids = rows.codes[ends]
     panel = Panel(
         x=x,
-        start=np.arange(n_rows, dtype=np.int64),  # window of row i: panel rows i .. i + T - 1
-        valid=valid_lengths(codes, window),
-        symbol=codes,
-        date=normed["date"].to_numpy("datetime64[D]").astype(np.int64),
-        label=np.full(n_rows, -1, np.int64),
-        fwd_return=np.full(n_rows, np.nan, np.float32),
-        industry=inputs.industry[codes],
-        index=inputs.index[codes],
-        shard=np.zeros(n_rows, np.int32),
+        bar=np.r_[np.zeros(window - 1, bool), own],
+        start=ends.astype(np.int64),  # window of calendar row r: panel rows r .. r + T - 1
+        span=window_spans(rows.codes, window)[ends],
+        valid=valid_lengths(rows.codes, window, rows.bar)[ends],
+        symbol=ids,
+        date=rows.days[ends],
+        label=np.full(len(ends), -1, np.int64),
+        fwd_return=np.full(len(ends), np.nan, np.float32),
+        industry=inputs.industry[ids],
+        index=inputs.index[ids],
+        text_row=ids,
+        shard=np.zeros(len(ends), np.int32),
         window=window,
     )
     return panel, [str(s) for s in symbols]
