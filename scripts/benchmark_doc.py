@@ -58,6 +58,7 @@ class Section(BaseModel):
     overrides: list[str] = Field(default_factory=list)
     requires: str | None = None  # a path the section needs (its data); absent: left out
     variants: str | None = None  # a variants YAML for this section; None: the plan's
+    seeds: int | None = Field(None, ge=1)  # None: the plan's
     note: str = ""
 
 
@@ -91,7 +92,8 @@ class Plan(BaseModel):
 
 def compare_argv(plan: Plan, section: Section) -> list[str]:
     """The `alphaloom compare` arguments of a section."""
-    argv = ["compare", "--config", section.config, "--seeds", str(plan.seeds)]
+    seeds = section.seeds or plan.seeds
+    argv = ["compare", "--config", section.config, "--seeds", str(seeds)]
     variants = section.variants or plan.variants
     if variants:
         argv += ["--variants", variants]
