@@ -282,6 +282,8 @@ def headline_table(plan: Plan, scopes: list[tuple[str, list[SectionResult]]]) ->
     ]
     for title, results in scopes:
         for other in plan.headline:
+            if not any(_finished(result, other) for result in results):
+                continue  # a variant this scope's sections do not run
             p = paired(results, ref, other)
             spread = f" ± {_fmt(p.diff_std)}" if math.isfinite(p.diff_std) else ""
             lines.append(
