@@ -397,7 +397,7 @@ def render(plan: Plan, results: list[SectionResult], missing: list[Section], com
         f"- Machine: {machine()}",
         f"- Reference: `{plan.reference}` = the model `configs/default.yaml` trains "
         "(`alphaloom run`); every other variant changes one thing (its overrides are in the "
-        "tables' source, `alphaloom compare --help`, and tasks/comparison/compare.py)",
+        "tables' source and in tasks/comparison/variants.py)",
         "",
         "## Headline",
         "",
