@@ -42,6 +42,7 @@ from alphaloom.tasks.training.distributed import (
 from alphaloom.tasks.training.progress import TrainProgress
 from alphaloom.tasks.training.runtime import seed_everything
 from alphaloom.tasks.training.train import (
+    batch_loss,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -174,11 +175,6 @@ def union_reference(shard_dir: Path, cfg: PipelineConfig) -> nn.Module:
     ]
     assert loss.needs_days  # the default loss: its per-day ranking term sees each rank's days
 
-    def rank_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(batch).float()
-        score = model.score(logits)
-        return loss(logits, batch["label"], score, batch["fwd_return"], batch["date"])["loss"]
-
     for epoch in range(cfg.train.epochs):
         model.train()
         for loader in loaders:
@@ -186,7 +182,8 @@ def union_reference(shard_dir: Path, cfg: PipelineConfig) -> nn.Module:
         for step, batches in enumerate(zip(*loaders, strict=True)):
             if step == cfg.train.max_batches_per_epoch:
                 break
-            total = sum(rank_loss(b) for b in batches) / WORLD
+            total = sum(batch_loss(model, loss, model(b).float(), b)["loss"] for b in batches)
+            total = total / WORLD
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

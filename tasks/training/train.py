@@ -230,6 +230,15 @@ def _join_context(model: nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def batch_loss(model: nn.Module, loss: nn.Module, logits: torch.Tensor, batch: Batch) -> dict:
+    """The loss terms of a batch's float32 logits; the per-day ranking term, when on, also gets
+    the model's score and the batch's returns and days."""
+    if loss.needs_days:
+        score = _unwrap(model).score(logits)
+        return loss(logits, batch["label"], score, batch["fwd_return"], batch["date"])
+    return loss(logits, batch["label"])
+
+
 def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> torch.Tensor:
     """Forward (bf16 autocast on CUDA), loss in float32, backward, clip, step.
 
@@ -239,12 +248,7 @@ def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> tor
     model, optimizer, loss = parts["model"], parts["optimizer"], parts["loss"]
     with _autocast(parts["device"]):
         logits = model(batch)
-    logits = logits.float()
-    if loss.needs_days:
-        score = _unwrap(model).score(logits)
-        terms = loss(logits, batch["label"], score, batch["fwd_return"], batch["date"])
-    else:
-        terms = loss(logits, batch["label"])
+    terms = batch_loss(model, loss, logits.float(), batch)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.train.grad_clip is not None:
