@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from alphaloom.tasks.common.config import ConfigError, PipelineConfig, load_config
+from alphaloom.tasks.common.config import (
+    ConfigError,
+    PipelineConfig,
+    config_from_dict,
+    load_config,
+    packaged_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -71,3 +77,78 @@ def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def _outside_data(cfg: PipelineConfig) -> dict:
+    values = cfg.model_dump(mode="json")
+    values.pop("data")
+    return values
+
+
+def test_a_data_only_config_trains_the_packaged_default(tmp_path: Path) -> None:
+    """A user's YAML that sets only `data:` resolves, key for key outside `data`, to what
+    `alphaloom run` without --config trains (the packaged default.yaml)."""
+    bars = tmp_path / "bars.csv"
+    bars.write_text("symbol,date,open,high,low,close,volume\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"data:\n  source: files\n  bars_path: {bars}\n")
+    packaged = load_config(packaged_config())
+    assert _outside_data(load_config(mine)) == _outside_data(packaged)
+    assert _outside_data(load_config(None)) == _outside_data(packaged)
+
+
+def test_the_default_config_names_only_the_data() -> None:
+    """configs/default.yaml cannot disagree with the schema: it sets nothing outside `data`."""
+    import yaml
+
+    raw = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert set(raw) == {"data"}
+    assert load_config(CONFIGS / "default.yaml") == config_from_dict({"data": raw["data"]})
+
+
+def test_the_schema_defaults_are_the_benchmarked_model() -> None:
+    """The settings docs/benchmark.md's `full` row was measured with (configs/default.yaml before
+    the defaults moved into the schema); a change here must re-measure that page."""
+    cfg = PipelineConfig()
+    trained = {
+        "shards.window": cfg.shards.window,
+        "model.head": cfg.model.head,
+        "model.width": (cfg.model.input_dim, cfg.model.lstm_hidden, cfg.model.mlp_hidden),
+        "loss": (cfg.loss.kind, cfg.loss.gamma, cfg.loss.alpha, cfg.loss.distance_weight),
+        "loss.rank_weight": cfg.loss.rank_weight,
+        "train": (cfg.train.epochs, cfg.train.lr, cfg.train.patience),
+        "train.max_batches_per_epoch": cfg.train.max_batches_per_epoch,
+        "train.num_threads": cfg.train.num_threads,
+        "loader": (cfg.loader.batch_size, cfg.loader.pool_shards, cfg.loader.min_valid_days),
+    }
+    assert trained == {
+        "shards.window": 30,
+        "model.head": "ordinal",
+        "model.width": (32, 32, 32),
+        "loss": ("composite", 1.0, None, 0.5),
+        "loss.rank_weight": 1.0,
+        "train": (8, 0.002, 3),
+        "train.max_batches_per_epoch": 240,
+        "train.num_threads": 1,
+        "loader": (512, 4, 20),
+    }
+
+
+@pytest.mark.parametrize("name", ["nightly.yaml", "sp500-dev.yaml"])
+def test_other_shipped_configs_keep_the_default_model(name: str) -> None:
+    """nightly and sp500-dev change data, splits, registry or tracking, never the model."""
+    cfg = load_config(CONFIGS / name)
+    default = PipelineConfig()
+    for section in ("shards", "loader", "model", "loss", "train", "text"):
+        assert getattr(cfg, section) == getattr(default, section), section
+
+
+def test_config_command_prints_what_a_run_resolves_to(capsys, tmp_path: Path) -> None:
+    import yaml
+
+    from alphaloom.flows.cli import main
+
+    assert main(["config", "--set", "train.epochs=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == load_config(None, ["train.epochs=3"]).model_dump(mode="json")
+    assert printed["train"]["epochs"] == 3
