@@ -147,7 +147,9 @@ def test_import_contract_fails_on_mlflow_in_model(tmp_path) -> None:
     copy = tmp_path / "repo"
     copy.mkdir()
     for name in ("alphaloom", "flows", "tasks", "model", "configs", "scripts"):
-        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / name, copy / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for name in ("pyproject.toml", "README.md", ".importlinter"):
         shutil.copy(REPO / name, copy / name)
     network = copy / "model" / "network.py"

@@ -1,0 +1,60 @@
+"""The checkout is the package: static tools resolve `alphaloom.*` to the top-level folders.
+
+`alphaloom/flows`, `alphaloom/tasks`, `alphaloom/model` and `alphaloom/configs` are relative
+symlinks to the folders at the repository's top level (CONTRIBUTING.md says why), so an editor's
+go-to-definition, import-linter and `python -c "import alphaloom..."` from the repository root all
+find the code where it lives, without the installed package's import hook.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = ("flows", "tasks", "model", "configs")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_layer_is_linked_into_the_package_folder(layer: str) -> None:
+    link = REPO / "alphaloom" / layer
+    assert link.is_symlink(), f"alphaloom/{layer} must be a symlink to ../{layer}"
+    assert os.readlink(link) == f"../{layer}", "relative, so any checkout location works"
+    assert link.resolve() == (REPO / layer).resolve()
+
+
+def test_go_to_definition_lands_in_the_top_level_folder() -> None:
+    """jedi (behind many editors' go-to-definition) follows an `alphaloom.tasks` import to the
+    definition in tasks/, with the repository as its project and nothing installed."""
+    jedi = pytest.importorskip("jedi")
+    source = "from alphaloom.tasks.common.config import load_config\nload_config\n"
+    project = jedi.Project(str(REPO), added_sys_path=[], load_unsafe_extensions=False)
+    script = jedi.Script(source, path=str(REPO / "probe.py"), project=project)
+    found = script.goto(2, 3, follow_imports=True)
+    assert found, "jedi resolved nothing"
+    target = Path(found[0].module_path).resolve()
+    assert target == (REPO / "tasks" / "common" / "config.py").resolve()
+    assert found[0].name == "load_config"
+    assert (REPO / "tasks" / "common" / "config.py").read_text().splitlines()[
+        found[0].line - 1
+    ].startswith("def load_config(")
+
+
+def test_the_repository_root_imports_the_source_tree() -> None:
+    """From the repository root, `import alphaloom.flows.pipeline` is answered by the checkout's
+    own folders (the path finder), not by the editable install's hook."""
+    probe = (
+        "import alphaloom.flows.pipeline as p, alphaloom.tasks.common.config as c\n"
+        "print(p.__file__); print(c.__file__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    pipeline, config = (Path(line) for line in result.stdout.splitlines())
+    assert pipeline == REPO / "alphaloom" / "flows" / "pipeline.py"
+    assert pipeline.resolve() == (REPO / "flows" / "pipeline.py").resolve()
+    assert config.resolve() == (REPO / "tasks" / "common" / "config.py").resolve()
