@@ -229,17 +229,16 @@ def test_dates_as_integers_or_us_slashes_parse_to_the_same_days(tmp_path: Path, 
     pd.testing.assert_series_equal(other.bars["date"], iso["date"])
 
 
-def test_day_first_dates_need_the_format_and_are_reported_without_it(tmp_path: Path):
+def test_day_first_dates_are_read_day_first_from_all_values_or_as_the_format_says(tmp_path: Path):
     frame = vendor_file("AAA")
     frame["Date"] = pd.to_datetime(frame["Date"]).dt.strftime("%d/%m/%Y")  # 02/01/2019 ...
     bars = write_dir(tmp_path / "bars", {"a.csv": frame})
-    guessed = validate_bar_files(bars)  # read month-first from the first value: days > 12 fail
-    (problem,) = guessed.report.errors
-    assert problem.column == "Date" and problem.problem == "unparseable date"
-    assert "'14/01/2019'" in problem.examples
+    inferred = validate_bar_files(bars)  # 14/01/2019 and later decide: day first, every row
+    assert not inferred.report.problems
     fixed = validate_bar_files(bars, date_format="%d/%m/%Y")
     assert not fixed.report.errors
     assert fixed.bars["date"].iloc[0] == pd.Timestamp("2019-01-02")
+    pd.testing.assert_series_equal(inferred.bars["date"], fixed.bars["date"])
 
 
 def test_tickers_differing_only_in_case_are_both_reported(tmp_path: Path):
@@ -264,8 +263,8 @@ def test_empty_file_and_stray_files_among_good_ones(tmp_path: Path):
     market = load_saved_market(run_ingest_stage(config(tmp_path, bars)).path)
     assert market.bars["symbol"].unique().tolist() == ["AAA"]
     lines = {Path(p.file).name: (p.severity, p.problem) for p in market.report.problems}
-    assert lines["BBB.csv"] == ("warning", "empty file (no header)")
-    assert lines["CCC.csv"] == ("warning", "empty file (0 rows)")
+    assert lines["BBB.csv"] == ("note", "empty file (no header)")
+    assert lines["CCC.csv"] == ("note", "empty file (0 rows)")
     assert lines["README.txt"][0] == lines["prices.xlsx"][0] == "note"
     assert market.report.files_skipped == 2 and not market.report.errors
 

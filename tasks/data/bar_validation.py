@@ -4,7 +4,10 @@ Why one pass: a vendor's directory with three bad rows in three files must produ
 listing all three, not three failed runs. Each file is read and parsed without raising; then the
 schema (tasks/data/checks.py) is checked once over the rows of all files, lazily, and its failure
 cases become the report's lines and the invalid-row mask. What the policy does with the invalid
-rows (`data.on_invalid`) is decided by the caller (tasks/data/ingest.py).
+rows (`data.on_invalid`) is decided by the caller (tasks/data/ingest.py), with one exception: a
+file whose dates are in no single order (day/month or month/day, tasks/data/date_order.py) stops
+the run under any policy, because dropping it would silently lose a symbol and reading it would
+be a guess; it needs `data.date_format`.
 """
 
 from __future__ import annotations
@@ -63,12 +66,23 @@ class _Parsed:
     labels: list[dict[str, str]]
     columns: list[tuple[str, ...]]  # optional columns each file has
     unparsed: dict[tuple[int, str], pd.Series]  # (file number, column) -> raw text by row
+    stops: list[Problem] = field(default_factory=list)  # files that stop the run (date order)
+
+
+class _NoDateOrder(FileProblem):
+    """A file's dates are in no single order: the file is rejected whole and the run stops."""
 
 
 def _parse_file(table, number: int, date_format: str | None, parsed: _Parsed) -> pd.DataFrame:
     frame = table.frame
-    frame["symbol"] = parse_symbols(frame["symbol"])
     dates = parse_dates(frame["date"], date_format)
+    if dates.problem:
+        label = table.labels["date"]
+        shown = examples(dates.examples)
+        raise _NoDateOrder(
+            Problem("error", str(table.path), label, dates.problem, len(frame), shown)
+        )
+    frame["symbol"] = parse_symbols(frame["symbol"])
     frame["date"] = dates.values
     if len(dates.unparsed):
         parsed.unparsed[(number, "date")] = dates.unparsed
@@ -97,15 +111,19 @@ def _read_all(
     for file in found.files:
         try:
             table = read_bar_table(file, column_map, encoding)
+            frame = _parse_file(table, len(frames), date_format, parsed)
         except FileProblem as err:  # its rows (if it has any) count as invalid
             report.add([err.problem])
             report.files_skipped += 1
             skipped_rows += err.problem.rows if err.problem.severity == "error" else 0
+            parsed.stops += [err.problem] if isinstance(err, _NoDateOrder) else []
             continue
         report.add(table.notes)
-        frames.append(_parse_file(table, len(frames), date_format, parsed))
+        frames.append(frame)
     report.files_read = len(frames)
     if not frames:
+        report.rows_read = report.invalid_rows = skipped_rows
+        _stop_on_date_order(parsed.stops, report)
         raise DataValidationError(
             f"{path}: empty input, no rows in any of its {len(found.files)} file(s)\n"
             + report.render(),
@@ -122,6 +140,15 @@ def _read_all(
     report.rows_read = len(frame) + skipped_rows
     report.invalid_rows = skipped_rows
     return parsed, report
+
+
+def _stop_on_date_order(stops: list[Problem], report: ValidationReport) -> None:
+    """Raise DataValidationError (with the report) when a file's dates are in no single order."""
+    if not stops:
+        return
+    files = ", ".join(p.file for p in stops)
+    reason = f"the dates of {files} are in no single order; set data.date_format"
+    raise DataValidationError(f"invalid input data ({reason}):\n{report.render()}", report)
 
 
 def _cases(parsed: _Parsed) -> pd.DataFrame:
@@ -272,7 +299,8 @@ def validate_bar_files(
     """Read every bar file under `path` and check all rows at once.
 
     Never raises for bad rows or bad files (they are in the report, and the rows in
-    `quarantine`); raises DataValidationError only when no file has any row.
+    `quarantine`); raises DataValidationError, with the whole report attached, when no file has
+    any row or when a file's dates are in no single order (it needs `data.date_format`).
     """
     parsed, report = _read_all(path, column_map, date_format, encoding)
     frame = parsed.frame
@@ -294,6 +322,7 @@ def validate_bar_files(
     bars = adjust_prices(valid.drop(columns=[SOURCE_FILE, SOURCE_ROW]).copy())
     extra = ["amount"] if "amount" in bars else []
     bars = bars[[*BAR_COLUMNS, *extra]].sort_values(["symbol", "date"], kind="stable")
+    _stop_on_date_order(parsed.stops, report)
     return ValidatedBars(bars.reset_index(drop=True), report, quarantine, unadjusted)
 
 

@@ -10,7 +10,7 @@ schema then reports, and the raw text is kept so the report can show it.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -18,6 +18,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 from pandera.typing import Series
+
+from alphaloom.tasks.data.date_order import MIXED, UNDECIDED, DateOrder, read_order
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
 NUMERIC_COLUMNS = (*PRICE_COLUMNS, "adj_close", "adj_factor", "volume", "amount")
@@ -111,6 +113,9 @@ PROBLEM_NAMES = {
     "str_length(1, None)": "empty symbol",
     "multiple_fields_uniqueness": "duplicate (symbol, date) key",
     "case_clash": "ticker differs from another only in case",
+    UNDECIDED: "dates in no decidable order (day/month or month/day: no field above 12, and "
+    "their spacing does not tell)",
+    MIXED: "dates in two orders (some rows only valid day/month, others only month/day)",
 }
 
 
@@ -119,10 +124,16 @@ PROBLEM_NAMES = {
 
 @dataclass
 class Parsed:
-    """A typed column and, where the text could not be parsed, the text itself."""
+    """A typed column and, where the text could not be parsed, the text itself.
+
+    `problem` is set when the column cannot be read at all (dates in no single order); then
+    every value is missing and every present one is in `unparsed`.
+    """
 
     values: pd.Series
     unparsed: pd.Series  # raw value at the rows that failed to parse (index = frame index)
+    problem: str = ""  # the report's wording, with what to do about it
+    examples: list[str] = field(default_factory=list)  # "row 3: '13/01/2019' (...)"
 
 
 def parse_numbers(values: pd.Series) -> Parsed:
@@ -137,15 +148,27 @@ def parse_numbers(values: pd.Series) -> Parsed:
 COMPACT_DATE = "%Y%m%d"
 
 
+def _order_problem(order: DateOrder) -> str:
+    """The report's wording of a column whose dates have no single order, with the way out."""
+    day, month = order.formats
+    hint = f"set data.date_format: '{day}' (day first) or '{month}' (month first)"
+    if order.kind == MIXED:
+        hint += " and fix the rows of the other order"
+    return f"{PROBLEM_NAMES[order.kind]}; {hint}; none of its rows is read"
+
+
 def parse_dates(values: pd.Series, date_format: str | None = None) -> Parsed:
     """Dates as datetime64[ns] at midnight; unparseable ones become NaT (kept in `unparsed`).
 
     Accepted without configuration: datetimes, ISO text, 20190102 (integers or text) and
-    slashed dates, whose order (month/day/year or day/month/year) is inferred once per column
-    from its first value, as pandas does, and then applied to every row, so a file never mixes
-    the two readings. `date_format` (strptime codes, data.date_format) overrides the inference.
+    slashed dates (12/01/2015, 12.01.2015, 12-01-2015), whose order (month/day or day/month)
+    is decided once per column from all of its values (tasks/data/date_order.py) and applied to
+    every row. A column whose order cannot be decided, or whose rows disagree, is not read at
+    all: every value is missing and `problem` says why. `date_format` (strptime codes,
+    data.date_format) overrides the inference.
     """
     present = values.notna()
+    problem, shown = "", []
     if pd.api.types.is_datetime64_any_dtype(values):
         parsed = values
         if getattr(parsed.dt, "tz", None) is not None:
@@ -157,6 +180,13 @@ def parse_dates(values: pd.Series, date_format: str | None = None) -> Parsed:
         given = text.dropna()
         if date_format is None and len(given) and given.str.fullmatch(r"\d{8}").all():
             date_format = COMPACT_DATE
+        if date_format is None and len(given):
+            order = read_order(text)
+            if not order.decided:
+                problem, shown = _order_problem(order), order.examples
+                text = text.mask(present)  # never a partial read
+            elif len(order.iso):
+                text.iloc[order.iso.index] = order.iso.to_numpy()  # ISO text, NA if invalid
         with warnings.catch_warnings():  # "could not infer format": every row is still parsed
             warnings.simplefilter("ignore", UserWarning)
             parsed = pd.to_datetime(text, errors="coerce", format=date_format)
@@ -167,7 +197,7 @@ def parse_dates(values: pd.Series, date_format: str | None = None) -> Parsed:
             parsed = parsed.dt.tz_convert(None)
     parsed = parsed.dt.normalize().astype("datetime64[ns]")
     bad = parsed.isna() & present
-    return Parsed(parsed, values[bad])
+    return Parsed(parsed, values[bad], problem, shown)
 
 
 def parse_symbols(values: pd.Series) -> pd.Series:

@@ -298,7 +298,7 @@ def read_table(
     except (FileProblem, DataValidationError):
         raise
     except pd.errors.EmptyDataError:
-        raise FileProblem(Problem("warning", str(path), "", "empty file (no header)", 0)) from None
+        raise FileProblem(Problem("note", str(path), "", "empty file (no header)", 0)) from None
     except Exception as err:
         raise _unreadable(path, err) from err
     labels = {canon: col for col, canon in mapping.items()}
@@ -327,7 +327,7 @@ def read_bar_table(
             )
         )
     if table.frame.empty:
-        raise FileProblem(Problem("warning", str(path), "", "empty file (0 rows)", 0))
+        raise FileProblem(Problem("note", str(path), "", "empty file (0 rows)", 0))
     if "symbol" not in table.frame:
         table.frame.insert(0, "symbol", strip_suffix(path.name)[0])
         table.labels["symbol"] = "(file name)"
