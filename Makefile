@@ -39,7 +39,7 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	PYTHON=$(PY) bash scripts/lint_imports.sh
+	PYTHON=$(abspath $(PY)) bash scripts/lint_imports.sh
 
 format: install
 	$(PY) -m ruff format .

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alphaloom.flows.cli import _config, build_parser, main
-from alphaloom.tasks.common.config import load_config, packaged_config
+from alphaloom.flows import cli
+from alphaloom.flows.cli import NIGHTLY_CONFIG_NAME, _config, build_parser, main
+from alphaloom.tasks.common.config import DEFAULT_CONFIG_NAME, load_config, packaged_config
 from alphaloom.tasks.tracking.store import ui_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,3 +127,86 @@ def test_every_documented_command_exists() -> None:
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([command, "--help"])
         assert exit_info.value.code == 0
+
+
+class ConfigRead(Exception):
+    """Raised by a stand-in load_config: which config file a command reads (None: none)."""
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        ("features", DEFAULT_CONFIG_NAME),
+        ("run", DEFAULT_CONFIG_NAME),
+        ("score", DEFAULT_CONFIG_NAME),
+        ("validate", DEFAULT_CONFIG_NAME),
+        ("compare", DEFAULT_CONFIG_NAME),
+        ("backtest", DEFAULT_CONFIG_NAME),
+        ("train-ddp", DEFAULT_CONFIG_NAME),
+        ("config", DEFAULT_CONFIG_NAME),
+        ("nightly", NIGHTLY_CONFIG_NAME),
+        ("serve", NIGHTLY_CONFIG_NAME),
+        ("synth", None),
+        ("ui", None),
+    ],
+)
+def test_help_names_the_config_each_command_reads(command, named, capsys, monkeypatch) -> None:
+    """`--config`'s help names the config the command reads without it (`nightly --help` said
+    default.yaml while it reads nightly.yaml); None: the built-in defaults, no file."""
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option: nothing wrapped mid-name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    (help_line,) = [line for line in lines if line.strip().startswith("--config CONFIG")]
+    help_text = help_line.split("--config CONFIG", 1)[1]
+    said = {name for name in (DEFAULT_CONFIG_NAME, NIGHTLY_CONFIG_NAME) if name in help_text}
+    assert said == ({named} if named else set()), help_line
+    assert ("built-in defaults" in help_text) == (named is None), help_line
+
+    def read(path, overrides=None):
+        raise ConfigRead(path)
+
+    monkeypatch.setattr(cli, "load_config", read)
+    monkeypatch.setattr("alphaloom.flows.serve.serve_deployments", lambda config, **_: read(config))
+    args = build_parser().parse_args(
+        [command, *(["--out", "unused"] if command == "synth" else [])]
+    )
+    with pytest.raises(ConfigRead) as config_read:
+        args.func(args)
+    path = config_read.value.args[0]
+    assert (Path(path).name if path else None) == named
+
+
+def validate(tmp_path: Path, capsys, *sets: str) -> tuple[int, str]:
+    """`alphaloom validate` on a small synthetic market written as files: status, last line."""
+    market = tmp_path / "market"
+    if not market.exists():
+        assert main(["synth", "--out", str(market), *overrides(SMALL)]) == 0
+    settings = [
+        f"work_dir={tmp_path / 'work'}",
+        "data.source=files",
+        f"data.bars_path={market}",
+        "features.windows=[5,10]",
+        "shards.window=20",
+        "loader.min_valid_days=10",
+        *sets,
+    ]
+    capsys.readouterr()
+    status = main(["validate", "--config", str(REPO / "configs/smoke.yaml"), *overrides(settings)])
+    return status, capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_validate_verdicts_are_whole_sentences(tmp_path, capsys) -> None:
+    """The stop verdict ended in the colon that introduces the report: now it says why."""
+    assert validate(tmp_path, capsys) == (0, "A run would go ahead.")
+
+    bars_file = tmp_path / "market" / "bars.parquet"
+    bars = pd.read_parquet(bars_file)
+    bars.loc[bars.index[:3], "close"] = -1.0
+    bars.to_parquet(bars_file, index=False)
+    status, verdict = validate(tmp_path, capsys, "data.on_invalid=error")
+    assert status == 1
+    assert verdict == (
+        "A run would stop: invalid input data (data.on_invalid is 'error'; "
+        "set it to 'drop' to quarantine invalid rows)."
+    )

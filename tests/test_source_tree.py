@@ -39,9 +39,12 @@ def test_go_to_definition_lands_in_the_top_level_folder() -> None:
     target = Path(found[0].module_path).resolve()
     assert target == (REPO / "tasks" / "common" / "config.py").resolve()
     assert found[0].name == "load_config"
-    assert (REPO / "tasks" / "common" / "config.py").read_text().splitlines()[
-        found[0].line - 1
-    ].startswith("def load_config(")
+    assert (
+        (REPO / "tasks" / "common" / "config.py")
+        .read_text()
+        .splitlines()[found[0].line - 1]
+        .startswith("def load_config(")
+    )
 
 
 def test_the_repository_root_imports_the_source_tree() -> None:

@@ -52,6 +52,7 @@ alphaloom.tasks.serving.ranking.
 import json
 from types import SimpleNamespace
 
+import pandas as pd
 import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
@@ -72,7 +73,10 @@ class AlphaloomRanker(PythonModel):
         self.keys = spec["input_keys"]
         self.bundle = load_bundle(context.artifacts)
 
-    def predict(self, context, model_input, params=None):
+    # The hint names the frame MLflow's serving passes; MLflow infers no schema from a DataFrame
+    # hint and so leaves the input to ranking.predict, which also takes a dict of batch arrays
+    # and checks either, naming every problem.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from alphaloom.tasks.serving.ranking import predict
 
         return predict(self.model, self.bundle, model_input, params)
