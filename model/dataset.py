@@ -52,7 +52,7 @@ from alphaloom.model.shard_format import (
     rebuild_hint,
     valid_lengths,
 )
-from alphaloom.model.shard_set import ShardSetInfo, _window_key
+from alphaloom.model.shard_set import ShardSetInfo, window_key
 
 
 @dataclass
@@ -148,7 +148,7 @@ class ShardedWindowDataset(IterableDataset):
     ) -> None:
         super().__init__()
         self.info = shards if isinstance(shards, ShardSetInfo) else ShardSetInfo.open(shards)
-        self.key = _window_key(split)
+        self.key = window_key(split)
         self.shuffle = (self.key == "train" and dates is None) if shuffle is None else shuffle
         if dates is not None and self.shuffle:
             raise ValueError("dates= selects windows for ordered scoring; it needs shuffle=False")

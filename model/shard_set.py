@@ -313,7 +313,7 @@ class ShardSetInfo:
         self, split: str | int | None, min_valid: int, shards: Iterable[int] | None = None
     ) -> int:
         """Emit-able windows of a split (None: every window, labelled or not) in some shards."""
-        key = _window_key(split)
+        key = window_key(split)
         chosen = range(len(self.shards)) if shards is None else shards
         return sum(self.shards[s].window_count(key, min_valid) for s in chosen)
 
@@ -340,7 +340,7 @@ class ShardSetInfo:
         )
 
 
-def _window_key(split: str | int | None) -> str:
+def window_key(split: str | int | None) -> str:
     if split is None:
         return ALL_KEY
     if isinstance(split, str) and split in SPLIT_CODES:

@@ -160,3 +160,38 @@ def test_import_contract_fails_on_mlflow_in_model(tmp_path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "alphaloom.model.network -> mlflow" in result.stdout
+
+
+def _private_imports(path: Path, root: Path = REPO) -> list[str]:
+    """`from alphaloom.x import _name` lines of `path`: another module's private names."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("alphaloom"):
+            found += [
+                f"{path.relative_to(root)}:{node.lineno} {node.module}.{alias.name}"
+                for alias in node.names
+                if alias.name.startswith("_") and not alias.name.startswith("__")
+            ]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A leading underscore means "only this module uses it": a name another module needs is
+    public (and documented) in the module that owns it."""
+    scripts = [
+        *sorted((REPO / "benchmarks").glob("*.py")),
+        *sorted((REPO / "scripts").glob("*.py")),
+    ]
+    offenders = [line for path in [*_source_files(), *scripts] for line in _private_imports(path)]
+    assert not offenders, "import a public name instead:\n" + "\n".join(offenders)
+
+
+def test_the_private_import_rule_sees_an_offender(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from alphaloom.tasks.common.hashing import sha256_file\n"
+        "def f():\n    from alphaloom.tasks.common.hashing import _parse_imports, __all__\n"
+    )
+    assert _private_imports(probe, tmp_path) == [
+        "probe.py:3 alphaloom.tasks.common.hashing._parse_imports"
+    ]

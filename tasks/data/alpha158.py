@@ -26,11 +26,11 @@ import pandas as pd
 
 from alphaloom.tasks.data.factor_names import parse_name
 from alphaloom.tasks.data.rolling import (
-    _PANEL_CELLS,
     EPS,
     FLAT_STD,
+    PANEL_CELLS,
     Panels,
-    _finite,
+    finite,
     symbol_layout,
     window_correlation,
     window_extreme,
@@ -139,7 +139,7 @@ def _kernel_corr(p: Panels, need: Needed) -> Results:
             yield f"CORR{w}", corr
     if "CORD" in need:
         ret = close / p.previous("close")
-        vol = _finite(np.log(volume / p.previous("volume") + 1.0))
+        vol = finite(np.log(volume / p.previous("volume") + 1.0))
         for w, corr in window_correlation(p, ret, vol, need["CORD"]).items():
             yield f"CORD{w}", corr
 
@@ -279,7 +279,7 @@ def _vwap(bars: pd.DataFrame) -> np.ndarray:
         return (high + low + close) / 3.0
     amount, volume = bars["amount"].to_numpy(np.float64), bars["volume"].to_numpy(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return _finite(amount / volume)
+        return finite(amount / volume)
 
 
 def _needed(names: Sequence[str]) -> Needed:
@@ -293,7 +293,7 @@ def _needed(names: Sequence[str]) -> Needed:
 
 def _symbol_chunk(n_pos: int) -> int:
     """Symbols per panel, so that the dozen [T, S] arrays a kernel touches stay in cache."""
-    return max(1, _PANEL_CELLS // max(1, n_pos))
+    return max(1, PANEL_CELLS // max(1, n_pos))
 
 
 def compute_alpha158(bars: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:

@@ -20,7 +20,7 @@ EPS = 1e-12  # Qlib's guard in denominators such as ($high-$low+1e-12)
 FLAT_STD = 2e-5  # Qlib's np.isclose(std, 0, atol=2e-5) mask for Corr and Rsquare
 
 
-_PANEL_CELLS = 1 << 16  # cells of one [T, S] panel (512 KiB): symbols are processed in chunks
+PANEL_CELLS = 1 << 16  # cells of one [T, S] panel (512 KiB): symbols are processed in chunks
 
 
 _SORT_CHUNK = 1 << 22  # window elements sorted at a time by the quantile kernel (32 MiB)
@@ -87,7 +87,7 @@ def symbol_layout(symbols: pd.Series, dates: pd.Series, pad: int) -> Layout:
     return Layout(order, pos, col, n_pos, len(uniques), pad)
 
 
-def _finite(values: np.ndarray) -> np.ndarray:
+def finite(values: np.ndarray) -> np.ndarray:
     """Infinite intermediates (a ratio over zero) become missing values."""
     return np.where(np.isfinite(values), values, np.nan)
 
