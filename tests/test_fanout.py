@@ -16,18 +16,13 @@ from alphaloom.tasks.data.factor_names import select_factors
 from alphaloom.tasks.data.features import (
     FEATURES_FILE,
     META_FILE,
+    PartitionError,
     build_feature_table,
     features_location,
+    stitch_raw,
 )
 from alphaloom.tasks.data.ingest import load_saved_market, run_ingest_stage
-from alphaloom.tasks.data.partitions import (
-    RAW_FILE,
-    PartitionError,
-    group_symbols,
-    partitions_of_bars,
-    stitch_raw,
-    table_from_partitions,
-)
+from alphaloom.tasks.data.partitions import RAW_FILE, group_symbols, partitions_of_bars
 from alphaloom.tasks.data.synthetic import generate_market
 from alphaloom.tasks.orchestration.caching import StageRef
 from alphaloom.tasks.orchestration.runners import task_runner_for
@@ -77,7 +72,7 @@ def test_fanned_out_table_is_identical_to_the_single_task_one(
     single = build_feature_table(ragged_bars, cfg)
     parts = partition_tables(ragged_bars, n_partitions, names)
     assert len(parts) == n_partitions
-    fanned = table_from_partitions(ragged_bars, parts[::-1], cfg)  # order does not matter
+    fanned = build_feature_table(ragged_bars, cfg, parts[::-1])  # order does not matter
     pd.testing.assert_frame_equal(fanned.frame, single.frame, check_exact=True)
     assert fanned.stats == single.stats and fanned.split_dates == single.split_dates
 

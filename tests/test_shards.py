@@ -190,7 +190,7 @@ def test_unsorted_input_is_sorted_before_writing(tmp_path: Path, table: Table):
 def test_interrupted_write_leaves_no_manifest_and_no_directory(
     tmp_path: Path, table: Table, monkeypatch: pytest.MonkeyPatch
 ):
-    real_write = shards_module.write_shard
+    real_write = shards_module.write_feature_shard
     calls = []
 
     def failing_write(*args, **kwargs):
@@ -199,12 +199,12 @@ def test_interrupted_write_leaves_no_manifest_and_no_directory(
             raise OSError("disk full (injected)")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(shards_module, "write_shard", failing_write)
+    monkeypatch.setattr(shards_module, "write_feature_shard", failing_write)
     with pytest.raises(OSError, match="injected"):
         _build(table, tmp_path)
     assert list(tmp_path.rglob(MANIFEST_NAME)) == []
     assert list(tmp_path.iterdir()) == []  # not even the temporary directory
-    monkeypatch.setattr(shards_module, "write_shard", real_write)
+    monkeypatch.setattr(shards_module, "write_feature_shard", real_write)
     assert (_build(table, tmp_path) / MANIFEST_NAME).is_file()
 
 

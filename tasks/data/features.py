@@ -9,7 +9,9 @@ table, so every later stage applies the same ones. The table also records the ma
 calendar, on which labels are computed and model windows are laid out (tasks/dataset/shards.py).
 
 Factors are computed over each symbol's own bars, as Alpha158's expressions are on a feed
-without suspensions: a 20-bar factor right after a halt spans more than 20 trading days.
+without suspensions: a 20-bar factor right after a halt spans more than 20 trading days. So they
+can be computed per partition of the symbols and stitched (the fan-out, tasks/data/partitions.py);
+the single task is the same build with one partition of all symbols, computed in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir
 from alphaloom.tasks.data import alpha158
 from alphaloom.tasks.data.alpha158 import compute_alpha158, validate_bars
 from alphaloom.tasks.data.factor_names import ALPHA158_NAMES, select_factors
+from alphaloom.tasks.data.ingest import load_saved_market
 from alphaloom.tasks.data.labels import compute_labels
 from alphaloom.tasks.data.splits import SPLIT_CODES, assign_splits
 from alphaloom.tasks.data.trading_calendar import trading_calendar
@@ -42,6 +45,7 @@ __all__ = [
     "FEATURES_FILE",
     "META_FILE",
     "FeatureTable",
+    "PartitionError",
     "apply_normalizer",
     "assign_splits",
     "build_feature_table",
@@ -52,6 +56,8 @@ __all__ = [
     "run_features_stage",
     "save_feature_table",
     "select_factors",
+    "sort_bars",
+    "stitch_raw",
 ]
 
 logger = logging.getLogger(__name__)
@@ -140,29 +146,75 @@ class FeatureTable:
     calendar: list[str] | None = None  # the trading days (ISO), None: the frame's dates
 
 
-RawFactors = Callable[[pd.DataFrame, list[str]], pd.DataFrame]
+class PartitionError(ValueError):
+    """Partition outputs do not fit the market they are stitched into; names the file."""
+
+
+def sort_bars(bars: pd.DataFrame) -> pd.DataFrame:
+    """Bars in (symbol, date) order, the row order of raw factors and of the feature table.
+
+    A partition's rows (tasks/data/partitions.py) sorted this way are the rows of its symbols in
+    all sorted bars, in the same order, which is what `stitch_raw` relies on.
+    """
+    return bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
 
 
 def build_feature_table(
-    bars: pd.DataFrame, cfg: FeaturesSection, raw_factors: RawFactors = compute_alpha158
+    bars: pd.DataFrame, cfg: FeaturesSection, parts: Sequence[pd.DataFrame] | None = None
 ) -> FeatureTable:
     """Factors, labels and splits of canonical bars, normalised with train-split statistics.
 
-    `raw_factors(sorted_bars, names)` computes the per-symbol factors (the fan-out passes one
-    that stitches partition outputs); labels, splits and statistics are cross-sectional, so they
-    are always computed here, on every symbol at once.
+    The per-symbol raw factors are those of `parts`, the outputs of the fan-out's symbol
+    partitions (tasks/data/partitions.py), stitched; without `parts` the bars are one partition
+    of all symbols and their factors are computed here. Labels, splits and statistics are
+    cross-sectional, so they are always computed here, on every symbol at once.
     """
     validate_bars(bars)
-    bars = bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
+    bars = sort_bars(bars)
     names = select_factors(cfg.factors, cfg.windows)
     split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
-    raw = raw_factors(bars, names)
+    raw = compute_alpha158(bars, names) if parts is None else stitch_raw(bars, parts, names)
     stats = fit_normalizer(raw, names, split == SPLIT_CODES["train"], clip=cfg.clip)
     calendar = trading_calendar(bars["date"])
     labels = compute_labels(bars, cfg.label, calendar)
     targets = labels[["label", "fwd_return"]].assign(split=split)
     frame = pd.concat([apply_normalizer(raw, names, stats), targets], axis=1)
     return FeatureTable(frame, names, stats, split_dates, [str(d) for d in calendar])
+
+
+def stitch_raw(bars: pd.DataFrame, parts: Sequence[pd.DataFrame], names: list[str]) -> pd.DataFrame:
+    """Raw factors of (symbol, date)-sorted `bars` from partition tables, as compute_alpha158
+    would return them for all of `bars`; every row must come from exactly one partition."""
+    n = len(bars)
+    block = np.empty((len(names), n), dtype=np.float32)
+    filled = np.zeros(n, dtype=bool)
+    symbols = bars["symbol"].to_numpy()
+    dates = bars["date"].to_numpy("datetime64[ns]")
+    for number, part in enumerate(parts):
+        rows = np.flatnonzero(np.isin(symbols, part["symbol"].unique()))
+        same = len(rows) == len(part) and np.array_equal(
+            dates[rows], part["date"].to_numpy("datetime64[ns]")
+        )
+        if not same or not np.array_equal(symbols[rows], part["symbol"].to_numpy()):
+            raise PartitionError(
+                f"raw factors of partition {number} do not match the market's bars of its "
+                "symbols (stale or foreign partition output); delete raw_factors/ and rerun"
+            )
+        if filled[rows].any():
+            raise PartitionError(f"partition {number} repeats symbols of another partition")
+        missing = [name for name in names if name not in part.columns]
+        if missing:
+            raise PartitionError(f"raw factors of partition {number} lack columns {missing}")
+        for row, name in zip(block, names, strict=True):
+            row[rows] = part[name].to_numpy(np.float32)
+        filled[rows] = True
+    if not filled.all():
+        absent = sorted(set(symbols[~filled]))[:5]
+        raise PartitionError(f"no partition holds the raw factors of symbols {absent}")
+    frame = pd.DataFrame(block.T, columns=names, index=bars.index, copy=False)
+    frame.insert(0, "date", bars["date"].astype("datetime64[ns]"))
+    frame.insert(0, "symbol", bars["symbol"])
+    return frame
 
 
 def save_feature_table(table: FeatureTable, out_dir: Location) -> Location:
@@ -239,15 +291,16 @@ def features_location(market: StageRef, cfg: PipelineConfig) -> StageRef:
     return StageRef.at(cfg.work_dir, "features", key)
 
 
-def run_features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
-    """Build the feature table of an ingested market under `<work_dir>/features/<key>`."""
-    from alphaloom.tasks.data.ingest import (
-        load_saved_market,  # ingest -> synthetic -> features: import late
-    )
-
+def run_features_stage(
+    market: StageRef, cfg: PipelineConfig, parts: Sequence[pd.DataFrame] | None = None
+) -> StageRef:
+    """Build the feature table of an ingested market under `<work_dir>/features/<key>`, from
+    the fan-out's partition outputs `parts` or, without them, computing every symbol's factors
+    here (nothing is written under raw_factors/). Either way the key and the table are the same.
+    """
     ref = features_location(market, cfg)
     bars = load_saved_market(market.dir).bars
-    save_feature_table(build_feature_table(bars, cfg.features), ref.path)
+    save_feature_table(build_feature_table(bars, cfg.features, parts), ref.path)
     return ref
 
 

@@ -1,11 +1,12 @@
-"""The features stage fanned out over symbol partitions, and the Prefect task runner that runs it.
+"""The features stage fanned out over symbol partitions, and the Prefect tasks that run it.
 
-Why this split: Alpha158 factors are a pure per-symbol function (tasks/alpha158.py), so they can
-be computed for disjoint sets of symbols anywhere (threads, processes, a Dask cluster) and
+Why this split: Alpha158 factors are a pure per-symbol function (tasks/data/alpha158.py), so they
+can be computed for disjoint sets of symbols anywhere (threads, processes, a Dask cluster) and
 cached per partition. Labels (per-day quantiles across symbols), date splits and the train-only
-normalisation are cross-sectional: they run once, on the stitched raw factors of all symbols,
-exactly as `tasks.features.build_feature_table` does, so the table is identical to the
-single-task one (tests/test_fanout.py checks it bit for bit) and keeps the features stage's key.
+normalisation are cross-sectional: they run once, on the stitched raw factors of all symbols, in
+the features stage's own builder (`features.run_features_stage` with the partitions' outputs), so
+the table is the single task's, bit for bit (tests/test_fanout.py), under the stage's key. The
+single task is this with one partition of all symbols, computed in memory.
 
 * `plan_partitions`: symbols -> `runner.partitions` groups by a stable hash of the symbol name
   (adding a symbol changes one partition, not all); each partition's key is the hash of its own
@@ -21,24 +22,24 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alphaloom.tasks.common.config import FeaturesSection, PipelineConfig
+from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.hashing import hash_frame
 from alphaloom.tasks.common.storage import FsPath, atomic_dir, output_problem
 from alphaloom.tasks.data import alpha158
 from alphaloom.tasks.data.alpha158 import compute_alpha158
 from alphaloom.tasks.data.factor_names import select_factors
 from alphaloom.tasks.data.features import (
-    FeatureTable,
-    build_feature_table,
+    PartitionError,
     features_location,
-    save_feature_table,
+    run_features_stage,
+    sort_bars,
 )
+from alphaloom.tasks.data.ingest import load_saved_market
 from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
 from alphaloom.tasks.orchestration.retries import retry_transient
 
@@ -46,10 +47,6 @@ log = logging.getLogger(__name__)
 
 RAW_FILE = "raw.parquet"
 BARS_FILE = "bars.parquet"
-
-
-class PartitionError(ValueError):
-    """Partition outputs do not fit the market they are stitched into; names the file."""
 
 
 class Partition(BaseModel):
@@ -83,7 +80,7 @@ def group_symbols(symbols: Sequence[str], n_partitions: int) -> list[list[str]]:
 
 def partitions_of_bars(bars: pd.DataFrame, market_path: str, n_partitions: int) -> list[Partition]:
     """The partitions of a bars table, each keyed by the hash of its own rows."""
-    ordered = bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
+    ordered = sort_bars(bars)
     out = []
     for number, symbols in enumerate(group_symbols(ordered["symbol"].tolist(), n_partitions)):
         rows = ordered[ordered["symbol"].isin(symbols)]
@@ -95,10 +92,6 @@ def partitions_of_bars(bars: pd.DataFrame, market_path: str, n_partitions: int) 
 def plan_partitions(market: StageRef, cfg: PipelineConfig) -> list[Partition]:
     """Partitions to compute: none when the features output is there intact (checksums
     verified: a corrupt one is planned, rebuilt and replaced)."""
-    from alphaloom.tasks.data.ingest import (
-        load_saved_market,  # ingest -> synthetic -> features: import late
-    )
-
     features = features_location(market, cfg)
     if output_problem(features.location) is None:
         log.info("features already built at %s: no partition to compute", features.path)
@@ -129,7 +122,7 @@ def partition_bars(partition: Partition) -> pd.DataFrame:
     if found != set(partition.symbols):
         missing = sorted(set(partition.symbols) - found)[:5]
         raise PartitionError(f"{path}: partition {partition.number} lacks symbols {missing}")
-    return bars.sort_values(["symbol", "date"], kind="stable", ignore_index=True)
+    return sort_bars(bars)
 
 
 def run_raw_factors(partition: Partition, cfg: PipelineConfig) -> StageRef:
@@ -146,63 +139,14 @@ def run_raw_factors(partition: Partition, cfg: PipelineConfig) -> StageRef:
 # the cross-sectional part, once
 
 
-def stitch_raw(bars: pd.DataFrame, parts: Sequence[pd.DataFrame], names: list[str]) -> pd.DataFrame:
-    """Raw factors of (symbol, date)-sorted `bars` from partition tables, as compute_alpha158
-    would return them for all of `bars`; every row must come from exactly one partition."""
-    n = len(bars)
-    block = np.empty((len(names), n), dtype=np.float32)
-    filled = np.zeros(n, dtype=bool)
-    symbols = bars["symbol"].to_numpy()
-    dates = bars["date"].to_numpy("datetime64[ns]")
-    for number, part in enumerate(parts):
-        rows = np.flatnonzero(np.isin(symbols, part["symbol"].unique()))
-        same = len(rows) == len(part) and np.array_equal(
-            dates[rows], part["date"].to_numpy("datetime64[ns]")
-        )
-        if not same or not np.array_equal(symbols[rows], part["symbol"].to_numpy()):
-            raise PartitionError(
-                f"raw factors of partition {number} do not match the market's bars of its "
-                "symbols (stale or foreign partition output); delete raw_factors/ and rerun"
-            )
-        if filled[rows].any():
-            raise PartitionError(f"partition {number} repeats symbols of another partition")
-        missing = [name for name in names if name not in part.columns]
-        if missing:
-            raise PartitionError(f"raw factors of partition {number} lack columns {missing}")
-        for row, name in zip(block, names, strict=True):
-            row[rows] = part[name].to_numpy(np.float32)
-        filled[rows] = True
-    if not filled.all():
-        absent = sorted(set(symbols[~filled]))[:5]
-        raise PartitionError(f"no partition holds the raw factors of symbols {absent}")
-    frame = pd.DataFrame(block.T, columns=names, index=bars.index, copy=False)
-    frame.insert(0, "date", bars["date"].astype("datetime64[ns]"))
-    frame.insert(0, "symbol", bars["symbol"])
-    return frame
-
-
-def table_from_partitions(
-    bars: pd.DataFrame, parts: Sequence[pd.DataFrame], cfg: FeaturesSection
-) -> FeatureTable:
-    """`build_feature_table` with the per-symbol factors taken from partition outputs."""
-    return build_feature_table(
-        bars, cfg, lambda sorted_bars, names: stitch_raw(sorted_bars, parts, names)
-    )
-
-
 def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineConfig) -> StageRef:
     """The features stage's output (same key and directory) from the partitions' raw factors."""
-    from alphaloom.tasks.data.ingest import load_saved_market
-
-    ref = features_location(market, cfg)
-    bars = load_saved_market(market.dir).bars
     parts = [pd.read_parquet(str(part.file(RAW_FILE))) for part in raw]
-    save_feature_table(table_from_partitions(bars, parts, cfg.features), ref.path)
-    return ref
+    return run_features_stage(market, cfg, parts)
 
 
 # ----------------------------------------------------------------------------------------------
-# Prefect tasks and the runner
+# Prefect tasks
 
 
 @task(

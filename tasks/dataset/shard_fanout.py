@@ -1,12 +1,13 @@
 """The shards stage fanned out: one task per shard, mapped on the configured task runner.
 
-The single-task stage (`tasks.shards.run_shards_stage`) reads the whole feature table into one
-process. Here a cheap planning task reads only the table's `symbol` column and makes the same
-seeded, size-balanced plan (`plan_shards`); each mapped task reads only its symbols' rows (a
-parquet filter), writes its one shard file and returns the manifest entry; a last task writes the
-side tables and the manifest and marks the set complete. The shard files and side tables are
-byte-identical to the single task's, under the same key and directory, so either path reuses the
-other's output (only the manifest's `created` time differs).
+The single-task stage (tasks/dataset/shards.py) reads the whole feature table into one process.
+Here a cheap planning task reads only the table's key columns and makes the same seeded,
+size-balanced plan (`plan_shards`); each mapped task reads only its symbols' rows (a parquet
+filter), writes its one shard file and returns the manifest entry; a last task writes the side
+tables and the manifest and marks the set complete. Both paths write with the same functions
+(tasks/dataset/shard_writer.py), so the shard files and side tables are byte-identical to the
+single task's, under the same key and directory, and either path reuses the other's output (only
+the manifest's `created` time differs).
 
 Where the parts go while the set is unfinished is storage's `parts_dir`: locally a hidden
 sibling `<work_dir>/shards/.<key>.parts-<token>/`, one per planning (so overlapping runs cannot
@@ -40,15 +41,14 @@ from alphaloom.tasks.common.storage import (
     parts_dir,
 )
 from alphaloom.tasks.data.features import FEATURES_FILE, META_FILE, load_feature_table
-from alphaloom.tasks.dataset.row_layout import InstrumentLayout, calendar_rows, label_coverage
+from alphaloom.tasks.dataset.feature_rows import FeatureRows, calendar_rows_per_symbol
+from alphaloom.tasks.dataset.row_layout import InstrumentLayout, ShardBuildError, label_coverage
 from alphaloom.tasks.dataset.shard_writer import (
-    ShardBuildError,
-    _shard_arrays,
-    _validated_frame,
+    ManifestInfo,
     plan_shards,
-    shard_columns,
+    shard_file,
+    write_feature_shard,
     write_manifest,
-    write_shard,
     write_side_tables,
 )
 from alphaloom.tasks.dataset.shards import shards_location
@@ -69,7 +69,7 @@ class ShardJob(BaseModel):
 
     @property
     def file(self) -> str:
-        return f"shard-{self.number:05d}.parquet"
+        return shard_file(self.number)
 
 
 class WrittenShard(BaseModel):
@@ -94,8 +94,9 @@ def plan_shard_jobs(
     codes, names = pd.factorize(keys["symbol"].astype(str), sort=True)
     meta = json.loads(features.file(META_FILE).read_text())
     days = keys["date"].to_numpy().astype("datetime64[D]").astype(np.int64)
-    rows = calendar_rows(codes.astype(np.int64), days, meta.get("calendar"))
-    per_symbol = np.bincount(rows.codes, minlength=len(names))
+    per_symbol = calendar_rows_per_symbol(
+        codes.astype(np.int64), days, meta.get("calendar"), len(names)
+    )
     plan = plan_shards(per_symbol, len(meta["feature_names"]), cfg.shards)
     parts = parts_dir(final.location)
     everyone = [str(name) for name in names]
@@ -112,24 +113,19 @@ def write_shard_job(
 ) -> WrittenShard:
     """Write one shard of the plan from its symbols' rows; return its manifest entry."""
     table = load_feature_table(features.location, symbols=job.symbols)
-    frame, local_codes, local_symbols, days = _validated_frame(table.frame, table.feature_names)
-    found = [str(s) for s in local_symbols]
+    rows = FeatureRows.check(table.frame, table.feature_names, table.split_dates, table.calendar)
+    found = [str(s) for s in rows.symbols]
     if found != sorted(job.symbols):
         missing = sorted(set(job.symbols) - set(found))[:5]
         raise ShardBuildError(
             f"{features.path}: no rows for symbols {missing} of shard {job.number}"
         )
-    everyone = np.asarray(job.all_symbols, dtype=object)
-    codes = np.searchsorted(everyone, np.asarray(found, dtype=object))[local_codes]
+    rows = rows.in_set(np.asarray(job.all_symbols, dtype=object))
     layout = InstrumentLayout.build(
-        pd.read_parquet(str(market.file("instruments.parquet"))), everyone
+        pd.read_parquet(str(market.file("instruments.parquet"))), rows.symbols
     )
-    rows = calendar_rows(codes, days, table.calendar)
-    columns = shard_columns(frame, rows, everyone, layout, table.split_dates)
-    positions = [frame.columns.get_loc(name) for name in table.feature_names]
-    arrays = _shard_arrays(frame, np.arange(len(rows)), columns, positions, table.feature_names)
     with atomic_file(FsPath.of(job.parts) / job.file) as tmp:
-        entry = write_shard(tmp, arrays, cfg.shards.window, cfg.shards.compression)
+        entry = write_feature_shard(tmp, rows, layout, cfg.shards)
     return WrittenShard(entry={**entry, "file": job.file}, symbols=job.symbols, parts=job.parts)
 
 
@@ -158,28 +154,22 @@ def finish_shard_set(
     targets = pd.read_parquet(
         str(features.file(FEATURES_FILE)), columns=["date", "split", "fwd_return"]
     )
+    info = ManifestInfo(
+        key=ref.key,
+        cfg=cfg.shards,
+        feature_names=list(table_meta["feature_names"]),
+        split_dates=table_meta["split_dates"],
+        stats=table_meta["stats"],
+        source_hash=json.loads(market.file("meta.json").read_text())["source_hash"],
+        label_coverage=label_coverage(targets, SPLIT_CODES),
+    )
     parts = FsPath.of(written[0].parts)
     with tempfile.TemporaryDirectory(prefix="alphaloom-shards-") as staging:
         local = Path(staging)
         side_tables = write_side_tables(local, everyone, layout, vectors, has_text)
-        write_manifest(
-            local,
-            key=ref.key,
-            cfg=cfg.shards,
-            feature_names=list(table_meta["feature_names"]),
-            entries=entries,
-            side_tables=side_tables,
-            text_dim=int(vectors.shape[1]),
-            n_symbols=len(everyone),
-            n_industries=len(layout.industries),
-            n_indices=len(layout.indices),
-            split_dates=table_meta["split_dates"],
-            stats=table_meta["stats"],
-            source_hash=json.loads(market.file("meta.json").read_text())["source_hash"],
-            label_coverage=label_coverage(targets, SPLIT_CODES),
-        )
+        write_manifest(local, info, entries, side_tables)
         checksums = {entry["file"]: entry["sha256"] for entry in entries}
-        for name in [*side_tables, MANIFEST_NAME]:  # the manifest last
+        for name in [*side_tables.sha256, MANIFEST_NAME]:  # the manifest last
             with atomic_file(parts / name) as tmp:
                 tmp.write_bytes((local / name).read_bytes())
             checksums[name] = sha256_file(local / name)

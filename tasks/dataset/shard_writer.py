@@ -1,4 +1,11 @@
-"""Writing a shard set: input checks, content key, shard plan, shards, side tables, manifest."""
+"""Writing a shard set: content key, shard plan, shards, side tables, manifest.
+
+The one implementation behind both ways of running the shards stage: the single task
+(tasks/dataset/shards.py) writes every shard of the plan in one process, the fan-out
+(tasks/dataset/shard_fanout.py) one shard per task; each shard is written by
+`write_feature_shard` from its symbols' rows, and each set finished by `write_side_tables`
+and `write_manifest`, so the two write the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,10 @@ import heapq
 import importlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,19 +41,18 @@ from alphaloom.model.shard_format import (
 )
 from alphaloom.tasks.common.config import ShardsSection
 from alphaloom.tasks.common.hashing import code_version, hash_frame, hash_json, sha256_file
+from alphaloom.tasks.dataset.feature_rows import FeatureRows
 from alphaloom.tasks.dataset.row_layout import (
     CalendarRows,
     InstrumentLayout,
     ShardBuildError,
     TextLike,
+    calendar_rows,
     split_of_days,
 )
 from alphaloom.tasks.orchestration.caching import stage_key
 
 __all__ = ["ShardBuildError", "TextLike"]
-
-REQUIRED_COLUMNS = ("symbol", "date", "label", "fwd_return", "split")
-
 
 # Bytes per row besides the factors: symbol, date, industry, index, text_row, fwd_return (4
 # each) + split, label, bar (1 each).
@@ -59,69 +66,6 @@ DICTIONARY_COLUMNS = ["symbol", "split", "label", "industry", "index", "text_row
 
 
 STATISTICS_COLUMNS = ["symbol", "date", "split", "label"]
-
-
-class FeatureTableLike(Protocol):
-    """What tasks/features.py's FeatureTable provides."""
-
-    frame: pd.DataFrame
-    feature_names: list[str]
-    stats: dict[str, Any]
-    split_dates: dict[str, Any]
-
-
-def _validated_frame(
-    frame: pd.DataFrame, feature_names: list[str]
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
-    """Check the feature table contract; return it sorted with symbol codes, names and days."""
-    if not isinstance(frame, pd.DataFrame):
-        raise ShardBuildError(f"feature table must be a DataFrame, got {type(frame).__name__}")
-    if not feature_names or len(set(feature_names)) != len(feature_names):
-        raise ShardBuildError(f"feature_names must be non-empty and unique, got {feature_names}")
-    missing = [c for c in (*REQUIRED_COLUMNS, *feature_names) if c not in frame.columns]
-    if missing:
-        raise ShardBuildError(f"feature table is missing column(s) {missing}")
-    if frame.empty:
-        raise ShardBuildError("feature table has no rows")
-    for name in feature_names:
-        if not pd.api.types.is_numeric_dtype(frame[name]):
-            raise ShardBuildError(f"feature column {name!r} is {frame[name].dtype}, not numeric")
-    if frame["symbol"].isna().any():
-        raise ShardBuildError("feature table column 'symbol' has missing values")
-    if not pd.api.types.is_datetime64_any_dtype(frame["date"]) or frame["date"].isna().any():
-        raise ShardBuildError(
-            f"feature table column 'date' must be datetime64 without NaT, got {frame['date'].dtype}"
-        )
-    _check_codes(frame, "label", range(-1, 4))
-    _check_codes(frame, "split", range(-1, 3))
-    codes, symbols = pd.factorize(frame["symbol"].astype(str), sort=True)
-    days = frame["date"].to_numpy().astype("datetime64[D]").astype(np.int64)
-    order_ok = np.all((np.diff(codes) > 0) | ((np.diff(codes) == 0) & (np.diff(days) > 0)))
-    if not order_ok:
-        order = np.lexsort((days, codes))
-        frame, codes, days = frame.take(order), codes[order], days[order]
-    same = (np.diff(codes) == 0) & (np.diff(days) == 0)
-    if same.any():
-        row = int(np.flatnonzero(same)[0])
-        raise ShardBuildError(
-            f"feature table has duplicate (symbol, date) rows, e.g. "
-            f"({symbols[codes[row]]}, {np.datetime64(int(days[row]), 'D')})"
-        )
-    return frame, codes.astype(np.int64), np.asarray(symbols, dtype=object), days
-
-
-def _check_codes(frame: pd.DataFrame, column: str, allowed: range) -> None:
-    values = frame[column]
-    if not pd.api.types.is_integer_dtype(values):
-        raise ShardBuildError(
-            f"feature table column {column!r} must be integer, got {values.dtype}"
-        )
-    bad = ~values.isin(list(allowed))
-    if bad.any():
-        raise ShardBuildError(
-            f"feature table column {column!r} has values outside {allowed.start}.."
-            f"{allowed.stop - 1}, e.g. {values[bad].iloc[0]}"
-        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -155,6 +99,7 @@ def _array_hash(*arrays: np.ndarray) -> str:
 
 SHARD_CODE = (
     "alphaloom.model.shard_format",
+    "alphaloom.tasks.dataset.feature_rows",
     "alphaloom.tasks.dataset.shard_writer",
     "alphaloom.tasks.dataset.shards",
 )
@@ -217,6 +162,22 @@ def plan_shards(
     return [sorted(ids) for ids in members if ids]
 
 
+def write_feature_shard(
+    path: Path, rows: FeatureRows, layout: InstrumentLayout, cfg: ShardsSection
+) -> dict[str, Any]:
+    """Write the shard of exactly these rows (`FeatureRows.of_symbols`, or a table read for
+    those symbols) laid out on the calendar; return its manifest entry (`write_shard`)."""
+    laid_out = calendar_rows(rows.codes, rows.days, rows.calendar)
+    columns = shard_columns(rows.frame, laid_out, rows.symbols, layout, rows.split_dates)
+    arrays = _shard_arrays(rows.frame, columns, rows.feature_names)
+    return write_shard(path, arrays, cfg.window, cfg.compression)
+
+
+def shard_file(number: int) -> str:
+    """The file name of shard `number` of a set."""
+    return f"shard-{number:05d}.parquet"
+
+
 def write_shard(
     path: Path, arrays: ShardArrays, window: int, compression: str = "none"
 ) -> dict[str, Any]:
@@ -241,11 +202,22 @@ def write_shard(
     }
 
 
+@dataclass(frozen=True)
+class SideTables:
+    """What `write_side_tables` wrote: each file's sha256 by name, and the sizes they fix."""
+
+    sha256: dict[str, str]
+    n_symbols: int
+    n_industries: int
+    n_indices: int
+    text_dim: int
+
+
 def write_side_tables(
     out: Path, symbols: np.ndarray, layout: InstrumentLayout, text: np.ndarray, flags: np.ndarray
-) -> dict[str, str]:
-    """Write symbols.parquet, names.parquet, texts.parquet and text.npy; return their sha256 by
-    file name. A symbol's row shows its latest instrument row (industry, index, text)."""
+) -> SideTables:
+    """Write symbols.parquet, names.parquet, texts.parquet and text.npy (a symbol's row shows
+    its latest instrument row: industry, index, text)."""
     ids = np.arange(len(symbols), dtype=np.int32)
     latest = layout.latest(symbols)
     pq.write_table(
@@ -285,51 +257,58 @@ def write_side_tables(
     )
     np.save(out / TEXT_NAME, np.ascontiguousarray(text, dtype=np.float32), allow_pickle=False)
     names = (SYMBOLS_NAME, NAMES_NAME, TEXTS_NAME, TEXT_NAME)
-    return {name: sha256_file(out / name) for name in names}
+    return SideTables(
+        sha256={name: sha256_file(out / name) for name in names},
+        n_symbols=len(symbols),
+        n_industries=len(industries),
+        n_indices=len(indices),
+        text_dim=int(text.shape[1]),
+    )
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """What a shard set's manifest records besides its own files: its key and config, and the
+    feature table it was cut from (`write_manifest`)."""
+
+    key: str
+    cfg: ShardsSection
+    feature_names: list[str]
+    split_dates: dict[str, Any]
+    stats: dict[str, Any]
+    source_hash: str
+    label_coverage: dict[str, dict[str, int]]
 
 
 def write_manifest(
-    out: Path,
-    *,
-    key: str,
-    cfg: ShardsSection,
-    feature_names: list[str],
-    entries: list[dict[str, Any]],
-    side_tables: dict[str, str],
-    text_dim: int,
-    n_symbols: int,
-    n_industries: int,
-    n_indices: int,
-    split_dates: dict[str, Any],
-    stats: dict[str, Any],
-    source_hash: str,
-    label_coverage: dict[str, dict[str, int]],
+    out: Path, info: ManifestInfo, entries: list[dict[str, Any]], side: SideTables
 ) -> dict[str, Any]:
     """Assemble and write manifest.json. Call it last: its presence marks the set complete."""
+    cfg = info.cfg
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "key": key,
+        "key": info.key,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "feature_names": feature_names,
-        "n_features": len(feature_names),
+        "feature_names": info.feature_names,
+        "n_features": len(info.feature_names),
         "x_layout": X_LAYOUT,
         "window": cfg.window,
-        "text_dim": text_dim,
-        "n_symbols": n_symbols,
-        "n_industries": n_industries,
-        "n_indices": n_indices,
+        "text_dim": side.text_dim,
+        "n_symbols": side.n_symbols,
+        "n_industries": side.n_industries,
+        "n_indices": side.n_indices,
         "rows": sum(entry["rows"] for entry in entries),
         "bars": sum(entry["bars"] for entry in entries),
         "first_date": min(entry["first_date"] for entry in entries),
         "last_date": max(entry["last_date"] for entry in entries),
-        "splits": split_dates,
-        "stats": stats,
-        "source_hash": source_hash,
+        "splits": info.split_dates,
+        "stats": info.stats,
+        "source_hash": info.source_hash,
         "code_version": code_version(*shard_code_modules()),
         "config": cfg.model_dump(mode="json"),
-        "side_tables": side_tables,
+        "side_tables": side.sha256,
         "windows": summarize_windows(entries, cfg.window),
-        "label_coverage": label_coverage,
+        "label_coverage": info.label_coverage,
         "shards": entries,
     }
     manifest = _jsonable(manifest)
@@ -383,18 +362,15 @@ def shard_columns(
 
 
 def _shard_arrays(
-    frame: pd.DataFrame,
-    rows: np.ndarray,
-    columns: dict[str, np.ndarray],
-    feature_positions: list[int],
-    feature_names: list[str],
+    frame: pd.DataFrame, columns: dict[str, np.ndarray], feature_names: list[str]
 ) -> ShardArrays:
-    """One shard's arrays (`rows` are calendar rows); the factors of its bars are checked finite
-    here, one shard at a time, and gap days get zeros."""
-    source = columns["source"][rows]
+    """A shard's arrays from its calendar rows' `columns`; the factors of its bars are checked
+    finite here, one shard at a time, and gap days get zeros."""
+    source = columns["source"]
     real = source >= 0
-    x = np.zeros((len(rows), len(feature_positions)), np.float32)
-    x[real] = frame.iloc[source[real], feature_positions].to_numpy(dtype=np.float32)
+    positions = [frame.columns.get_loc(name) for name in feature_names]
+    x = np.zeros((len(source), len(positions)), np.float32)
+    x[real] = frame.iloc[source[real], positions].to_numpy(dtype=np.float32)
     finite = np.isfinite(x)
     if not finite.all():
         row, col = np.argwhere(~finite)[0]
@@ -404,6 +380,5 @@ def _shard_arrays(
             "factors must be normalised and filled before sharding"
         )
     return ShardArrays(
-        **{name: columns[name][rows] for name in ShardArrays.__dataclass_fields__ if name != "x"},
-        x=x,
+        **{name: columns[name] for name in ShardArrays.__dataclass_fields__ if name != "x"}, x=x
     )

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -42,25 +42,28 @@ from alphaloom.model.device_loader import WindowLoader
 from alphaloom.model.shard_format import SCHEMA_VERSION, SPLIT_CODES
 from alphaloom.tasks.common.config import LoaderSection, PipelineConfig, ShardsSection
 from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir, local_or_url
-from alphaloom.tasks.dataset.row_layout import (
-    InstrumentLayout,
-    TextLike,
-    calendar_rows,
-    label_coverage,
-)
+from alphaloom.tasks.dataset.feature_rows import FeatureRows
+from alphaloom.tasks.dataset.row_layout import InstrumentLayout, TextLike, label_coverage
 from alphaloom.tasks.dataset.shard_writer import (
-    FeatureTableLike,
-    _shard_arrays,
-    _validated_frame,
+    ManifestInfo,
     plan_shards,
     shard_code_modules,
-    shard_columns,
+    shard_file,
     shard_set_key,
+    write_feature_shard,
     write_manifest,
-    write_shard,
     write_side_tables,
 )
 from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
+
+
+class FeatureTableLike(Protocol):
+    """What tasks/data/features.py's FeatureTable provides."""
+
+    frame: pd.DataFrame
+    feature_names: list[str]
+    stats: dict[str, Any]
+    split_dates: dict[str, Any]
 
 
 def build_shards(
@@ -88,13 +91,13 @@ def build_shards(
     ShardBuildError naming the column; nothing partial is ever left behind.
     """
     feature_names = list(feature_names)
-    frame, codes, symbols, days = _validated_frame(frame, feature_names)
-    layout = InstrumentLayout.build(instruments, symbols)
+    rows = FeatureRows.check(frame, feature_names, split_dates, calendar)
+    layout = InstrumentLayout.build(instruments, rows.symbols)
     vectors, has_text = layout.text_vectors(text)
     if key is None:
         text_keys = np.asarray(["\0".join(k) for k in layout.text_keys()], dtype=object)
         key = shard_set_key(
-            frame,
+            rows.frame,
             feature_names,
             stats,
             split_dates,
@@ -104,35 +107,23 @@ def build_shards(
             calendar,
         )
     final = FsPath.of(root) / key
-    rows = calendar_rows(codes, days, calendar)
-    columns = shard_columns(frame, rows, symbols, layout, split_dates)
-    rows_per_symbol = np.bincount(rows.codes, minlength=len(symbols))
-    offsets = np.r_[0, np.cumsum(rows_per_symbol)]
-    positions = [frame.columns.get_loc(name) for name in feature_names]
+    plan = plan_shards(rows.rows_per_symbol(), len(feature_names), cfg)
+    info = ManifestInfo(
+        key=key,
+        cfg=cfg,
+        feature_names=feature_names,
+        split_dates=split_dates,
+        stats=stats,
+        source_hash=source_hash,
+        label_coverage=label_coverage(rows.frame, SPLIT_CODES),
+    )
     with atomic_dir(final) as tmp:
-        entries = []
-        for number, ids in enumerate(plan_shards(rows_per_symbol, len(feature_names), cfg)):
-            picked = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in ids])
-            arrays = _shard_arrays(frame, picked, columns, positions, feature_names)
-            path = tmp / f"shard-{number:05d}.parquet"
-            entries.append(write_shard(path, arrays, cfg.window, cfg.compression))
-        side = write_side_tables(tmp, symbols, layout, vectors, has_text)
-        write_manifest(
-            tmp,
-            key=key,
-            cfg=cfg,
-            feature_names=feature_names,
-            entries=entries,
-            side_tables=side,
-            text_dim=int(vectors.shape[1]),
-            n_symbols=len(symbols),
-            n_industries=len(layout.industries),
-            n_indices=len(layout.indices),
-            split_dates=split_dates,
-            stats=stats,
-            source_hash=source_hash,
-            label_coverage=label_coverage(frame, SPLIT_CODES),
-        )
+        entries = [
+            write_feature_shard(tmp / shard_file(number), rows.of_symbols(ids), layout, cfg)
+            for number, ids in enumerate(plan)
+        ]
+        side_tables = write_side_tables(tmp, rows.symbols, layout, vectors, has_text)
+        write_manifest(tmp, info, entries, side_tables)
     return local_or_url(final)
 
 
