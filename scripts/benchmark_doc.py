@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alphaloom.tasks.common.config import PipelineConfig, config_from_dict, load_config
 from alphaloom.tasks.common.storage import write_text_atomic
+from alphaloom.tasks.evaluation.metrics import paired_t
 
 REPO = Path(__file__).resolve().parent.parent
 TAG_COMMAND = "alphaloom.command"
@@ -243,9 +244,7 @@ def paired(results: list[SectionResult], reference: str, other: str) -> Paired:
             per_seed = pd.concat([ref[s].daily - oth[s].daily for s in seeds], axis=1, join="inner")
             day_diffs.append(per_seed.mean(axis=1))
     pooled = pd.concat(day_diffs) if day_diffs else pd.Series(dtype=float)
-    days = len(pooled)
-    std = float(pooled.std(ddof=1)) if days > 1 else math.nan
-    daily_t = float(pooled.mean()) / (std / math.sqrt(days)) if days > 1 and std > 0 else math.nan
+    _, daily_t, days = paired_t(pooled.dropna())  # a day only one of them scored is not paired
     finite = [d for d in diffs if math.isfinite(d)]
     return Paired(
         reference=_nanmean(refs),
@@ -253,7 +252,7 @@ def paired(results: list[SectionResult], reference: str, other: str) -> Paired:
         diff_mean=_nanmean(finite),
         diff_std=float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan,
         n=len(finite),
-        daily_mean=float(pooled.mean()) if days else math.nan,
+        daily_mean=float(pooled.mean()),  # the mean of a single day too
         daily_t=daily_t,
         days=days,
         ref_vol=_nanmean(ref_vol),
@@ -275,23 +274,30 @@ def _fmt(value: float, decimals: int = 4, signed: bool = False) -> str:
 def headline_table(plan: Plan, scopes: list[tuple[str, list[SectionResult]]]) -> list[str]:
     """One row per (scope, headline variant)."""
     ref = plan.reference
-    lines = [
-        f"| data | `{ref}` test Rank IC | variant | its test Rank IC | `{ref}` − variant "
-        "(per seed) | per-day t (days) | score~vol: `" + ref + "` / variant |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    header = [
+        "data", f"`{ref}` test Rank IC", "variant", "its test Rank IC",
+        f"`{ref}` − variant (per seed)", "per-day t (days)", f"score~vol: `{ref}` / variant",
+    ]  # fmt: skip
+    rows = []
     for title, results in scopes:
         for other in plan.headline:
             if not any(_finished(result, other) for result in results):
                 continue  # a variant this scope's sections do not run
             p = paired(results, ref, other)
             spread = f" ± {_fmt(p.diff_std)}" if math.isfinite(p.diff_std) else ""
-            lines.append(
-                f"| {title} | {_fmt(p.reference)} | `{other}` | {_fmt(p.other)} | "
-                f"{_fmt(p.diff_mean, signed=True)}{spread} (n={p.n}) | "
-                f"{_fmt(p.daily_t, 2)} ({p.days}) | {_fmt(p.ref_vol, 3)} / {_fmt(p.other_vol, 3)} |"
+            rows.append(
+                [
+                    title,
+                    _fmt(p.reference),
+                    f"`{other}`",
+                    _fmt(p.other),
+                    f"{_fmt(p.diff_mean, signed=True)}{spread} (n={p.n})",
+                    f"{_fmt(p.daily_t, 2)} ({p.days})",
+                    f"{_fmt(p.ref_vol, 3)} / {_fmt(p.other_vol, 3)}",
+                ]
             )
-    return lines
+    table = pd.DataFrame(rows, columns=header)
+    return table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True).splitlines()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from alphaloom.tasks.evaluation.metrics import (
     daily_ic,
     ic_summary,
     long_short_returns,
+    paired_t,
     portfolio_metrics,
 )
 from alphaloom.tasks.tracking import runs, store
@@ -90,10 +91,11 @@ def span_metrics(series: DailySeries, first: Any, last: Any, cfg: EvaluateSectio
 
 
 def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
-    """Mean daily a - b over the days both have, its t-statistic and the number of days."""
+    """Mean daily a - b over the days both have, its t-statistic (`paired_t`) and the number
+    of days."""
     diff = (a - b).dropna()
-    mean, ir = ic_summary(diff)
-    return mean, ir * math.sqrt(len(diff)) if len(diff) > 1 else math.nan, len(diff)
+    _, t_stat, days = paired_t(diff)
+    return float(diff.mean()), t_stat, days  # the mean of a single day too
 
 
 def oracle_daily(preds: pd.DataFrame, oracle: pd.DataFrame | None) -> pd.Series | None:
@@ -161,15 +163,13 @@ def backtest_markdown(table: pd.DataFrame, cfg: PipelineConfig) -> str:
         "period", "test period", "days", "network Rank IC", "LightGBM Rank IC", "difference (t)",
         "network L-S net ann.", "LightGBM L-S net ann.", "network turnover", "LightGBM turnover",
     ] + (["oracle Rank IC"] if oracle else [])  # fmt: skip
-    lines = [
+    intro = (
         f"Walk-forward backtest: retrained every {bt.retrain_months} months on an {window}, "
         f"validated (early stopping) on the {bt.valid_months} months before each period; "
         f"long-short top/bottom {ev.long_short_quantile:.0%} daily after {ev.cost_bps:g} bps "
-        "per unit turnover; turnover = mean daily sum |dw| over both legs.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + " --- |" * len(header),
-    ]
+        "per unit turnover; turnover = mean daily sum |dw| over both legs."
+    )
+    cells_by_row = []
     for row in table.to_dict(orient="records"):
         bold = "**" if row["period"] == "all" else ""
         cells = [
@@ -184,8 +184,11 @@ def backtest_markdown(table: pd.DataFrame, cfg: PipelineConfig) -> str:
             _num(row.get("network_ls_turnover"), 3),
             _num(row.get("lightgbm_ls_turnover"), 3),
         ] + ([_num(row.get("oracle_rank_ic"))] if oracle else [])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells_by_row.append(cells)
+    body = pd.DataFrame(cells_by_row, columns=header).to_markdown(
+        index=False, tablefmt="pipe", disable_numparse=True
+    )
+    return f"{intro}\n\n{body}\n"
 
 
 def backtest_figure(table: pd.DataFrame, preds: Mapping[str, pd.DataFrame], cfg) -> Figure:

@@ -161,7 +161,7 @@ def comparison_markdown(
     gain_title = f"{reference} − variant (test Rank IC)"
     titles = ["variant", *(t for _, t, _ in TABLE_COLUMNS[:1]), gain_title, "per-day t"]
     titles += [t for _, t, _ in TABLE_COLUMNS[1:]] + ["status"]
-    lines = ["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles)]
+    cells_by_row = []
     for row in rows:
         cells = [f"`{row['variant']}`"]
         for i, (key, _, decimals) in enumerate(TABLE_COLUMNS):
@@ -177,10 +177,13 @@ def comparison_markdown(
                     else f"{t_stat:.2f} ({row['daily_gain_days']} d)"
                 )
         cells.append(_status_cell(row))
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_by_row.append(cells)
     if oracle is not None:
-        lines.append(f"| oracle (true expected return) | {oracle:.4f} |" + " |" * (len(titles) - 2))
-    lines += [
+        blank = [""] * (len(titles) - 2)
+        cells_by_row.append(["oracle (true expected return)", f"{oracle:.4f}", *blank])
+    table = pd.DataFrame(cells_by_row, columns=titles)
+    lines = [
+        table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True),
         "",
         f"Cells are mean ± std (ddof=1) over seeds {list(seeds)}. The gain column is the "
         f"mean ± std of the per-seed paired difference `{reference}` − variant in test Rank IC "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -116,34 +117,45 @@ def predicted_class(preds: pd.DataFrame) -> np.ndarray:
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """NUM_CLASSES x NUM_CLASSES counts, rows = true class, columns = predicted class."""
+    from sklearn import metrics  # scikit-learn is slow to import; only evaluation needs it
+
     labels = np.asarray(labels, dtype=np.int64)
     predicted = np.asarray(predicted, dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise EvaluationError(f"column 'label' must hold classes 0..{NUM_CLASSES - 1}")
-    flat = labels * NUM_CLASSES + predicted
-    return np.bincount(flat, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+    if not labels.size:  # no labelled row (scikit-learn refuses empty input)
+        return np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    return metrics.confusion_matrix(labels, predicted, labels=np.arange(NUM_CLASSES))
 
 
 def classification_metrics(cm: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro-F1 and per-class recall from a confusion matrix.
+    """Accuracy, macro-F1 and per-class recall from a confusion matrix (scikit-learn's).
 
     Macro-F1 averages over the classes that occur in the labels or the predictions (as
-    scikit-learn does without `labels=`), so an absent class does not count as F1 = 0.
+    scikit-learn does without `labels=`), so an absent class does not count as F1 = 0; the
+    recall of a class absent from the labels is NaN.
     """
-    cm = np.asarray(cm, dtype=float)
-    total = cm.sum()
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    out: dict[str, float] = {"accuracy": float(tp.sum() / total) if total else math.nan}
-    f1s = []
-    for k in range(cm.shape[0]):
-        recall = tp[k] / support[k] if support[k] else math.nan
-        out[f"recall_{k}"] = float(recall)
-        if support[k] or predicted[k]:
-            f1s.append(2 * tp[k] / (support[k] + predicted[k]))
-    out["macro_f1"] = float(np.mean(f1s)) if f1s else math.nan
-    return out
+    from sklearn import metrics  # scikit-learn is slow to import; only evaluation needs it
+
+    cm = np.asarray(cm)
+    classes = np.arange(cm.shape[0])
+    # each (true, predicted) pair that occurs, weighted by its count
+    true, predicted = np.nonzero(cm)
+    weight = cm[true, predicted].astype(float)
+    if not weight.sum():
+        return {
+            "accuracy": math.nan,
+            **{f"recall_{k}": math.nan for k in classes},
+            "macro_f1": math.nan,
+        }
+    recall = metrics.recall_score(
+        true, predicted, labels=classes, average=None, sample_weight=weight, zero_division=np.nan
+    )
+    return {
+        "accuracy": float(metrics.accuracy_score(true, predicted, sample_weight=weight)),
+        **{f"recall_{k}": float(r) for k, r in zip(classes, recall, strict=True)},
+        "macro_f1": float(metrics.f1_score(true, predicted, average="macro", sample_weight=weight)),
+    }
 
 
 def long_short_weights(preds: pd.DataFrame, quantile: float) -> pd.DataFrame:
@@ -271,16 +283,20 @@ def quantile_metrics(table: pd.DataFrame) -> dict[str, float]:
 
 def paired_t(differences: Iterable[float]) -> tuple[float, float, int]:
     """Mean of paired differences (e.g. one model's daily Rank IC minus another's on the same
-    days), its t-statistic mean / (std / sqrt(n)) with ddof=1, and n.
+    days), its one-sample t-statistic mean / (std / sqrt(n)) with ddof=1 (scipy's), and n.
 
-    Used by the comparison table and by the registry's champion/challenger decision, so both
-    report the same statistic. Mean and t are NaN with fewer than two differences; t is NaN
-    when they are all equal.
+    Used by the comparison table, the backtest report and the registry's champion/challenger
+    decision, so all report the same statistic. Mean and t are NaN with fewer than two
+    differences (or when one is NaN); t is NaN when they are all equal.
     """
+    from scipy import stats  # scipy is slow to import; only the paired comparisons need it
+
     diffs = np.asarray(list(differences), dtype=np.float64)
     n = int(diffs.size)
     if n < 2:
         return math.nan, math.nan, n
-    mean, std = float(diffs.mean()), float(diffs.std(ddof=1))
-    t_stat = mean / (std / math.sqrt(n)) if std > 0 else math.nan
-    return mean, t_stat, n
+    with warnings.catch_warnings():  # nearly equal differences: t is NaN or huge, as before
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        t_stat = float(stats.ttest_1samp(diffs, 0.0).statistic)
+    # all differences equal: a zero standard error, so t is 0/0 or +-inf; it says nothing
+    return float(diffs.mean()), t_stat if math.isfinite(t_stat) else math.nan, n
