@@ -15,13 +15,14 @@ from typing import Any
 
 from prefect import flow
 
-from alphaloom.flows.pipeline import data_stages, resolve_config
+from alphaloom.flows.pipeline import resolve_config
 from alphaloom.tasks.backtest.periods import period_config, plan_periods, trading_calendar
 from alphaloom.tasks.backtest.report import concatenate, log_backtest
 from alphaloom.tasks.backtest.retrain import backtest_period_task, load_period
 from alphaloom.tasks.backtest.tracking import backtest_key, parent_run
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.data.ingest import ingest_task, load_saved_oracle
+from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.training.progress import elapsed_text
 
 
@@ -39,7 +40,7 @@ def backtest(
             label = f"period {period.number}/{len(periods)} {period.label}"
             print(f"{label} ({elapsed_text(time.time() - started)})")
             pcfg = period_config(cfg, period)
-            _, shards = data_stages(pcfg)
+            shards = data_stages(pcfg).shards
             task = backtest_period_task.with_options(task_run_name=f"period{period.number}")
             loaded.append(load_period(task(pcfg, period, shards, parent_id, label)))
         oracle, wall = load_saved_oracle(market), time.time() - started

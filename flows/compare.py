@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from alphaloom.flows.pipeline import data_stages, resolve_config
+from alphaloom.flows.pipeline import resolve_config
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.comparison.compare import REFERENCE, Progress, outcome_from_state, variant_task
 from alphaloom.tasks.comparison.summary import (
@@ -31,6 +31,7 @@ from alphaloom.tasks.comparison.variants import (
     skipped_variants,
 )
 from alphaloom.tasks.data.ingest import load_saved_oracle
+from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
 from alphaloom.tasks.training.progress import elapsed_text
@@ -53,7 +54,8 @@ def compare_models(
     chosen = check_variants(variants or DEFAULT_VARIANTS)
     seed_values = seed_list(cfg, seeds)
     skipped = skipped_variants(chosen)
-    market, shards = data_stages(cfg)
+    data = data_stages(cfg)
+    market, shards = data.market, data.shards
     oracle = load_saved_oracle(market)
     exposures = market_exposures(market)
     shard_tags = run_tags(shards)

@@ -6,8 +6,9 @@ from typing import Any
 
 from prefect import flow
 
-from alphaloom.flows.pipeline import data_stages, model_stages, resolve_config
+from alphaloom.flows.pipeline import model_stages, resolve_config
 from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.serving.scoring import score_task
 
 
@@ -18,7 +19,7 @@ def nightly_retrain(
     """Retrain on the data as it is tonight; the champion moves only if the new model is better."""
     cfg = resolve_config(config, config_path).model_copy(deep=True)
     cfg.tracking.trigger = "nightly"
-    market, shards = data_stages(cfg)
-    summary = model_stages(cfg, market, shards)
-    summary["scores"] = score_task(cfg, shards.path)
+    data = data_stages(cfg)
+    summary = model_stages(cfg, data.market, data.shards)
+    summary["scores"] = score_task(cfg, data.shards.path)
     return summary

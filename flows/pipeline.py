@@ -1,8 +1,9 @@
 """The training pipeline: ingest -> features -> text -> shards -> train -> evaluate -> register.
 
-Composition only: every stage is a task from tasks/. The data stages are cached on the content
-of their inputs, their config section and their code, so a rerun with the same data and config
-skips them (Prefect logs `Cached`) and a change rebuilds exactly what depends on it.
+Composition only: every stage is a task from tasks/. The data stages (declared once, in
+tasks/dataset/chain.py) are cached on the content of their inputs, their config section and their
+code, so a rerun with the same data and config skips them (Prefect logs `Cached`) and a change
+rebuilds exactly what depends on it.
 """
 
 from __future__ import annotations
@@ -11,28 +12,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow
 
 from alphaloom.tasks.common.config import PipelineConfig, load_config
-from alphaloom.tasks.data.features import features_task
-from alphaloom.tasks.data.ingest import ingest_task, load_saved_oracle
-from alphaloom.tasks.data.partitions import (
-    assemble_features_task,
-    plan_partitions_task,
-    raw_factors_task,
-)
-from alphaloom.tasks.dataset.shard_fanout import (
-    finish_shards_task,
-    plan_shards_task,
-    write_shard_task,
-)
-from alphaloom.tasks.dataset.shards import shards_task
+from alphaloom.tasks.data.ingest import load_saved_oracle
+from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.dataset.split_windows import evaluated_splits
-from alphaloom.tasks.dataset.text import text_task
 from alphaloom.tasks.evaluation.evaluate import evaluate_task
 from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.orchestration.caching import StageRef
-from alphaloom.tasks.orchestration.runners import task_runner_for
 from alphaloom.tasks.serving.promotion import register_task
 from alphaloom.tasks.tracking.data_quality import log_data_quality
 from alphaloom.tasks.tracking.report import publish_summary, run_summary
@@ -47,50 +35,6 @@ def resolve_config(config: PipelineConfig | None, config_path: str | None) -> Pi
     if config is not None:
         return config
     return load_config(config_path)
-
-
-def data_stages(cfg: PipelineConfig) -> tuple[StageRef, StageRef]:
-    """Run (or reuse) the data stages; return the market and the shard set."""
-    market = ingest_task(cfg)
-    features = features_stage(market, cfg)
-    text = text_task(market, cfg)
-    shards = shards_stage(features, text, market, cfg)
-    return market, shards
-
-
-def features_stage(market: StageRef, cfg: PipelineConfig) -> StageRef:
-    """One features task, or with `runner.partitions` > 1 the fan-out on the configured runner."""
-    if cfg.runner.partitions == 1:
-        return features_task(market, cfg)
-    return features_fanout.with_options(task_runner=task_runner_for(cfg.runner))(market, cfg)
-
-
-@flow(name="features-fanout")
-def features_fanout(market: StageRef, cfg: PipelineConfig) -> StageRef:
-    """Per-partition factors mapped on the task runner, then the cross-sectional part once."""
-    partitions = plan_partitions_task(market, cfg)
-    raw = raw_factors_task.map(partitions, unmapped(cfg))
-    return assemble_features_task(market, raw, cfg)
-
-
-def shards_stage(
-    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
-) -> StageRef:
-    """One shards task, or with `runner.partitions` > 1 one task per shard on the runner."""
-    if cfg.runner.partitions == 1:
-        return shards_task(features, text, market, cfg)
-    fanout = shards_fanout.with_options(task_runner=task_runner_for(cfg.runner))
-    return fanout(features, text, market, cfg)
-
-
-@flow(name="shards-fanout")
-def shards_fanout(
-    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
-) -> StageRef:
-    """Plan from the symbol column, write each shard in its own task, then finish the set."""
-    jobs = plan_shards_task(features, text, market, cfg)
-    written = write_shard_task.map(jobs, unmapped(features), unmapped(market), unmapped(cfg))
-    return finish_shards_task(features, text, market, written, cfg)
 
 
 def model_stages(
@@ -125,8 +69,8 @@ def train_pipeline(
     """Train, evaluate and register a ranker on the configured data (continuing MLflow run
     `resume_run_id`, or an unfinished run of the same work, from its checkpoint)."""
     cfg = resolve_config(config, config_path)
-    market, shards = data_stages(cfg)
-    return model_stages(cfg, market, shards, resume_run_id=resume_run_id)
+    data = data_stages(cfg)
+    return model_stages(cfg, data.market, data.shards, resume_run_id=resume_run_id)
 
 
 @flow(name="train-pipeline-ddp", log_prints=True)
@@ -139,6 +83,6 @@ def train_pipeline_ddp(
 ) -> dict[str, Any]:
     """The training pipeline with training run by torchrun (DDP) on this machine."""
     cfg = resolve_config(config, config_path)
-    market, shards = data_stages(cfg)
+    data = data_stages(cfg)
     train = partial(train_ddp_task, nproc_per_node=nproc_per_node, backend=backend)
-    return model_stages(cfg, market, shards, train, resume_run_id)
+    return model_stages(cfg, data.market, data.shards, train, resume_run_id)

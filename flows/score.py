@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from alphaloom.flows.pipeline import data_stages, resolve_config
+from alphaloom.flows.pipeline import resolve_config
 from alphaloom.tasks.common.config import PipelineConfig
+from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.serving.scoring import score_task
 
 
@@ -15,5 +16,4 @@ def score_latest(
 ) -> dict[str, object]:
     """Refresh the data stages (cached when unchanged), then rank every symbol on the last date."""
     cfg = resolve_config(config, config_path)
-    _, shards = data_stages(cfg)
-    return score_task(cfg, shards.path)
+    return score_task(cfg, data_stages(cfg).shards.path)

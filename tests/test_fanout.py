@@ -131,7 +131,7 @@ def single_task(tmp_path_factory) -> tuple[StageRef, tuple[pd.DataFrame, dict]]:
 def test_the_feature_stage_on_a_local_dask_cluster_matches_the_single_task(
     prefect_harness, single_task, tmp_path: Path
 ) -> None:
-    from alphaloom.flows.pipeline import features_stage
+    from alphaloom.tasks.dataset.chain import features_stage
 
     baseline, (frame, meta) = single_task
     dask = ("runner.kind=dask", "runner.workers=2", "runner.dask_processes=false")
@@ -162,7 +162,7 @@ def count_factor_computations(monkeypatch) -> list[list[str]]:
 def test_thread_runner_reuses_each_partition_when_only_the_labels_change(
     prefect_harness, single_task, tmp_path: Path, monkeypatch
 ) -> None:
-    from alphaloom.flows.pipeline import features_stage
+    from alphaloom.tasks.dataset.chain import features_stage
 
     _, (frame, _) = single_task
     cfg = smoke(tmp_path, "runner.partitions=4", "runner.workers=2")
@@ -192,8 +192,8 @@ def test_a_corrupt_partition_is_recomputed_and_the_others_come_from_the_cache(
     bytes is rebuilt (not reported Cached), an intact one is not recomputed."""
     import shutil
 
-    from alphaloom.flows.pipeline import features_stage
     from alphaloom.tasks.common.storage import output_problem
+    from alphaloom.tasks.dataset.chain import features_stage
 
     _, (frame, _) = single_task
     cfg = smoke(tmp_path, "runner.partitions=4", "runner.workers=2")

@@ -144,7 +144,7 @@ def test_an_existing_set_plans_no_jobs(single) -> None:
 def test_the_shards_stage_on_a_local_dask_cluster_matches_the_single_task(
     prefect_harness, single, tmp_path
 ) -> None:
-    from alphaloom.flows.pipeline import shards_stage
+    from alphaloom.tasks.dataset.chain import shards_stage
 
     baseline, expected = single
     dask = ("runner.kind=dask", "runner.workers=2", "runner.dask_processes=false")

@@ -241,15 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 def build_data(cfg: PipelineConfig) -> str:
     """The shard set of a config without Prefect: each stage's intact output is reused (its
     checksums verified), a missing or broken one is built."""
-    from alphaloom.tasks.data.features import features_task
-    from alphaloom.tasks.data.ingest import ingest_task
-    from alphaloom.tasks.dataset.shards import shards_task
-    from alphaloom.tasks.dataset.text import text_task
+    from alphaloom.tasks.dataset.chain import data_stages
 
-    market = ingest_task.reuse_or_build(cfg)
-    features = features_task.reuse_or_build(market, cfg)
-    text = text_task.reuse_or_build(market, cfg)
-    return shards_task.reuse_or_build(features, text, market, cfg).path
+    return data_stages(cfg, prefect=False).shards.path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
