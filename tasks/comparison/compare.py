@@ -60,10 +60,6 @@ TABLE_COLUMNS: tuple[tuple[str, str, int], ...] = (
 
 
 # ----------------------------------------------------------------------------------------------
-# the plan
-
-
-# ----------------------------------------------------------------------------------------------
 # one variant, one seed
 
 
@@ -133,7 +129,7 @@ def score_and_log(
     The one scoring path of every variant, network or LightGBM, so their metrics line up.
     """
     from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
-    from alphaloom.tasks.evaluation.metrics import _known, daily_ic
+    from alphaloom.tasks.evaluation.metrics import daily_ic, labelled_rows
 
     flat: dict[str, float] = {}
     for split in ("valid", "test"):
@@ -141,7 +137,7 @@ def score_and_log(
         metrics, plots = evaluate_predictions(
             preds, cfg.evaluate, oracle, with_figures=figures, exposures=exposures
         )
-        series = daily_ic(_known(preds), "spearman")
+        series = daily_ic(labelled_rows(preds), "spearman")
         plots["daily_rank_ic.csv"] = series.rename("rank_ic").rename_axis("date").reset_index()
         runs.log_evaluation(cfg, run_id, split, metrics, plots)
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
@@ -314,11 +310,3 @@ def outcome_from_state(state: Any, variant: Variant, seed: int) -> VariantOutcom
         return VariantOutcome(variant.name, seed, "failed", err.run_id, error=err.cause)
     message = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else state.message
     return VariantOutcome(variant.name, seed, "failed", None, error=str(message))
-
-
-# ----------------------------------------------------------------------------------------------
-# the table
-
-
-# ----------------------------------------------------------------------------------------------
-# the parent run

@@ -29,18 +29,18 @@ from alphaloom.tasks.evaluation.metrics import (
     PRED_COLUMNS,
     PROB_COLUMNS,
     EvaluationError,
-    _known,
-    _require_columns,
     classification_metrics,
     confusion_matrix,
     daily_ic,
     ic_metrics,
+    labelled_rows,
     long_short_returns,
     oracle_metrics,
     portfolio_metrics,
     predicted_class,
     quantile_metrics,
     quantile_returns,
+    require_columns,
 )
 from alphaloom.tasks.evaluation.predictions import predict
 
@@ -66,8 +66,8 @@ def evaluate_predictions(
     `exposures` (tasks/evaluation/exposures.py): `score_vol_corr` and `score_size_corr`.
     With the oracle: its Rank IC and the model's share of it.
     """
-    _require_columns(preds, PRED_COLUMNS, "predictions")
-    known = _known(preds)
+    require_columns(preds, PRED_COLUMNS, "predictions")
+    known = labelled_rows(preds)
     if known.empty:
         raise EvaluationError("predictions have no row with a finite 'fwd_return'")
     metrics = ic_metrics(known)
@@ -111,7 +111,7 @@ def read_oracle(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise EvaluationError(f"oracle file not found: {path}")
     frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    _require_columns(frame, ["symbol", "date", "expected_return"], f"oracle {path}")
+    require_columns(frame, ["symbol", "date", "expected_return"], f"oracle {path}")
     return frame
 
 

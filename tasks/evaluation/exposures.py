@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from alphaloom.tasks.evaluation.metrics import _normalise_dates, _require_columns, daily_ic
+from alphaloom.tasks.evaluation.metrics import daily_ic, normalise_dates, require_columns
 from alphaloom.tasks.orchestration.caching import StageRef
 
 WINDOW = 20
@@ -26,7 +26,7 @@ EXPOSURES = {"vol20": "score_vol_corr", "log_dollar_volume": "score_size_corr"}
 
 def risk_exposures(bars: pd.DataFrame) -> pd.DataFrame:
     """symbol, date, vol20, log_dollar_volume per bar (NaN until MIN_DAYS of history)."""
-    _require_columns(bars, ["symbol", "date", "close", "volume"], "bars")
+    require_columns(bars, ["symbol", "date", "close", "volume"], "bars")
     frame = bars[["symbol", "date", "close", "volume"]].sort_values(["symbol", "date"])
     frame = frame.reset_index(drop=True)
     symbol = frame["symbol"]
@@ -38,7 +38,7 @@ def risk_exposures(bars: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "symbol": symbol.astype(str),
-            "date": _normalise_dates(frame["date"]),
+            "date": normalise_dates(frame["date"]),
             "vol20": vol.droplevel(0).sort_index(),
             "log_dollar_volume": np.log(mean_dollar.droplevel(0).sort_index().clip(lower=1e-12)),
         }
@@ -47,9 +47,9 @@ def risk_exposures(bars: pd.DataFrame) -> pd.DataFrame:
 
 def exposure_metrics(preds: pd.DataFrame, exposures: pd.DataFrame) -> dict[str, float]:
     """Mean daily Spearman correlation of `score` with each exposure (NaN when undefined)."""
-    _require_columns(exposures, ["symbol", "date", *EXPOSURES], "exposures")
+    require_columns(exposures, ["symbol", "date", *EXPOSURES], "exposures")
     left = preds[["symbol", "date", "score"]].assign(
-        symbol=lambda f: f["symbol"].astype(str), date=lambda f: _normalise_dates(f["date"])
+        symbol=lambda f: f["symbol"].astype(str), date=lambda f: normalise_dates(f["date"])
     )
     joined = left.merge(exposures, on=["symbol", "date"], how="inner", validate="one_to_one")
     out = {}

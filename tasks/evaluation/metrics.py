@@ -42,13 +42,14 @@ class EvaluationError(ValueError):
     """Predictions or oracle tables are malformed; the message names the column."""
 
 
-def _require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+def require_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    """Raise an EvaluationError naming every missing column of `frame` (called `what`)."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise EvaluationError(f"{what} lacks column(s) {missing}; has {list(frame.columns)}")
 
 
-def _known(preds: pd.DataFrame) -> pd.DataFrame:
+def labelled_rows(preds: pd.DataFrame) -> pd.DataFrame:
     """Rows whose outcome is known (the newest days have no forward return yet)."""
     return preds[np.isfinite(preds["fwd_return"].to_numpy(dtype=float))]
 
@@ -66,7 +67,7 @@ def daily_ic(
     """
     if method not in ("pearson", "spearman"):
         raise EvaluationError(f"unknown IC method {method!r}; use 'pearson' or 'spearman'")
-    _require_columns(preds, ["date", score, target], "predictions")
+    require_columns(preds, ["date", score, target], "predictions")
     frame = preds[["date", score, target]].dropna()
     if method == "spearman":
         ranks = frame.groupby("date", sort=True)[[score, target]].rank(method="average")
@@ -111,7 +112,7 @@ def ic_metrics(preds: pd.DataFrame, score: str = "score") -> dict[str, float]:
 
 def predicted_class(preds: pd.DataFrame) -> np.ndarray:
     """Arg-max class of the probability columns p0..p3."""
-    _require_columns(preds, PROB_COLUMNS, "predictions")
+    require_columns(preds, PROB_COLUMNS, "predictions")
     return preds[PROB_COLUMNS].to_numpy(dtype=float).argmax(axis=1)
 
 
@@ -164,7 +165,7 @@ def long_short_weights(preds: pd.DataFrame, quantile: float) -> pd.DataFrame:
     n = max(1, floor(quantile * names that day)); ties break by symbol so the book is
     deterministic. Days with fewer than two names hold nothing.
     """
-    _require_columns(preds, ["symbol", "date", "score"], "predictions")
+    require_columns(preds, ["symbol", "date", "score"], "predictions")
     frame = preds[["symbol", "date", "score"]].dropna(subset=["score"])
     frame = frame.sort_values(["date", "score", "symbol"], ascending=[True, False, True])
     g = frame.groupby("date", sort=True)
@@ -187,8 +188,8 @@ def long_short_returns(preds: pd.DataFrame, quantile: float, cost_bps: float) ->
     w_{t-1}| over both legs (the first day pays for building the book). Forward returns span
     the label horizon; with the default horizon of 1 day this is the daily P&L.
     """
-    _require_columns(preds, ["fwd_return"], "predictions")
-    known = _known(preds)
+    require_columns(preds, ["fwd_return"], "predictions")
+    known = labelled_rows(preds)
     weights = long_short_weights(known, quantile)
     rets = known[["date", "symbol", "fwd_return"]]
     book = weights.merge(rets, on=["date", "symbol"], how="left", validate="one_to_one")
@@ -224,7 +225,8 @@ def portfolio_metrics(daily: pd.DataFrame, annualization_days: int) -> dict[str,
     }
 
 
-def _normalise_dates(values: pd.Series) -> pd.Series:
+def normalise_dates(values: pd.Series) -> pd.Series:
+    """Dates as midnight datetime64[ns], so frames from different sources join on them."""
     return pd.to_datetime(values).dt.normalize().astype("datetime64[ns]")
 
 
@@ -233,12 +235,12 @@ def oracle_metrics(preds: pd.DataFrame, oracle: pd.DataFrame) -> dict[str, float
 
     The ratio model / oracle says how much of the attainable ranking skill the model found.
     """
-    _require_columns(oracle, ["symbol", "date", "expected_return"], "oracle")
-    left = _known(preds)[["symbol", "date", "fwd_return"]].assign(
-        symbol=lambda f: f["symbol"].astype(str), date=lambda f: _normalise_dates(f["date"])
+    require_columns(oracle, ["symbol", "date", "expected_return"], "oracle")
+    left = labelled_rows(preds)[["symbol", "date", "fwd_return"]].assign(
+        symbol=lambda f: f["symbol"].astype(str), date=lambda f: normalise_dates(f["date"])
     )
     right = oracle[["symbol", "date", "expected_return"]].assign(
-        symbol=lambda f: f["symbol"].astype(str), date=lambda f: _normalise_dates(f["date"])
+        symbol=lambda f: f["symbol"].astype(str), date=lambda f: normalise_dates(f["date"])
     )
     joined = left.merge(right, on=["symbol", "date"], how="inner", validate="one_to_one")
     if joined.empty:
@@ -254,8 +256,8 @@ def quantile_returns(preds: pd.DataFrame, n_quantiles: int = 5) -> pd.DataFrame:
     appearance, as alphalens' quantile buckets by rank); a day with fewer names than quantiles
     is skipped. Returns one row per quantile: quantile, mean_return, days.
     """
-    _require_columns(preds, ["date", "score", "fwd_return"], "predictions")
-    frame = _known(preds)[["date", "score", "fwd_return"]].dropna(subset=["score"])
+    require_columns(preds, ["date", "score", "fwd_return"], "predictions")
+    frame = labelled_rows(preds)[["date", "score", "fwd_return"]].dropna(subset=["score"])
     size = frame.groupby("date")["score"].transform("size")
     frame = frame[size >= n_quantiles]
     pct = frame.groupby("date")["score"].rank(method="first", pct=True)
