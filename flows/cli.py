@@ -6,7 +6,6 @@ Imports are deferred into each command so `alphaloom --help` and `alphaloom synt
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from alphaloom.tasks.common.config import (
     load_config,
     packaged_config,
 )
+from alphaloom.tasks.common.logging_setup import configure_logging
 
 # Prefect's temporary server needs longer than its default 20 s to start on small machines.
 _ENV_DEFAULTS = {
@@ -45,10 +45,17 @@ def _config(args: argparse.Namespace, default: str = DEFAULT_CONFIG_NAME) -> Pip
     return load_config(args.config or packaged_config(default), args.overrides)
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=None, help="YAML config (default: the packaged configs/default.yaml)"
-    )
+def _add_config_arguments(
+    parser: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG_NAME, use: str = ""
+) -> None:
+    """--config and --set; `default` is the packaged config the command reads without --config
+    (the name `_config` is given), None for the built-in defaults; `use` says what of it is used."""
+    what = f" {use}" if use else ""
+    if default is None:
+        help_text = f"YAML config{what} (default: none, the built-in defaults)"
+    else:
+        help_text = f"YAML config{what} (default: {default}, the packaged configs/{default})"
+    parser.add_argument("--config", default=None, help=help_text)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -82,14 +89,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     """Ingest the configured data and build the factor table (no Prefect server needed); an
     intact output of the same inputs is reused, as the pipeline's cache would."""
-    from alphaloom.tasks.data.features import features_task
-    from alphaloom.tasks.data.ingest import ingest_task
+    from alphaloom.tasks.dataset.chain import data_stages
 
-    cfg = _config(args)
-    market = ingest_task.reuse_or_build(cfg)
-    features = features_task.reuse_or_build(market, cfg)
-    print(f"market:   {market.path}")
-    print(f"features: {features.path}")
+    data = data_stages(_config(args), until="features", prefect=False)
+    print(f"market:   {data.market.path}")
+    print(f"features: {data.features.path}")
     return 0
 
 
@@ -104,12 +108,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     notes: list[str] = []
     try:
         market = load_market(cfg.data, min_history_for(cfg))
-        report, verdict, status = market.report, "a run would go ahead", 0
+        report, verdict, status = market.report, "A run would go ahead.", 0
         notes = data_notes(market_facts(market, cfg.data), "<market>")
     except DataValidationError as err:
         if err.report is None:
             raise
-        report, verdict, status = err.report, f"a run would stop: {str(err).splitlines()[0]}", 1
+        # the error's first line says why, and may end in a colon that introduced the report
+        reason = str(err).strip().splitlines()[0].rstrip(" :.")
+        report, verdict, status = err.report, f"A run would stop: {reason}.", 1
     print(report.render())
     for note in notes:
         print(f"note: {note}")
@@ -216,6 +222,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the config a command would run with (every key, defaults filled in), as YAML."""
+    print(_config(args).to_yaml(), end="")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI on 127.0.0.1 against the tracking store; needs no pipeline config
     (a --config only supplies its tracking section)."""
@@ -266,24 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaloom", description="Rank stocks with a deep sequence model."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, the libraries' request logs included (or: ALPHALOOM_LOG_LEVEL=DEBUG)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write the synthetic market as files")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--extend-days", type=int, default=0, help="append N days to --out")
-    _add_config_arguments(synth)
+    _add_config_arguments(synth, None, "for data.synthetic")
     synth.set_defaults(func=cmd_synth)
 
-    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
-        ("features", "ingest data and build the factor table", cmd_features),
-        ("run", "run the training pipeline", cmd_run),
-        ("score", "score the latest date with the champion", cmd_score),
-        ("nightly", "run the nightly retrain once, now", cmd_nightly),
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int], str]] = [
+        ("features", "ingest data and build the factor table", cmd_features, DEFAULT_CONFIG_NAME),
+        ("run", "run the training pipeline", cmd_run, DEFAULT_CONFIG_NAME),
+        ("score", "score the latest date with the champion", cmd_score, DEFAULT_CONFIG_NAME),
+        ("nightly", "run the nightly retrain once, now", cmd_nightly, NIGHTLY_CONFIG_NAME),
     ]
-    for name, help_text, func in commands:
+    for name, help_text, func, default_config in commands:
         command = sub.add_parser(name, help=help_text)
-        _add_config_arguments(command)
+        _add_config_arguments(command, default_config)
         command.set_defaults(func=func)
         if name == "run":
             _add_resume_argument(command)
@@ -319,8 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     ddp.set_defaults(func=cmd_train_ddp)
     _add_resume_argument(ddp)
 
+    show = sub.add_parser("config", help="print the resolved config (every key) as YAML")
+    _add_config_arguments(show)
+    show.set_defaults(func=cmd_config)
+
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
-    _add_config_arguments(ui)
+    _add_config_arguments(ui, None, "for its tracking section")
     ui.add_argument("--port", type=int, default=None, help="default: tracking.ui_port (5000)")
     ui.add_argument(
         "--backend-store-uri",
@@ -330,7 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
 
     serve = sub.add_parser("serve", help="serve the scheduled deployments in this process")
-    serve.add_argument("--config", default=None, help="default: the packaged nightly.yaml")
+    serve.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML config (default: {NIGHTLY_CONFIG_NAME}, the packaged "
+        f"configs/{NIGHTLY_CONFIG_NAME})",
+    )
     serve.add_argument("--cron", default="0 22 * * 1-5", help="nightly retrain schedule")
     serve.add_argument("--timezone", default="America/New_York")
     serve.set_defaults(func=cmd_serve, overrides=[])
@@ -359,14 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from alphaloom.tasks.tracking.resume import ResumeError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)  # also before Prefect and MLflow: they read its settings
     if args.command in FLOW_COMMANDS:
         from alphaloom.tasks.orchestration.reaper import start_reaper
 
         start_reaper()  # a kill -9 of this process must not orphan Prefect's temporary server
+    from alphaloom.tasks.orchestration.shutdown import stoppable
+
+    args.func = stoppable(args.command, args.func)  # SIGTERM/SIGINT: runs KILLED, exit 128+N
     try:
         return args.func(args)
     except ConfigError as err:

@@ -247,3 +247,62 @@ def test_a_stage_key_covers_the_helper_modules_its_stage_imports(tmp_path, monke
     assert stage_key("demo", [], {}, (stage,)) != before
     for name in ("keypkg.stage", "keypkg.helper", "keypkg"):
         sys.modules.pop(name, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# temporaries a killed writer left
+
+
+def _temp(parent: Path, name: str, age: float = 0.0) -> Path:
+    """A temporary directory `name` with a file in it, last touched `age` seconds ago."""
+    import os
+    import time
+
+    path = parent / name
+    path.mkdir(parents=True)
+    (path / "part.parquet").write_bytes(b"half written")
+    touched = time.time() - age
+    os.utime(path, (touched, touched))
+    return path
+
+
+def test_a_stage_removes_the_stale_temporaries_of_its_own_key_only(tmp_path, caplog) -> None:
+    """A kill during a data stage leaves `.<key>.tmp-*` (or the fan-out's `.<key>.parts-*`);
+    the next build of that key removes those whose writer is gone, and nothing else: a live
+    writer's (another process building the same key now), another host's, another key's."""
+    import subprocess
+    import sys
+
+    from alphaloom.tasks.common.storage import HOST_TAG
+
+    cfg = tiny_config(f"work_dir={tmp_path / 'work'}", *SMALL)
+    ref, problem = ingest_task.problem(cfg)
+    assert problem == "missing"
+    market, key = Path(ref.path).parent, Path(ref.path).name
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = [
+            _temp(market, f".{key}.tmp-{HOST_TAG}-{exited.pid}-a1b2c3"),  # its writer exited
+            _temp(market, f".{key}.parts-{HOST_TAG}-{exited.pid}-d4e5f6"),
+            _temp(market, f".{key}.tmp-{HOST_TAG}-{live.pid}-reused", age=600),  # pid reused since
+            _temp(market, f".{key}.tmp-0lderna", age=3 * 86400),  # untagged, untouched for days
+        ]
+        kept = [
+            _temp(market, f".{key}.tmp-{HOST_TAG}-{live.pid}-g7h8i9"),  # its writer is alive
+            _temp(market, f".{key}.tmp-deadbeef-{exited.pid}-j0k1l2"),  # another host's
+            _temp(market, f".{key}.tmp-recent"),  # untagged, touched just now
+            _temp(market, f".otherkey.tmp-{HOST_TAG}-{exited.pid}-m3n4o5"),  # another key's
+        ]
+        with caplog.at_level(logging.INFO, logger="alphaloom.tasks.orchestration.caching"):
+            built = ingest_task.reuse_or_build(cfg)
+    finally:
+        live.kill()
+        live.wait()
+    assert output_problem(built.path) is None
+    assert [path for path in stale if path.exists()] == []
+    assert [path for path in kept if not path.exists()] == []
+    assert all(str(path) in caplog.text for path in stale)
+    leftovers = {p.name for p in market.iterdir()} - {key} - {p.name for p in kept}
+    assert not any(".tmp-" in name for name in leftovers), leftovers  # the build's own is gone

@@ -3,6 +3,7 @@ a rerun of the same work continues the unfinished run, `--resume RUN_ID` is chec
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import mlflow
 import psutil
 import pytest
+from prefect.exceptions import TerminationSignal
 
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.tracking import resume, runs, store
@@ -123,3 +125,23 @@ def test_resume_by_run_id(cfg: PipelineConfig) -> None:
     ):
         pass
     store.client_for(cfg).set_terminated(running)
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "name"),
+    [(KeyboardInterrupt(), "SIGINT"), (TerminationSignal(signal.SIGTERM), "SIGTERM")],
+)
+def test_a_signal_raised_in_a_run_ends_it_killed_and_a_rerun_continues_it(
+    cfg: PipelineConfig, interrupt: BaseException, name: str
+) -> None:
+    """Ctrl-C, or Prefect's SIGTERM bridge in a flow-run process, ends the run KILLED (not
+    FAILED) saying which signal; the rerun of the same work continues it."""
+    with pytest.raises(type(interrupt)), resume.resumable_run(cfg, WORK) as stopped:
+        raise interrupt
+    run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(stopped)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[resume.TAG_DIED].startswith(f"stopped by {name}")
+    with resume.resumable_run(cfg, WORK) as again:
+        assert again == stopped
+    assert not runs.mark_stopped(cfg, stopped, "late")  # a finished run is left as it ended
+    assert status(cfg, stopped) == "FINISHED"

@@ -11,7 +11,9 @@ stores have no atomic rename, so there it is built in a local temporary director
 file by file, data before metadata and the marker last; a URL directory without its marker
 counts as absent. `output_problem` re-checks an output against its record, and `local_copy`
 gives a verified local copy of a URL output. Single files (`atomic_file`) are renamed into
-place locally and uploaded in one PUT, which object stores apply atomically.
+place locally and uploaded in one PUT, which object stores apply atomically. A local temporary
+names its writer (`temp_tag`: host, pid), so a stage removes the ones its killed writers left
+(tasks/orchestration/caching.py); one stopped by a signal removes its own (`remove_live_temps`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -127,6 +130,40 @@ Location = str | Path | FsPath  # anything that names a place: a path, a URL or 
 # Atomic writes
 
 
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_LIVE_TEMPS: set[Path] = set()  # this process's temporaries being written
+
+
+def temp_tag() -> str:
+    """`<host>-<pid>`: whose a temporary is (tasks/orchestration/caching.remove_stale_temps)."""
+    return f"{HOST_TAG}-{os.getpid()}"
+
+
+def remove_temp(temp: Path) -> None:
+    shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink(missing_ok=True)
+
+
+def remove_live_temps() -> list[Path]:
+    """Remove the temporaries this process is writing (it is being stopped by a signal)."""
+    live = list(_LIVE_TEMPS)
+    for temp in live:
+        remove_temp(temp)
+    return live
+
+
+@contextlib.contextmanager
+def _live(temp: Path) -> Iterator[Path]:
+    """Track `temp` while it is written; remove it if the block fails."""
+    _LIVE_TEMPS.add(temp)
+    try:
+        yield temp
+    except BaseException:
+        remove_temp(temp)
+        raise
+    finally:
+        _LIVE_TEMPS.discard(temp)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Location) -> Iterator[Path]:
     """Yield a local temporary directory that becomes `final`, sealed with its checksum record,
@@ -144,14 +181,11 @@ def atomic_dir(final: Location) -> Iterator[Path]:
             publish_dir(Path(staging), out)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    prefix = f".{target.name}.tmp-{temp_tag()}-"
+    with _live(Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))) as tmp:
         yield tmp
         mark_complete(tmp, checksums(tmp))
         promote_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -168,15 +202,11 @@ def atomic_file(final: Location) -> Iterator[Path]:
             out.fs.put_file(str(tmp), out.path)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{temp_tag()}-", dir=target.parent)
     os.close(fd)
-    tmp = Path(name)
-    try:
+    with _live(Path(name)) as tmp:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_text_atomic(final: Location, text: str) -> None:
@@ -292,9 +322,11 @@ def parts_dir(final: Location) -> FsPath:
     if out.local is None:
         withdraw(out)
         return out
-    parts = out.local.parent / f".{out.local.name}.parts-{uuid.uuid4().hex[:8]}"
+    parts = out.local.parent / f".{out.local.name}.parts-{temp_tag()}-{uuid.uuid4().hex[:8]}"
     parts.mkdir(parents=True, exist_ok=True)
-    return FsPath.of(parts)
+    where = FsPath.of(parts)
+    _LIVE_TEMPS.add(Path(where.path))  # until `complete_parts` renames it
+    return where
 
 
 def complete_parts(parts: Location, final: Location, files: dict[str, str]) -> None:
@@ -311,6 +343,7 @@ def complete_parts(parts: Location, final: Location, files: dict[str, str]) -> N
     mark_complete(parts, files)
     if parts.local is not None and out.local is not None and parts.local != out.local:
         promote_dir(parts.local, out.local)
+        _LIVE_TEMPS.discard(parts.local)
 
 
 # ----------------------------------------------------------------------------------------------

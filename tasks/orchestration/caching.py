@@ -10,17 +10,25 @@ only says the output was once written, so `StageTask` checks the output against 
 before every call: intact, and the call is the normal cached one; missing, incomplete or corrupt,
 and the task runs with `refresh_cache=True`, rebuilding the output and its record. Stage
 functions themselves are plain builders and never look for an existing output.
+
+Before a stage builds, it removes the temporaries of its own output (`.<key>.tmp-*`,
+`.<key>.parts-*`) that a killed writer left (`remove_stale_temps`); each names its writer (host
+and pid, storage's `temp_tag`), so a live writer's (another process or thread building the same
+key now) is never touched.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psutil
 from prefect import Task, task, unmapped
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
@@ -30,12 +38,21 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from alphaloom.tasks.common.hashing import code_version, combine, hash_json, package_closure
-from alphaloom.tasks.common.storage import FsPath, Location, local_copy, output_problem
+from alphaloom.tasks.common.storage import (
+    HOST_TAG,
+    FsPath,
+    Location,
+    local_copy,
+    output_problem,
+    remove_temp,
+)
 from alphaloom.tasks.orchestration.retries import retry_transient
 
 log = logging.getLogger(__name__)
 
 KEY_LENGTH = 20
+
+STALE_TEMP_SECONDS = 24 * 3600  # a temporary of another host, or without a writer tag, untouched
 
 
 class StageRef(BaseModel):
@@ -144,6 +161,7 @@ class StageTask:
         if problem is None:
             return self.task
         run_logger().info(_rebuild_message(ref, problem))
+        _before_build(ref)
         return self.refreshing
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -166,7 +184,54 @@ class StageTask:
             log.info("%s: reusing %s", self.name, ref.path)
             return ref
         log.info("%s: %s", self.name, _rebuild_message(ref, problem))
+        _before_build(ref)
         return self.fn(*args, **kwargs)
+
+
+def _writer_alive(temp: Path, tag: str) -> bool:
+    """Whether the writer named by a temporary's tag (`<host>-<pid>-...`) may still be writing
+    it: on this host, that pid running since before the temporary was last touched (a reused
+    pid started later); another host's, or an untagged one, while touched within
+    STALE_TEMP_SECONDS."""
+    host, _, rest = tag.partition("-")
+    pid = rest.partition("-")[0]
+    try:
+        touched = temp.lstat().st_mtime
+        if host != HOST_TAG or not pid.isdigit():
+            return time.time() - touched < STALE_TEMP_SECONDS
+        writer = psutil.Process(int(pid))
+        return writer.status() != psutil.STATUS_ZOMBIE and writer.create_time() <= touched + 2
+    except FileNotFoundError:
+        return True  # removed meanwhile: nothing to do
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # cannot tell: leave it
+
+
+def remove_stale_temps(output: Location) -> list[Path]:
+    """Remove the temporaries of the local output `output` (`.<name>.tmp-*` beside it, the
+    shard fan-out's `.<name>.parts-*`) whose writer is gone; returns those removed."""
+    out = FsPath.of(output).local
+    if out is None:
+        return []  # at a URL nothing is staged beside the output
+    removed = []
+    for kind in (".tmp-", ".parts-"):
+        prefix = f".{out.name}{kind}"
+        for temp in sorted(out.parent.glob(glob.escape(prefix) + "*")):
+            if not _writer_alive(temp, temp.name[len(prefix) :]):
+                remove_temp(temp)
+                removed.append(temp)
+    if removed:
+        run_logger().info("removed %s: left by a writer that is gone", ", ".join(map(str, removed)))
+    return removed
+
+
+def _before_build(ref: StageRef) -> None:
+    try:
+        remove_stale_temps(ref.location)
+    except OSError as err:  # never a reason not to build
+        run_logger().warning("could not remove stale temporaries of %s: %s", ref.path, err)
 
 
 def _rebuild_message(ref: StageRef, problem: str) -> str:

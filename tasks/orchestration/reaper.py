@@ -23,6 +23,20 @@ import psutil
 
 GRACE_SECONDS = 10.0
 
+_started: list[subprocess.Popen[bytes]] = []  # the reapers this process started
+
+
+def started_pids() -> list[int]:
+    """The pids of the reapers this process started (tasks/orchestration/shutdown.py spares
+    them when it ends its children: each ends by itself once this process is gone)."""
+    return [reaper.pid for reaper in _started if reaper.poll() is None]
+
+
+def ensure_reaper(interval: float = 0.5) -> None:
+    """Start a reaper of the calling process unless one is running."""
+    if not started_pids():
+        start_reaper(interval)
+
 
 def start_reaper(interval: float = 0.5) -> subprocess.Popen[bytes]:
     """Start a reaper of the calling process, in its own session (so a terminal's Ctrl-C, which
@@ -36,7 +50,7 @@ def start_reaper(interval: float = 0.5) -> subprocess.Popen[bytes]:
         repr(me.create_time()),
         str(interval),
     ]
-    return subprocess.Popen(
+    reaper = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -44,6 +58,8 @@ def start_reaper(interval: float = 0.5) -> subprocess.Popen[bytes]:
         start_new_session=True,
         close_fds=True,
     )
+    _started.append(reaper)
+    return reaper
 
 
 def _gone(process: psutil.Process) -> bool:

@@ -8,9 +8,11 @@ shard set's key and source-data hash, the model code's version) and with its own
 
 1. marks KILLED every RUNNING run of the experiment whose owner process on this host is gone
    (a `kill -9`, the OOM killer, a pre-empted machine: nothing got to end it);
-2. resumes the newest run with the same fingerprint that is not FINISHED (KILLED or FAILED),
-   or the run named by `alphaloom run --resume RUN_ID`, setting it RUNNING again under this
-   process; training then finds its checkpoint;
+2. resumes the newest run with the same fingerprint that is not FINISHED (KILLED or FAILED;
+   a run stopped by SIGTERM or SIGINT ends KILLED, tasks/orchestration/shutdown.py), or the run
+   named by `alphaloom run --resume RUN_ID`, setting it RUNNING again under this process;
+   training then finds its checkpoint (or the previous one if it is unreadable, or starts
+   over: tasks/training/checkpoint.py);
 3. else starts a new run.
 
 A RUNNING run whose owner is alive, or on another host (its liveness cannot be seen from here),
@@ -38,6 +40,7 @@ from alphaloom.tasks.common.hashing import hash_json
 from alphaloom.tasks.tracking.runs import (
     TAG_CODE_VERSION,
     TAG_DATA_HASH,
+    TAG_DIED,
     TAG_SHARD_KEY,
     ending_run,
     start_run,
@@ -49,7 +52,6 @@ log = logging.getLogger(__name__)
 TAG_FINGERPRINT = "alphaloom.run_fingerprint"
 TAG_OWNER = "alphaloom.owner"
 TAG_RESUMED = "alphaloom.resumed"
-TAG_DIED = "alphaloom.died"
 
 # Settings that change where or how fast a run computes, never what: a rerun that differs only in
 # them is the same work (training's checkpoint fingerprint ignores the same ones).

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import subprocess
 import tempfile
 import time
@@ -40,6 +41,7 @@ from alphaloom.tasks.common.storage import (
     read_bytes,
     read_text,
 )
+from alphaloom.tasks.orchestration import shutdown
 from alphaloom.tasks.tracking.store import client_for, ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ TAG_SHARD_DIR = "alphaloom.shard_dir"
 
 
 TAG_SHARD_KEY = "alphaloom.shard_key"
+
+
+TAG_DIED = "alphaloom.died"  # why a run ended KILLED
 
 
 _MAX_PARAM_CHARS = 6000
@@ -158,6 +163,7 @@ def start_run(
     """
     client = client_for(cfg)
     experiment_id = ensure_experiment(client, cfg)
+    shutdown.park_if_stopping()  # no new run once a signal is stopping the process
     all_tags = {TAG_TRIGGER: cfg.tracking.trigger, **(tags or {})}
     commit = git_commit()
     if commit and TAG_GIT_COMMIT not in all_tags:
@@ -179,19 +185,51 @@ def end_run(cfg: PipelineConfig, run_id: str, failed: bool) -> None:
     client_for(cfg).set_terminated(run_id, status=status)
 
 
+def _signal_of(err: BaseException) -> int | None:
+    """The signal an exception stands for: KeyboardInterrupt (SIGINT) or Prefect's
+    TerminationSignal (SIGTERM, raised by its flow engine in a flow-run process)."""
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(err, KeyboardInterrupt):
+        return signal.SIGINT
+    return err.signal if isinstance(err, TerminationSignal) else None
+
+
+def mark_stopped(cfg: PipelineConfig, run_id: str, why: str) -> bool:
+    """End a RUNNING run KILLED, saying why in `alphaloom.died`; False if it had ended."""
+    client = client_for(cfg)
+    if client.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
+        return False
+    client.set_tag(run_id, TAG_DIED, why[:5000])
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    return True
+
+
 @contextlib.contextmanager
 def ending_run(cfg: PipelineConfig, run_id: str) -> Iterator[str]:
-    """Yield `run_id`; the run ends FAILED if the block raises (anything) and FINISHED else."""
-    try:
-        yield run_id
-    except BaseException as err:
-        with contextlib.suppress(Exception):
-            client_for(cfg).set_tag(
-                run_id, "alphaloom.error", f"{type(err).__name__}: {err}"[:5000]
-            )
-        end_run(cfg, run_id, failed=True)
-        raise
-    end_run(cfg, run_id, failed=False)
+    """Yield `run_id`; the run ends FAILED if the block raises (anything) and FINISHED else.
+
+    A SIGTERM or SIGINT meanwhile ends it KILLED instead (tasks/orchestration/shutdown.py): the
+    stop thread marks it, and this thread waits for the exit rather than ending it."""
+    with shutdown.on_stop(lambda why: mark_stopped(cfg, run_id, why)):
+        try:
+            yield run_id
+        except BaseException as err:
+            shutdown.park_if_stopping()
+            signum = _signal_of(err)
+            if signum is not None:  # where the handlers of shutdown.py are not installed
+                why = f"stopped by {signal.Signals(signum).name} ({type(err).__name__})"
+                with contextlib.suppress(Exception):
+                    mark_stopped(cfg, run_id, why)
+                raise
+            with contextlib.suppress(Exception):
+                client_for(cfg).set_tag(
+                    run_id, "alphaloom.error", f"{type(err).__name__}: {err}"[:5000]
+                )
+            end_run(cfg, run_id, failed=True)
+            raise
+        shutdown.park_if_stopping()
+        end_run(cfg, run_id, failed=False)
 
 
 @contextlib.contextmanager
