@@ -22,18 +22,18 @@ from __future__ import annotations
 import glob
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import psutil
-from prefect import Task, task, unmapped
+from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
-from prefect.futures import PrefectFuture, PrefectFutureList
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
@@ -130,7 +130,8 @@ class StageTask:
     """A stage's Prefect task behind one check: its output is verified before a cached result
     is trusted, so a deleted, incomplete or corrupt output is rebuilt and never `Cached`.
 
-    Call it like the task (`ingest_task(cfg)`, `.submit`, `.map`); `.fn` is the plain builder and
+    Call it like the task (`ingest_task(cfg)`, `.submit`; a fan-out submits one call per element,
+    each checked); `.fn` is the plain builder and
     `.reuse_or_build` the same check without Prefect (the CLI, torchrun workers).
     """
 
@@ -169,10 +170,6 @@ class StageTask:
 
     def submit(self, *args: Any, **kwargs: Any) -> PrefectFuture:
         return self._task_for(args, kwargs).submit(*args, **kwargs)
-
-    def map(self, *args: Any, **kwargs: Any) -> PrefectFutureList:
-        """Prefect's `map` (iterables zipped, `unmapped` values repeated), each call checked."""
-        return PrefectFutureList([self.submit(*a, **k) for a, k in _mapped_calls(args, kwargs)])
 
     def with_options(self, **options: Any) -> StageTask:
         return StageTask(self.task.with_options(**options), self.locate)
@@ -245,40 +242,6 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return log
-
-
-def _mapped_calls(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> list[tuple[list[Any], dict[str, Any]]]:
-    """The per-element (args, kwargs) of a map: iterables (or futures of them) are zipped,
-    `unmapped(...)` values are passed to every call."""
-
-    def expand(value: Any) -> list[Any] | None:
-        if isinstance(value, unmapped):
-            return None
-        if isinstance(value, PrefectFuture):
-            value = value.result()
-        if not isinstance(value, Iterable):
-            raise TypeError(f"map: {value!r} is not iterable; wrap it in unmapped(...)")
-        return list(value)
-
-    named = list(enumerate(args)) + list(kwargs.items())
-    expanded = {name: expand(value) for name, value in named}
-    lengths = {len(values) for values in expanded.values() if values is not None}
-    if len(lengths) > 1:
-        raise ValueError(f"map: the mapped arguments have different lengths {sorted(lengths)}")
-    n = lengths.pop() if lengths else 0
-
-    def value_at(name: int | str, value: Any, i: int) -> Any:
-        values = expanded[name]
-        return value.value if values is None else values[i]
-
-    calls = []
-    for i in range(n):
-        call_args = [value_at(pos, value, i) for pos, value in enumerate(args)]
-        call_kwargs = {name: value_at(name, value, i) for name, value in kwargs.items()}
-        calls.append((call_args, call_kwargs))
-    return calls
 
 
 def stage_task(
