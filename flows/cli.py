@@ -256,17 +256,8 @@ def _print_summary(summary: dict) -> None:
     if summary.get("run_url"):
         print(f"                 {summary['run_url']}")
     print("Open the UI:     alphaloom ui   (serves http://127.0.0.1:5000 by default)")
-    metrics = summary.get("metrics", {})
-    for key in (
-        "test/rank_ic",
-        "test/oracle_rank_ic",
-        "test/ic",
-        "test/rank_icir",
-        "test/ls_sharpe",
-        "test/accuracy",
-    ):
-        if key in metrics:
-            print(f"{key:<22}{metrics[key]: .4f}")
+    for key, value in summary.get("metrics", {}).items():  # tracking/report.py's HEADLINE_METRICS
+        print(f"{key:<24}{value: .4f}")
     if "promoted" in summary:
         print(f"champion moved:  {summary['promoted']}  ({summary.get('registry_reason', '')})")
     for note in summary.get("data_notes", []):
