@@ -46,7 +46,10 @@ format: install
 	$(PY) -m ruff check --fix .
 
 bench: install
-	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
+	for script in benchmarks/*.py; do \
+	  echo "== $$script"; \
+	  $(PY) $$script || { echo "bench failed: $$script"; exit 1; }; \
+	done
 
 # Re-resolve every dependency in a throwaway venv and rewrite constraints.txt (torch is pinned by
 # TORCH_SPEC instead, so a CUDA build can be chosen at install time). Commit the result.

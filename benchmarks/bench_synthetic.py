@@ -6,8 +6,8 @@ Rank IC of each planted component alone, of a naive 5-day reversal score, and of
 fitted on the first 70 % of days, scored on the rest). The last line is the ratio of the oracle's
 to the linear model's Rank IC on the same test days: the room a deep model has.
 
-Run: .venv/bin/python -m benchmarks.bench_synthetic [--symbols 300 --days 1500]
-(with -m: run as a file, benchmarks/model.py would shadow the `model` package)
+Run: .venv/bin/python benchmarks/bench_synthetic.py [--symbols 300 --days 1500]
+(or as a module: .venv/bin/python -m benchmarks.bench_synthetic)
 """
 
 from __future__ import annotations
@@ -71,11 +71,15 @@ def component_ic(cfg: SyntheticSection, keep: str) -> float:
         synthetic.K_SEQ, synthetic.K_IND, synthetic.K_THEME = saved
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=300)
     parser.add_argument("--days", type=int, default=1500)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     cfg = SyntheticSection(n_symbols=args.symbols, n_days=args.days)
     start = time.perf_counter()
     market = synthetic.generate_market(cfg)

@@ -1,6 +1,10 @@
 """Time per training epoch: 1 process vs 2 DDP processes (gloo, CPU) on the same data.
 
-    nice -n 10 .venv/bin/python benchmarks/ddp_epoch.py --out /tmp/ddp-bench
+    # quick (make bench): 40 symbols x 300 days in a temporary directory, removed after
+    nice -n 10 .venv/bin/python benchmarks/ddp_epoch.py
+    # the size docs/scaling.md reports (80 x 500, 8 shards), kept in --out:
+    nice -n 10 .venv/bin/python benchmarks/ddp_epoch.py --symbols 80 --days 500 --shards 8 \
+        --out /tmp/ddp-bench
     nice -n 10 .venv/bin/python benchmarks/ddp_epoch.py --out /tmp/ddp-bench --set train.epochs=3
 
 Every run trains the full epoch (all training windows once; under DDP each rank takes half of
@@ -21,16 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
+
+from train_epoch import build as build_synthetic
 
 from alphaloom.tasks.common.config import PipelineConfig, load_config
 from alphaloom.tasks.training.distributed import process_group, spawn_local
 
 DATA = [
-    "data.synthetic.n_symbols=80",
-    "data.synthetic.n_days=500",
-    "shards.n_shards=8",
     "model.use_text=false",
     "train.device=cpu",
     "train.epochs=2",
@@ -40,14 +44,7 @@ DATA = [
 
 def build(out: Path, overrides: list[str]) -> Path:
     """Synthetic market -> features -> shards (no text: the model runs without it)."""
-    from alphaloom.tasks.data.features import build_feature_table
-    from alphaloom.tasks.data.synthetic import generate_market
-    from alphaloom.tasks.dataset.shards import build_shards_from
-
-    cfg = load_config(None, [*DATA, *overrides])
-    market = generate_market(cfg.data.synthetic)
-    table = build_feature_table(market.bars, cfg.features)
-    return Path(build_shards_from(table, market.instruments, None, cfg.shards, out, "bench"))
+    return build_synthetic(out, [*DATA, *overrides])[0]
 
 
 def worker(rank: int, shard_dir: str, out: str, overrides: list[str]) -> None:
@@ -80,11 +77,38 @@ def run(shard_dir: Path, out: Path, nprocs: int, threads: int, overrides: list[s
     return seconds
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="work directory (reused)")
+    parser.add_argument(
+        "--out", type=Path, help="work directory (reused; default: a temporary one, removed after)"
+    )
+    parser.add_argument("--symbols", type=int, default=40, help="synthetic market size")
+    parser.add_argument("--days", type=int, default=300)
+    parser.add_argument("--shards", type=int, default=4, help="shards of the set")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.overrides = [
+        f"data.synthetic.n_symbols={args.symbols}",
+        f"data.synthetic.n_days={args.days}",
+        f"shards.n_shards={args.shards}",
+        *args.overrides,
+    ]
+    if args.out is not None:
+        compare(args)
+        return
+    args.out = Path(tempfile.mkdtemp(prefix="alphaloom-bench-ddp-"))
+    try:
+        compare(args)
+    finally:
+        shutil.rmtree(args.out, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The three settings on one shard set; the speed-up on the last line."""
     shard_dir = build(args.out, args.overrides)
     single = min(
         run(shard_dir, args.out / "p1t2", 1, 2, args.overrides),

@@ -120,14 +120,18 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=500)
     parser.add_argument("--days", type=int, default=1260)
     parser.add_argument(
         "--baseline-symbols", type=int, default=None, help="run the slow baseline on fewer symbols"
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     bars, source = make_bars(args.symbols, args.days)
     bars = bars.sort_values(["symbol", "date"], ignore_index=True)

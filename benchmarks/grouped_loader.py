@@ -69,7 +69,7 @@ def measure(kind: str, shard_dir: Path, args: argparse.Namespace) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=300)
     parser.add_argument("--days", type=int, default=1500)
@@ -84,7 +84,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=["flat", "grouped"])
     parser.add_argument("--shard-dir")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.child:
         print(json.dumps(run(Path(args.shard_dir), args, args.child == "grouped")))
         return

@@ -1,5 +1,8 @@
 """Which objective should the LightGBM baseline use? Measured on one shard set, same splits.
 
+    # no arguments (what `make bench` runs): a small synthetic market (100 x 600) built in a
+    # temporary directory; a quick check, its ratio is noisier than on the default market
+    .venv/bin/python benchmarks/lightgbm_objective.py
     # the default synthetic market's shard set, built by benchmarks/train_epoch.py --build:
     .venv/bin/python benchmarks/lightgbm_objective.py --shards outputs/bench-train/<key> \
         --oracle outputs/bench-train/oracle.parquet
@@ -13,9 +16,13 @@ last line is the ratio of the chosen default's test Rank IC to the raw-return re
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import pandas as pd
+from train_epoch import build
 
 from alphaloom.tasks.common.config import load_config
 from alphaloom.tasks.comparison.baselines import LightGBMParams, predict_lightgbm, train_lightgbm
@@ -26,15 +33,37 @@ CANDIDATES = {
     "regression/return": {"objective": "regression", "target": "return"},
     "lambdarank/class": {"objective": "lambdarank"},
 }
+# The no-argument run's market: small, no text (the baseline reads the factors only).
+QUICK = ["data.synthetic.n_symbols=100", "data.synthetic.n_days=600", "model.use_text=false"]
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", required=True, help="a shard set directory")
+    parser.add_argument(
+        "--shards", default=None, help="a shard set directory (none: a small synthetic one)"
+    )
     parser.add_argument("--oracle", default=None, help="oracle parquet of a synthetic market")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.shards:
+        return compare(args)
+    work = Path(tempfile.mkdtemp(prefix="alphaloom-bench-lightgbm-"))
+    try:
+        args.overrides = [*QUICK, *args.overrides]
+        shard_dir, oracle = build(work, args.overrides)
+        args.shards, args.oracle = str(shard_dir), str(oracle)
+        return compare(args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Fit and score every candidate objective; print one line each, then the ratio."""
     cfg = load_config(None, args.overrides)
     oracle = pd.read_parquet(args.oracle) if args.oracle else None
     default = LightGBMParams()

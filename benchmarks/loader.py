@@ -18,7 +18,13 @@ are shared. Three kinds of run:
 
 Shards are written under /tmp (page cache warm for every run) and deleted afterwards.
 
-    .venv/bin/python benchmarks/loader.py            # ~1.03M windows, T=60, F=158, then 4x
+    .venv/bin/python benchmarks/loader.py   # quick (make bench): ~127k windows, 8 MB shards
+    # the full size (~1.03M windows, T=60, F=158, 64 MB shards, then 4x; 3 GiB of /tmp, minutes):
+    .venv/bin/python benchmarks/loader.py --symbols 520 --days 2000 --shard-mb 64 --batches 1500 \
+        --reps 3
+
+The quick default keeps the pool (pool shards x shard size) well below the data, as in the
+full run, so the RSS growth still shows whether memory follows the pool or the data.
 
 Last line: ratio=<loader / baseline samples/s> rss_growth=<loader peak RSS at 4x / at 1x>
 (steady-state loader; the cold ratio is printed on the line before).
@@ -58,6 +64,7 @@ def write_synthetic_set(
     from alphaloom.tasks.common.config import ShardsSection
     from alphaloom.tasks.dataset.row_layout import InstrumentLayout
     from alphaloom.tasks.dataset.shard_writer import (
+        ManifestInfo,
         plan_shards,
         write_manifest,
         write_shard,
@@ -91,22 +98,16 @@ def write_synthetic_set(
     side = write_side_tables(
         out, symbols, layout, np.zeros((n_symbols, 16), np.float32), np.zeros(n_symbols, bool)
     )
-    write_manifest(
-        out,
+    info = ManifestInfo(
         key=out.name,
         cfg=cfg,
         feature_names=[f"f{j}" for j in range(n_features)],
-        entries=entries,
-        side_tables=side,
-        text_dim=16,
-        n_symbols=n_symbols,
-        n_industries=2,
-        n_indices=1,
         split_dates={},
         stats={},
         source_hash="synthetic-benchmark",
         label_coverage={},
     )
+    write_manifest(out, info, entries, side)
 
 
 def peak_rss_mb() -> float:
@@ -209,22 +210,26 @@ def summarize(kind: str, scale: int, runs: list[dict]) -> dict:
     return summary
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--symbols", type=int, default=520)
-    parser.add_argument("--days", type=int, default=2000)
+    parser.add_argument("--symbols", type=int, default=130)
+    parser.add_argument("--days", type=int, default=1000)
     parser.add_argument("--features", type=int, default=158)
     parser.add_argument("--window", type=int, default=60)
     parser.add_argument("--min-valid", type=int, default=20)
-    parser.add_argument("--shard-mb", type=float, default=64.0)
+    parser.add_argument("--shard-mb", type=float, default=8.0)
     parser.add_argument("--pool-shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--batches", type=int, default=1500)
+    parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20, help="untimed loader batches")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved runs per kind")
+    parser.add_argument("--reps", type=int, default=2, help="interleaved runs per kind")
     parser.add_argument("--child", choices=sorted(RUNNERS))
     parser.add_argument("--shard-dir")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.child:
         child(args)
         return

@@ -2,7 +2,9 @@
 
 The plain LSTM is the same network with attention and every embedding switched off (input
 projection -> LSTM -> last state -> MLP), so the ratio is the price of the extra components.
-Each timed step is forward, the default composite loss, and backward (no optimizer step).
+Each timed step is forward, the default composite loss (with its per-day ranking term, fed by
+the training loop's own `batch_loss`; the synthetic batch holds whole days of 300 names, as the
+date-grouped loader gives on the default market), and backward (no optimizer step).
 
     .venv/bin/python benchmarks/model.py [--batch 1024 --steps 60 --features 158 --iters 5]
 
@@ -20,13 +22,17 @@ import torch
 from alphaloom.model.losses import build_loss
 from alphaloom.model.network import SequenceModel
 from alphaloom.tasks.common.config import LossSection, ModelSection
+from alphaloom.tasks.training.train import batch_loss
 
 TEXT_DIM, N_INDUSTRIES, N_INDICES = 384, 11, 4
+NAMES_PER_DAY = 300  # the default synthetic market's symbols: one day of a date-grouped batch
+START_DAY = 14613  # 2010-01-04 as days since 1970-01-01
 PLAIN = {f"use_{part}": False for part in ("attention", "text", "industry", "index", "calendar")}
 
 
 def make_batch(batch: int, steps: int, features: int, device: torch.device) -> dict:
-    """A synthetic batch in the model/batch.py layout, a quarter of the rows left padded."""
+    """A synthetic batch in the model/batch.py layout, a quarter of the rows left padded, rows
+    grouped into whole days of NAMES_PER_DAY (as `loader.group_by_date` gives)."""
     gen = torch.Generator().manual_seed(0)
     mask = torch.ones(batch, steps, dtype=torch.bool)
     mask[: batch // 4, : steps // 3] = False
@@ -40,6 +46,8 @@ def make_batch(batch: int, steps: int, features: int, device: torch.device) -> d
         "dow": torch.randint(0, 5, (batch,), generator=gen),
         "month": torch.randint(0, 12, (batch,), generator=gen),
         "label": torch.randint(0, 4, (batch,), generator=gen),
+        "fwd_return": torch.randn(batch, generator=gen) * 0.02,
+        "date": START_DAY + torch.arange(batch) // NAMES_PER_DAY,
     }
     return {key: value.to(device) for key, value in data.items()}
 
@@ -56,7 +64,7 @@ def seconds_per_step(spec: ModelSection, batch: dict, features: int, iters: int,
             torch.cuda.synchronize()
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        loss_fn(model(batch), batch["label"])["loss"].backward()
+        batch_loss(model, loss_fn, model(batch).float(), batch)["loss"].backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -65,7 +73,7 @@ def seconds_per_step(spec: ModelSection, batch: dict, features: int, iters: int,
     return sorted(times)[len(times) // 2], n_params
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=60)
@@ -73,7 +81,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cpu-only", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:

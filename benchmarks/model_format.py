@@ -10,8 +10,10 @@ The last line prints the ratio of fresh-process load+score times (pt2 / pyfunc-f
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,13 +25,24 @@ import numpy as np
 import torch
 from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
+from train_epoch import build
 
 from alphaloom.model.shard_set import ShardSetInfo
+from alphaloom.tasks.common.config import load_config, packaged_config
 from alphaloom.tasks.evaluation.predictions import eval_dataset, torch_scorer
 from alphaloom.tasks.serving import model_logging
 from alphaloom.tasks.tracking import runs
 from alphaloom.tasks.training.train import build_model, model_dims
-from tests.helpers_train import build_tiny_shards
+
+# A tiny shard set: the shipped smoke config, shrunk (the scores, not the model, matter here).
+TINY = [
+    "data.synthetic.n_symbols=60",
+    "data.synthetic.n_days=400",
+    "shards.n_shards=4",
+    "loader.batch_size=128",
+    "model.use_text=false",
+    "train.device=cpu",
+]
 
 _LOAD = """
 import json, sys, time
@@ -46,15 +59,14 @@ else:  # the pt2 model has no pyfunc flavor: the PyTorch flavor loads the export
     model = mlflow.pytorch.load_model(uri)
     keys = json.loads(sys.argv[5])
     with torch.no_grad():
-        logits = model(*[torch.as_tensor(arrays[k]) for k in keys])
-    probs = torch.softmax(logits.float(), -1)
-    score = (probs @ torch.arange(4, dtype=probs.dtype)).numpy()
+        score = model(*[torch.as_tensor(arrays[k]) for k in keys]).float().numpy()
 print(json.dumps({"seconds": time.perf_counter() - started, "score": score.tolist()}))
 """
 
 
 class Positional(torch.nn.Module):
-    """pt2 takes a list of tensors, the network a dict: this adapter maps one to the other.
+    """pt2 takes a list of tensors, the network a dict: this adapter maps one to the other and
+    returns the network's ranking score (`net.score` of its logits, as the pyfunc model serves).
 
     It must spell out one argument per input key, so it only fits the benchmark's key set
     (x, mask, industry, index, dow, month: text off); each key set needs its own adapter.
@@ -73,7 +85,7 @@ class Positional(torch.nn.Module):
         e: torch.Tensor,
         f: torch.Tensor,
     ) -> torch.Tensor:
-        return self.net(dict(zip(self.keys, (a, b, c, d, e, f), strict=True)))
+        return self.net.score(self.net(dict(zip(self.keys, (a, b, c, d, e, f), strict=True))))
 
 
 def fresh_load(uri: str, name: str, inputs: Path, mode: str, keys: list[str]) -> dict:
@@ -96,16 +108,29 @@ def tensor_schema(example: dict[str, np.ndarray]) -> Schema:
     return Schema([TensorSpec(v.dtype, (-1, *v.shape[1:]), k) for k, v in example.items()])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     work = Path(tempfile.mkdtemp(prefix="model-format-"))
-    tiny = build_tiny_shards(work / "shards")
-    cfg = tiny.cfg.model_copy(update={"tracking": tiny.cfg.tracking.model_copy()})
-    cfg.tracking.tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
-    info = ShardSetInfo.open(tiny.shard_dir)
+    try:
+        compare(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(work: Path) -> None:
+    """Log both formats into a throwaway tracking store, load each in a fresh process."""
+    smoke = packaged_config("smoke.yaml")
+    shard_dir, _ = build(work / "shards", TINY, config=smoke)
+    cfg = load_config(smoke, [*TINY, f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}"])
+    info = ShardSetInfo.open(shard_dir)
     torch.manual_seed(0)
     net = build_model(info, cfg).eval()
-    batch = next(iter(eval_dataset(tiny.shard_dir, "test", cfg)))
+    batch = next(iter(eval_dataset(shard_dir, "test", cfg)))
     keys = list(net.input_keys)
     example = model_logging.model_input_example(batch, keys)
     expected, _ = torch_scorer(net)(batch)
@@ -117,27 +142,28 @@ def main() -> None:
         started = time.perf_counter()
         model_logging.log_ranker(
             cfg, run_id, net, model_dims(info), example, info.feature_names,
-            shard_dir=tiny.shard_dir,
+            shard_dir=shard_dir,
         )  # fmt: skip
         results["pyfunc-from-code"] = {"log_seconds": time.perf_counter() - started}
         started = time.perf_counter()
-        try:
-            Model.log(
-                artifact_path=None,
-                name="pt2",
-                flavor=mlflow.pytorch,
-                run_id=run_id,
-                pytorch_model=Positional(net, keys).eval(),
-                serialization_format="pt2",
-                input_example=[example[k] for k in keys],
-                signature=ModelSignature(
-                    inputs=tensor_schema(example),
-                    outputs=Schema([TensorSpec(np.dtype("float32"), (-1, 4))]),
-                ),
-                pip_requirements=model_logging.pip_requirements(),
-                registered_model_name="fmt-pt2",
-                await_registration_for=0,
-            )
+        try:  # in the run's experiment (its artifacts beside the throwaway store)
+            with runs.active_run(cfg, run_id):
+                Model.log(
+                    artifact_path=None,
+                    name="pt2",
+                    flavor=mlflow.pytorch,
+                    run_id=run_id,
+                    pytorch_model=Positional(net, keys).eval(),
+                    serialization_format="pt2",
+                    input_example=[example[k] for k in keys],
+                    signature=ModelSignature(
+                        inputs=tensor_schema(example),
+                        outputs=Schema([TensorSpec(np.dtype("float32"), (-1,))]),
+                    ),
+                    pip_requirements=model_logging.pip_requirements(),
+                    registered_model_name="fmt-pt2",
+                    await_registration_for=0,
+                )
             results["pt2"] = {"log_seconds": time.perf_counter() - started}
         except Exception as err:  # report, do not hide: this is what the comparison is about
             results["pt2"] = {"log_error": f"{type(err).__name__}: {str(err)[:300]}"}

@@ -1,5 +1,8 @@
-"""Epoch time and test metrics next to the oracle on the default synthetic market.
+"""Epoch time and test metrics next to the oracle on a synthetic market.
 
+    # no arguments (what `make bench` runs): a small market (100 x 600, no text) built in a
+    # temporary directory, 2 epochs on the CPU; a quick check, its ratio is noisy
+    .venv/bin/python benchmarks/train_epoch.py
     # build the default shard set (300 x 1500, all Alpha158 factors, MiniLM text) and train:
     .venv/bin/python benchmarks/train_epoch.py --build outputs/bench-train --epochs 2
     # reuse a built shard set, other settings, another device:
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +30,27 @@ from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
 from alphaloom.tasks.evaluation.predictions import predict
 from alphaloom.tasks.training.train import train_model
 
+# The no-argument run: a small market, no text (no sentence model to load), the CPU.
+QUICK = [
+    "data.synthetic.n_symbols=100",
+    "data.synthetic.n_days=600",
+    "model.use_text=false",
+    "train.device=cpu",
+]
 
-def build(out: Path, overrides: list[str], text_dir: Path | None) -> tuple[Path, Path]:
+
+def build(
+    out: Path,
+    overrides: list[str],
+    text_dir: Path | None = None,
+    config: str | Path | None = None,
+) -> tuple[Path, Path]:
     """Synthetic market -> features -> text -> shards; returns (shard dir, oracle parquet).
 
     Text vectors are embedded with the configured sentence model and saved to `out/text`, or
-    read from `text_dir` (where the model is not installed, e.g. a bare GPU node).
+    read from `text_dir` (where the model is not installed, e.g. a bare GPU node); with
+    `model.use_text=false` the shard set has none. The other benchmarks build their shard sets
+    with this function too.
     """
     from alphaloom.tasks.data.features import build_feature_table
     from alphaloom.tasks.data.synthetic import generate_market
@@ -42,11 +61,13 @@ def build(out: Path, overrides: list[str], text_dir: Path | None) -> tuple[Path,
         save_text_vectors,
     )
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(config, overrides)
     started = time.perf_counter()
     market = generate_market(cfg.data.synthetic)
     table = build_feature_table(market.bars, cfg.features)
-    if text_dir is None:
+    if not cfg.model.use_text:
+        text = None
+    elif text_dir is None:
         text = embed_descriptions(market.instruments, cfg.text, out / "text-cache")
         save_text_vectors(text, out / "text")
     else:
@@ -74,20 +95,39 @@ def time_batches(shard_dir: Path, overrides: list[str], device: str, batches: in
     return result.history[0]["train_seconds"] / batches  # validation excluded
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", type=Path, help="build the default shard set under this dir")
-    parser.add_argument("--shards", type=Path, help="an existing shard set")
+    parser.add_argument(
+        "--shards", type=Path, help="an existing shard set (neither: a small one, see QUICK)"
+    )
     parser.add_argument("--oracle", type=Path, help="oracle parquet for --shards")
     parser.add_argument("--text-vectors", type=Path, help="saved text vectors for --build")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--compare-cpu", type=int, default=0, metavar="BATCHES")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    work = None
     if args.build:
         shard_dir, oracle_path = build(args.build, args.overrides, args.text_vectors)
-    else:
+    elif args.shards:
         shard_dir, oracle_path = args.shards, args.oracle
+    else:
+        work = Path(tempfile.mkdtemp(prefix="alphaloom-bench-train-"))
+        args.overrides = [*QUICK, *args.overrides]
+        shard_dir, oracle_path = build(work, args.overrides)
+    try:
+        run(args, shard_dir, oracle_path)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, shard_dir: Path, oracle_path: Path | None) -> None:
     overrides = [*args.overrides, f"train.epochs={args.epochs}", f"train.patience={args.epochs}"]
     cfg = load_config(None, overrides)
     print(
