@@ -16,9 +16,10 @@ from alphaloom.tasks.evaluation.evaluate import evaluate_and_log
 from alphaloom.tasks.evaluation.metrics import ic_metrics
 from alphaloom.tasks.evaluation.predictions import predict
 from alphaloom.tasks.tracking import runs
-from alphaloom.tasks.training.checkpoint import CHECKPOINT_NAME, _State, load_checkpoint
+from alphaloom.tasks.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from alphaloom.tasks.training.progress import TrainProgress
 from alphaloom.tasks.training.runtime import select_device
+from alphaloom.tasks.training.state import TrainState
 from alphaloom.tasks.training.train import (
     TrainResult,
     _close_epoch,
@@ -126,7 +127,7 @@ def test_epoch_metrics_reach_mlflow_with_the_epoch_as_step(
     cfg.tracking.tracking_uri = mlflow_uri
     events: list[TrainProgress] = []
     with runs.tracked_run(cfg, runs.run_tags(tiny.shard_dir)) as run_id:
-        runs.log_shard_dataset(cfg, run_id, tiny.shard_dir)
+        runs.TrackedRun.of(cfg, run_id).log_shard_dataset(tiny.shard_dir)
         ckpt = checkpoint_dir_for(cfg, run_id)
         result = train_model(tiny.shard_dir, cfg, ckpt, run_id=run_id, progress=events.append)
     client = mlflow.MlflowClient(mlflow_uri)
@@ -150,7 +151,7 @@ def test_epoch_metrics_reach_mlflow_with_the_epoch_as_step(
 def test_early_stopping_keeps_the_best_epoch() -> None:
     cfg = tiny_config("train.epochs=10", "train.patience=2")
     model = torch.nn.Linear(2, 1)
-    state = _State()
+    state = TrainState()
     terms = {"loss": 1.0, "focal": 1.0, "distance": 0.0, "rank": 0.0}
     for score in (0.02, 0.05, 0.04, math.nan):
         with torch.no_grad():

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import posixpath
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,9 +22,8 @@ from torch import nn
 
 from alphaloom.tasks.common.storage import FsPath, Location, atomic_file
 from alphaloom.tasks.orchestration.caching import remove_stale_temps
-from alphaloom.tasks.training.runtime import (
-    dist_info,
-)
+from alphaloom.tasks.training.runtime import dist_info, unwrap
+from alphaloom.tasks.training.state import TrainingParts, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -75,47 +72,26 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@dataclass
-class _State:
-    """Everything the loop carries across a checkpoint besides module/optimizer states."""
-
-    epoch: int = 0  # epoch in progress (or next to start)
-    batch: int = 0  # batches of `epoch` already trained
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
-    seen: int = 0  # samples of `epoch` already trained
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    finished: bool = False
+_STATE_FIELDS = tuple(TrainState.__dataclass_fields__)
 
 
-LOSS_TERMS = ("loss", "focal", "distance", "rank")
-
-
-_STATE_FIELDS = tuple(_State.__dataclass_fields__)
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a module's weights: what a checkpoint and the best epoch keep (the
+    live tensors change with the next step and may sit on a GPU)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _payload(state: _State, parts: dict[str, Any], fp: str) -> dict[str, Any]:
+def _payload(state: TrainState, parts: TrainingParts, fp: str) -> dict[str, Any]:
     return {
         "version": CHECKPOINT_VERSION,
         "fingerprint": fp,
         "state": {name: getattr(state, name) for name in _STATE_FIELDS},
-        "model": _cpu_state(_unwrap(parts["model"])),
-        "optimizer": parts["optimizer"].state_dict(),
-        "scheduler": parts["scheduler"].state_dict(),
-        "loss": _cpu_state(parts["loss"]),
-        "loader": parts["loader"].state_dict(),
-        "rng": _rng_state(parts["device"]),
+        "model": cpu_state(unwrap(parts.model)),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "loss": cpu_state(parts.loss),
+        "loader": parts.loader.state_dict(),
+        "rng": _rng_state(parts.device),
     }
 
 
@@ -152,7 +128,7 @@ def _sync(path: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def save_checkpoint(path: Location, state: _State, parts: dict[str, Any], fp: str) -> None:
+def save_checkpoint(path: Location, state: TrainState, parts: TrainingParts, fp: str) -> None:
     """Write the checkpoint atomically (temp file + rename): a crash leaves the previous one.
     The checkpoint it replaces is kept as `checkpoint.prev.pt`."""
     payload = _payload(state, parts, fp)
@@ -194,19 +170,20 @@ def load_checkpoint(path: Location) -> dict[str, Any] | None:
     return loaded
 
 
-def _restore(ckpt: dict[str, Any], parts: dict[str, Any]) -> _State:
-    _unwrap(parts["model"]).load_state_dict(ckpt["model"])
-    parts["optimizer"].load_state_dict(ckpt["optimizer"])
-    parts["scheduler"].load_state_dict(ckpt["scheduler"])
-    parts["loss"].load_state_dict(ckpt["loss"])
-    parts["loader"].load_state_dict(ckpt["loader"])
-    _restore_rng(ckpt["rng"], parts["device"])
-    return _State(**ckpt["state"])
+def _restore(ckpt: dict[str, Any], parts: TrainingParts) -> TrainState:
+    unwrap(parts.model).load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.loss.load_state_dict(ckpt["loss"])
+    parts.loader.load_state_dict(ckpt["loader"])
+    _restore_rng(ckpt["rng"], parts.device)
+    return TrainState(**ckpt["state"])
 
 
-def _check_same_start(state: _State, ckpt_path: Location) -> None:
+def check_same_start(state: TrainState, ckpt_path: Location) -> None:
     """Under DDP every rank must start where rank 0 does; a checkpoint directory that only some
-    ranks can see (not on a shared filesystem) would otherwise train them from different weights."""
+    ranks can see (not on a shared filesystem) would otherwise train them from different weights.
+    Called by the loop right after `resume_or_fresh`, on every rank."""
     _, world = dist_info()
     if world == 1:
         return
@@ -235,10 +212,11 @@ def _set_aside(path: FsPath) -> str:
     return str(aside)
 
 
-def _resume_or_fresh(ckpt_path: Location, fp: str, parts: dict[str, Any]) -> tuple[_State, bool]:
-    """The state to start from: the checkpoint at `ckpt_path`, else the previous one kept beside
-    it, else a fresh start. An unreadable or unrestorable file costs one WARNING naming it (and
-    is set aside), never the run; the fresh parts are restored if a restore fails half-way."""
+def resume_or_fresh(ckpt_path: Location, fp: str, parts: TrainingParts) -> tuple[TrainState, bool]:
+    """The state to start from, and whether it came from a checkpoint: the checkpoint at
+    `ckpt_path`, else the previous one kept beside it, else a fresh start (`parts` restored in
+    place). An unreadable or unrestorable file costs one WARNING naming it (and is set aside),
+    never the run; the fresh parts are restored if a restore fails half-way."""
     candidates = [FsPath.of(ckpt_path), previous_checkpoint(ckpt_path)]
     if dist_info()[0] == 0:
         remove_stale_temps(ckpt_path)  # a killed save's `.checkpoint.pt.tmp-*`
@@ -252,8 +230,8 @@ def _resume_or_fresh(ckpt_path: Location, fp: str, parts: dict[str, Any]) -> tup
                 log.warning(
                     "checkpoint %s was written for other inputs or settings; starting fresh", path
                 )
-                return _State(), False
-            fresh = fresh or copy.deepcopy(_payload(_State(), parts, fp))
+                return TrainState(), False
+            fresh = fresh or copy.deepcopy(_payload(TrainState(), parts, fp))
             state = _restore(ckpt, parts)
         except Exception as err:
             if fresh is not None:
@@ -269,4 +247,4 @@ def _resume_or_fresh(ckpt_path: Location, fp: str, parts: dict[str, Any]) -> tup
             continue
         log.info("resuming from %s at epoch %d, batch %d", path, state.epoch, state.batch)
         return state, True
-    return _State(), False
+    return TrainState(), False

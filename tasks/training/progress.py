@@ -74,23 +74,29 @@ class ProgressReporter:
         val = event.metrics.get("valid/rank_ic")
         if val is not None:
             self.epoch_bar.set_postfix(valid_rank_ic=f"{val:.4f}")
-        elapsed = "" if self.started is None else f", {elapsed_text(time.time() - self.started)}"
-        self.logger.info(
-            "%sepoch %d/%d: train loss %.4f, valid Rank IC %.4f (%.0f s%s)",
-            f"{self.label}: " if self.label else "",
-            event.epoch + 1,
-            self.epochs,
-            event.metrics.get("train/loss", float("nan")),
-            event.metrics.get("valid/rank_ic", float("nan")),
-            event.metrics.get("epoch_seconds", float("nan")),
-            elapsed,
-        )
+        self.logger.info("%s", epoch_line(event, self.epochs, self.label, self.started))
         _update_artifact(self.artifact_id, 100.0 * (event.epoch + 1) / max(self.epochs, 1))
 
     def close(self) -> None:
         self.batch_bar.close()
         self.epoch_bar.close()
         _update_artifact(self.artifact_id, 100.0)
+
+
+def epoch_line(
+    event: TrainProgress, epochs: int, label: str = "", started: float | None = None
+) -> str:
+    """The one line a finished epoch gets at INFO: `ProgressReporter` logs it, and training
+    logs it itself when nobody reports its progress (a DDP job, a library call)."""
+    prefix = f"{label}: " if label else ""
+    elapsed = "" if started is None else f", {elapsed_text(time.time() - started)}"
+    loss = event.metrics.get("train/loss", float("nan"))
+    rank_ic = event.metrics.get("valid/rank_ic", float("nan"))
+    seconds = event.metrics.get("epoch_seconds", float("nan"))
+    return (
+        f"{prefix}epoch {event.epoch + 1}/{epochs}: train loss {loss:.4f}, "
+        f"valid Rank IC {rank_ic:.4f} ({seconds:.0f} s{elapsed})"
+    )
 
 
 def elapsed_text(seconds: float) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -21,8 +22,10 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere."""
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed); full precision elsewhere.
+
+    One context for every device, so the training step reads the same on CUDA, MPS and CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -42,11 +45,18 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _broadcast(value: Any) -> Any:
-    """Rank 0's value on every rank (identity without DDP)."""
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's value on every rank (identity without DDP): rank 0 alone validates and decides
+    to stop, and every rank must stop with it."""
     _, world = dist_info()
     if world == 1:
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise): its
+    weights are what checkpoints hold and what validation and the caller get."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -40,22 +40,26 @@ from alphaloom.tasks.orchestration.retries import retry_transient
 from alphaloom.tasks.training.checkpoint import (
     BEST_STATE_NAME,
     CHECKPOINT_NAME,
-    LOSS_TERMS,
-    _check_same_start,
-    _cpu_state,
-    _resume_or_fresh,
-    _State,
-    _unwrap,
+    check_same_start,
+    cpu_state,
+    resume_or_fresh,
     save_checkpoint,
 )
-from alphaloom.tasks.training.progress import ProgressFn, ProgressReporter, TrainProgress
+from alphaloom.tasks.training.progress import (
+    ProgressFn,
+    ProgressReporter,
+    TrainProgress,
+    epoch_line,
+)
 from alphaloom.tasks.training.runtime import (
-    _autocast,
-    _broadcast,
+    autocast_for,
+    broadcast_from_rank0,
     dist_info,
     seed_everything,
     select_device,
+    unwrap,
 )
+from alphaloom.tasks.training.state import LOSS_TERMS, TrainingParts, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +77,6 @@ class TrainResult:
     feature_names: list[str]
     device: str
     resumed_at: tuple[int, int] | None = None  # (epoch, batch) a retry resumed from
-
-
-# ----------------------------------------------------------------------------------------------
-# device, seeds, distributed
-
-
-# ----------------------------------------------------------------------------------------------
-# RNG state as plain tensors (weights_only-loadable)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,14 +179,10 @@ def validate(
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints
-
-
-# ----------------------------------------------------------------------------------------------
 # the loop
 
 
-def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> dict[str, Any]:
+def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> TrainingParts:
     """Seeded construction of model, optimiser, scheduler, loss and loader."""
     from alphaloom.model.losses import build_loss
     from alphaloom.model.shard_set import ShardSetInfo
@@ -210,15 +202,15 @@ def _setup(shard_dir: str | Path, cfg: PipelineConfig, device: torch.device) -> 
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = build_optimizer(model, cfg)
-    return {
-        "info": info,
-        "device": device,
-        "model": wrapped,
-        "optimizer": optimizer,
-        "scheduler": build_scheduler(optimizer, cfg),
-        "loss": build_loss(cfg.loss).to(device),
-        "loader": train_loader(info, cfg, device),
-    }
+    return TrainingParts(
+        info=info,
+        device=device,
+        model=wrapped,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg),
+        loss=build_loss(cfg.loss).to(device),
+        loader=train_loader(info, cfg, device),
+    )
 
 
 def _join_context(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -234,21 +226,21 @@ def batch_loss(model: nn.Module, loss: nn.Module, logits: torch.Tensor, batch: B
     """The loss terms of a batch's float32 logits; the per-day ranking term, when on, also gets
     the model's score and the batch's returns and days."""
     if loss.needs_days:
-        score = _unwrap(model).score(logits)
+        score = unwrap(model).score(logits)
         return loss(logits, batch["label"], score, batch["fwd_return"], batch["date"])
     return loss(logits, batch["label"])
 
 
-def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> torch.Tensor:
+def _train_step(parts: TrainingParts, batch: Batch, cfg: PipelineConfig) -> torch.Tensor:
     """Forward (bf16 autocast on CUDA), loss in float32, backward, clip, step.
 
     Returns the detached loss terms [4] on the device: reading them would force a GPU sync
     per step, which stops the loader's CPU work from overlapping the GPU's.
     """
-    model, optimizer, loss = parts["model"], parts["optimizer"], parts["loss"]
-    with _autocast(parts["device"]):
+    model, optimizer = parts.model, parts.optimizer
+    with autocast_for(parts.device):
         logits = model(batch)
-    terms = batch_loss(model, loss, logits.float(), batch)
+    terms = batch_loss(model, parts.loss, logits.float(), batch)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.train.grad_clip is not None:
@@ -257,37 +249,46 @@ def _train_step(parts: dict[str, Any], batch: Batch, cfg: PipelineConfig) -> tor
     return torch.stack([terms[key].detach() for key in LOSS_TERMS])
 
 
+def checkpoint_due(state: TrainState, cfg: PipelineConfig) -> bool:
+    """Whether this process writes a mid-epoch checkpoint after the batch just trained: rank 0,
+    every `train.checkpoint_every_batches` batches."""
+    every = cfg.train.checkpoint_every_batches
+    return every is not None and state.batch % every == 0 and dist_info()[0] == 0
+
+
+def _fold_losses(acc: torch.Tensor, state: TrainState) -> None:
+    """Add the loss sums accumulated on the device to `state.sums` and zero them."""
+    for key, value in zip(LOSS_TERMS, acc.tolist(), strict=True):
+        state.sums[key] += value
+    acc.zero_()
+
+
 def train_epoch(
-    parts: dict[str, Any],
-    state: _State,
+    parts: TrainingParts,
+    state: TrainState,
     cfg: PipelineConfig,
-    on_batch: Callable[[Callable[[], None]], None],
+    on_batch: Callable[[TrainState], None],
     progress: ProgressFn | None,
 ) -> dict[str, float]:
     """Train `state.epoch` from batch `state.batch` on; returns sample-weighted mean losses.
 
-    Loss sums accumulate on the device and are folded into `state` (`flush`) only before a
-    checkpoint and at the end, so the loop never waits for the GPU.
+    `on_batch(state)` runs after every batch (train_model's: the mid-epoch checkpoint). Loss
+    sums accumulate on the device and are folded into `state` only before a checkpoint and at
+    the end, so the loop never waits for the GPU.
     """
-    loader = parts["loader"]
+    loader = parts.loader
     if state.batch == 0:
         loader.set_epoch(state.epoch)
     else:
         loader.load_state_dict({"epoch": state.epoch, "batches": state.batch})
-    parts["model"].train()
-    parts["loss"].train()
+    parts.model.train()
+    parts.loss.train()
     limit = cfg.train.max_batches_per_epoch
     every = cfg.train.progress_every_batches
-    acc = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=parts["device"])
-
-    def flush() -> None:
-        for key, value in zip(LOSS_TERMS, acc.tolist(), strict=True):
-            state.sums[key] += value
-        acc.zero_()
-
+    acc = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=parts.device)
     stream = iter(loader)
     try:
-        with _join_context(parts["model"]):
+        with _join_context(parts.model):
             while limit is None or state.batch < limit:
                 batch = next(stream, None)
                 if batch is None:
@@ -297,7 +298,9 @@ def train_epoch(
                 acc += terms.double() * rows
                 state.seen += rows
                 state.batch += 1
-                on_batch(flush)
+                if checkpoint_due(state, cfg):
+                    _fold_losses(acc, state)  # the checkpoint holds the sums so far
+                on_batch(state)
                 if progress is not None and state.batch % every == 0:
                     metrics = dict(zip(LOSS_TERMS, terms.tolist(), strict=True))
                     progress(
@@ -307,14 +310,14 @@ def train_epoch(
         close = getattr(stream, "close", None)
         if close is not None:
             close()  # stops the prefetch thread of a half-consumed pool
-    flush()
+    _fold_losses(acc, state)
     if state.seen == 0:
         raise RuntimeError(f"epoch {state.epoch}: the training loader yielded no batch")
     return {key: state.sums[key] / state.seen for key in LOSS_TERMS}
 
 
 def _close_epoch(
-    state: _State,
+    state: TrainState,
     train_terms: dict[str, float],
     val: dict[str, float],
     lr: float,
@@ -333,13 +336,11 @@ def _close_epoch(
     score = val["rank_ic"] if math.isfinite(val["rank_ic"]) else -math.inf
     if state.best_state is None or score > state.best_score:
         state.best_score, state.best_epoch = score, state.epoch
-        state.best_state = _cpu_state(_unwrap(model))
+        state.best_state = cpu_state(unwrap(model))
         state.bad_epochs = 0
     else:
         state.bad_epochs += 1
-    state.epoch += 1
-    state.batch, state.seen = 0, 0
-    state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    state.start_next_epoch()
     state.finished = state.epoch >= cfg.train.epochs or state.bad_epochs >= cfg.train.patience
     return row
 
@@ -364,34 +365,31 @@ def train_model(
     ckpt_path = FsPath.of(checkpoint_dir) / CHECKPOINT_NAME
     parts = _setup(shard_dir, cfg, device)
     fp = fingerprint(cfg, shard_dir)
-    state, resumed = _resume_or_fresh(ckpt_path, fp, parts)
-    _check_same_start(state, ckpt_path)
+    state, resumed = resume_or_fresh(ckpt_path, fp, parts)
+    check_same_start(state, ckpt_path)
     resumed_at = (state.epoch, state.batch) if resumed else None
-    every = cfg.train.checkpoint_every_batches
 
-    def on_batch(flush: Callable[[], None]) -> None:
-        if rank == 0 and every is not None and state.batch % every == 0:
-            flush()
+    def checkpoint_mid_epoch(state: TrainState) -> None:
+        if checkpoint_due(state, cfg):
             save_checkpoint(ckpt_path, state, parts, fp)
 
     while not state.finished:
         started = time.perf_counter()
-        train_terms = train_epoch(parts, state, cfg, on_batch, progress)
+        train_terms = train_epoch(parts, state, cfg, checkpoint_mid_epoch, progress)
         trained = time.perf_counter()
-        lr = parts["optimizer"].param_groups[0]["lr"]
-        parts["scheduler"].step()
+        lr = parts.optimizer.param_groups[0]["lr"]
+        parts.scheduler.step()
         if rank == 0:
-            val = validate(_unwrap(parts["model"]), shard_dir, cfg, device)
+            val = validate(unwrap(parts.model), shard_dir, cfg, device)
             epoch = state.epoch
-            row = _close_epoch(state, train_terms, val, lr, parts["model"], cfg)
+            row = _close_epoch(state, train_terms, val, lr, parts.model, cfg)
             row["train_seconds"] = trained - started
             row["epoch_seconds"] = time.perf_counter() - started
             save_checkpoint(ckpt_path, state, parts, fp)
             _report_epoch(cfg, run_id, epoch, row, progress)
         else:
-            state.epoch, state.batch, state.seen = state.epoch + 1, 0, 0
-            state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
-        state.finished = _broadcast(state.finished)
+            state.start_next_epoch()
+        state.finished = broadcast_from_rank0(state.finished)
     return _result(state, parts, FsPath.of(checkpoint_dir), resumed_at)
 
 
@@ -402,31 +400,37 @@ def _report_epoch(
     row: dict[str, float],
     progress: ProgressFn | None,
 ) -> None:
-    log.info("epoch %d: %s", epoch, {k: round(v, 5) for k, v in row.items()})
+    """Log the epoch's row (every value at DEBUG), send it to MLflow and to `progress`, whose
+    epoch line people read; without `progress` (a DDP job, a library call) that line is logged
+    here, so every epoch has exactly one line at INFO."""
+    log.debug("epoch %d: %s", epoch, {k: round(v, 5) for k, v in row.items()})
     if run_id is not None:
         from alphaloom.tasks.tracking import runs  # here: training runs without MLflow too
 
         metrics = {k: v for k, v in row.items() if k != "epoch"}
         runs.log_metrics(cfg, run_id, metrics, step=epoch)
+    event = TrainProgress("epoch", epoch, cfg.train.epochs, -1, dict(row))
     if progress is not None:
-        progress(TrainProgress("epoch", epoch, cfg.train.epochs, -1, dict(row)))
+        progress(event)
+    else:
+        log.info("%s", epoch_line(event, cfg.train.epochs))
 
 
 def _result(
-    state: _State,
-    parts: dict[str, Any],
+    state: TrainState,
+    parts: TrainingParts,
     checkpoint_dir: FsPath,
     resumed_at: tuple[int, int] | None,
 ) -> TrainResult:
-    model = _unwrap(parts["model"])
+    model = unwrap(parts.model)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()
     best_path = checkpoint_dir / BEST_STATE_NAME
     if dist_info()[0] == 0:
         with atomic_file(best_path) as tmp:
-            torch.save(_cpu_state(model), tmp)
-    info = parts["info"]
+            torch.save(cpu_state(model), tmp)
+    info = parts.info
     return TrainResult(
         model=model,
         best_epoch=state.best_epoch,
@@ -435,7 +439,7 @@ def _result(
         model_state_path=str(best_path),
         dims=model_dims(info),
         feature_names=list(info.feature_names),
-        device=str(parts["device"]),
+        device=str(parts.device),
         resumed_at=resumed_at,
     )
 
