@@ -147,7 +147,7 @@ def compare(work: Path) -> None:
         results["pyfunc-from-code"] = {"log_seconds": time.perf_counter() - started}
         started = time.perf_counter()
         try:  # in the run's experiment (its artifacts beside the throwaway store)
-            with runs.active_run(cfg, run_id):
+            with runs.TrackedRun.of(cfg, run_id).active():
                 Model.log(
                     artifact_path=None,
                     name="pt2",

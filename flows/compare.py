@@ -33,7 +33,7 @@ from alphaloom.tasks.comparison.variants import (
 from alphaloom.tasks.data.ingest import load_saved_oracle
 from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.evaluation.exposures import market_exposures
-from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags, tracked_run
+from alphaloom.tasks.tracking.runs import TrackedRun, run_tags, tracked_run
 from alphaloom.tasks.training.progress import elapsed_text
 
 
@@ -60,8 +60,9 @@ def compare_models(
     exposures = market_exposures(market)
     shard_tags = run_tags(shards)
     with tracked_run(cfg, parent_tags(shard_tags, seed_values), "compare") as parent_id:
-        log_shard_dataset(cfg, parent_id, shards.path)
-        log_plan(cfg, parent_id, chosen, seed_values)
+        parent = TrackedRun.of(cfg, parent_id)
+        parent.log_shard_dataset(shards.path)
+        log_plan(parent, chosen, seed_values)
         outcomes = []
         runnable = [v for v in chosen if v.name not in skipped]
         total, done, started = len(runnable) * len(seed_values), 0, time.time()
@@ -80,7 +81,7 @@ def compare_models(
                 outcome = outcome_from_state(state, variant, seed)
                 outcomes.append(outcome)
                 print(f"{label}: {outcome_line(outcome)}")
-        summary = log_comparison(cfg, parent_id, chosen, outcomes, seed_values, skipped, reference)
+        summary = log_comparison(cfg, parent, chosen, outcomes, seed_values, skipped, reference)
     publish_comparison(summary)
     print(summary["markdown"])
     return summary

@@ -25,7 +25,7 @@ from alphaloom.tasks.serving.promotion import register_task
 from alphaloom.tasks.tracking.data_quality import log_data_quality
 from alphaloom.tasks.tracking.report import publish_summary, run_summary
 from alphaloom.tasks.tracking.resume import resumable_run
-from alphaloom.tasks.tracking.runs import log_shard_dataset, run_tags
+from alphaloom.tasks.tracking.runs import TrackedRun, run_tags
 from alphaloom.tasks.training.distributed import Backend, train_ddp_task
 from alphaloom.tasks.training.train import TrainResult, checkpoint_dir_for, train_task
 
@@ -48,14 +48,15 @@ def model_stages(
     run (FAILED if any stage fails): `resume_run_id`, else the unfinished run of the same work
     (its checkpoint resumes), else a new run (tasks/tracking/resume.py)."""
     with resumable_run(cfg, run_tags(shards), resume_run_id) as run_id:
-        log_shard_dataset(cfg, run_id, shards.path)
-        notes = log_data_quality(cfg, run_id, market)
+        run = TrackedRun.of(cfg, run_id)
+        run.log_shard_dataset(shards.path)
+        notes = log_data_quality(run, market)
         result = train(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
         oracle, exposures = load_saved_oracle(market), market_exposures(market)
         splits = evaluated_splits(shards.path)
         metrics = evaluate_task(result.model, shards.path, cfg, run_id, oracle, exposures, splits)
         decision = register_task(cfg, run_id, result, shards.path)
-    summary = run_summary(cfg, run_id, metrics, decision, result.best_epoch, notes)
+    summary = run_summary(cfg, run, metrics, decision, result.best_epoch, notes)
     publish_summary(summary)
     return summary
 

@@ -128,7 +128,7 @@ def run_section(plan: Plan, section: Section, command: str) -> str:
         raise SystemExit(f"section {section.name}: the comparison's parent run was not found")
     run_id = found[0].info.run_id
     tags = {TAG_COMMAND: command, TAG_WALL: f"{wall:.0f}", TAG_SECTION: section.name}
-    runs.set_tags(cfg, run_id, tags)
+    runs.TrackedRun(client, run_id).set_tags(tags)
     print(f"section {section.name}: finished in {wall:.0f} s, parent run {run_id}", flush=True)
     return run_id
 

@@ -37,7 +37,7 @@ def test_torchrun_launch_logs_each_epoch_once_and_returns_the_best_model(
     run_id = runs.start_run(cfg)
     ckpt = tmp_path / "ckpt"
     result = launch_training(str(tiny.shard_dir), cfg, str(ckpt), run_id, nproc_per_node=2)
-    runs.end_run(cfg, run_id, failed=False)
+    runs.TrackedRun.of(cfg, run_id).end(failed=False)
     history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "valid/rank_ic")
     assert sorted(m.step for m in history) == [0, 1]  # once per epoch: rank 0 only
     assert len(result.history) == 2

@@ -24,7 +24,7 @@ from alphaloom.tasks.tracking.data_quality import (
     log_data_quality,
 )
 from alphaloom.tasks.tracking.report import summary_markdown
-from alphaloom.tasks.tracking.runs import start_run
+from alphaloom.tasks.tracking.runs import TrackedRun, start_run
 from alphaloom.tasks.tracking.store import client_for
 from tests.shards_testdata import make_table
 
@@ -171,7 +171,7 @@ def test_undated_fields_are_reported_as_static_in_notes_tags_and_summary(
     ref = run_ingest_stage(cfg)
     assert ref == ingest_location(cfg)
     run_id = start_run(cfg)
-    notes = log_data_quality(cfg, run_id, ref)
+    notes = log_data_quality(TrackedRun.of(cfg, run_id), ref)
     run = client_for(cfg).get_run(run_id)
     assert run.data.tags[TAG_POINT_IN_TIME] == "false"
     assert run.data.tags[TAG_STATIC_FIELDS] == "industry, description"

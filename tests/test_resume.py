@@ -143,5 +143,6 @@ def test_a_signal_raised_in_a_run_ends_it_killed_and_a_rerun_continues_it(
     assert run.data.tags[resume.TAG_DIED].startswith(f"stopped by {name}")
     with resume.resumable_run(cfg, WORK) as again:
         assert again == stopped
-    assert not runs.mark_stopped(cfg, stopped, "late")  # a finished run is left as it ended
+    finished = runs.TrackedRun.of(cfg, stopped)
+    assert not finished.mark_stopped("late")  # a finished run is left as it ended
     assert status(cfg, stopped) == "FINISHED"

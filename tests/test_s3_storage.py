@@ -121,7 +121,7 @@ def test_a_ddp_launch_keeps_its_config_checkpoint_and_result_in_the_bucket(
     checkpoints = f"{bucket}/checkpoints/ddp-run"
     result = launch_training(str(tiny.shard_dir), tiny.cfg, checkpoints, nproc_per_node=2)
     s3 = fsspec.filesystem("s3", skip_instance_cache=True)
-    assert storage.read_text(f"{checkpoints}/{CONFIG_NAME}") == tiny.cfg.to_yaml()
+    assert storage.FsPath.of(f"{checkpoints}/{CONFIG_NAME}").read_text() == tiny.cfg.to_yaml()
     assert s3.isfile(f"{checkpoints}/{CHECKPOINT_NAME}")
     assert s3.isfile(f"{checkpoints}/{RESULT_NAME}")
     assert len(result.history) == 1 and not result.model.training

@@ -14,7 +14,6 @@ from alphaloom.tasks.common.storage import (
     COMPLETE_MARKER,
     FsPath,
     atomic_dir,
-    local_or_url,
     output_problem,
 )
 
@@ -47,7 +46,7 @@ def test_a_local_path_a_file_url_and_a_memory_url_read_alike(tmp_path, memory_ro
     assert FsPath.of(tmp_path.as_uri()).local == tmp_path  # file:// is local
     assert str(FsPath.of(memory_root) / "a.csv") == f"{memory_root}/a.csv"  # spelling kept
     assert FsPath.of(memory_root).local is None
-    assert local_or_url(f"{memory_root}/") == memory_root
+    assert FsPath.of(f"{memory_root}/").local_or_url == memory_root
 
 
 def test_a_relative_path_resolves_to_an_absolute_one(tmp_path, monkeypatch) -> None:

@@ -14,7 +14,7 @@ from alphaloom.model.filesystems import arrow_filesystem
 from alphaloom.model.shard_format import ShardSetError
 from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import DataSection, load_config
-from alphaloom.tasks.common.storage import local_or_url
+from alphaloom.tasks.common.storage import FsPath
 from alphaloom.tasks.data.checks import DataValidationError
 from alphaloom.tasks.data.ingest import load_market, run_ingest_stage, source_fingerprint
 from alphaloom.tasks.data.readers import bar_files
@@ -61,7 +61,7 @@ def test_bars_and_instruments_read_from_a_memory_url_equal_the_local_read(
 def test_a_file_url_is_a_local_path(local_files: Path, tmp_path: Path) -> None:
     url = (local_files / "instruments.csv").as_uri()
     assert url.startswith("file:///")
-    assert local_or_url(url) == local_files / "instruments.csv"
+    assert FsPath.of(url).local_or_url == local_files / "instruments.csv"
     cfg = load_config(
         REPO / "configs" / "smoke.yaml",
         [

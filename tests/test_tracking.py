@@ -18,7 +18,7 @@ def cfg(mlflow_uri: str) -> PipelineConfig:
 
 def test_a_failure_inside_a_tracked_run_leaves_it_failed(cfg: PipelineConfig) -> None:
     with pytest.raises(RuntimeError, match="boom"), runs.tracked_run(cfg) as run_id:
-        runs.log_metrics(cfg, run_id, {"ic": 0.1}, prefix="valid/")
+        runs.TrackedRun.of(cfg, run_id).log_metrics({"ic": 0.1}, prefix="valid/")
         raise RuntimeError("boom")
     run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
     assert run.info.status == "FAILED"
@@ -28,7 +28,7 @@ def test_a_failure_inside_a_tracked_run_leaves_it_failed(cfg: PipelineConfig) ->
 def test_a_successful_run_is_finished_with_config_params_and_tags(cfg: PipelineConfig) -> None:
     tags = {runs.TAG_DATA_HASH: "d" * 16, runs.TAG_CODE_VERSION: "c" * 16}
     with runs.tracked_run(cfg, tags) as run_id:
-        runs.log_metrics(cfg, run_id, {"loss": 0.5}, step=3, prefix="train/")
+        runs.TrackedRun.of(cfg, run_id).log_metrics({"loss": 0.5}, step=3, prefix="train/")
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -73,7 +73,7 @@ def test_ui_command_serves_the_store_on_localhost(tmp_path) -> None:
 
 
 def _open_store(uri: str) -> str:
-    store._READY_STORES.discard(uri)
+    store._CLIENTS.pop(uri, None)
     cfg = PipelineConfig(tracking={"tracking_uri": uri, "experiment": "race"})
     return store.ensure_experiment(store.client_for(cfg), cfg)
 
@@ -90,10 +90,11 @@ def test_the_final_evaluation_is_the_runs_latest_value_after_the_epoch_history(
     cfg: PipelineConfig,
 ) -> None:
     with runs.tracked_run(cfg) as run_id:
+        run = runs.TrackedRun.of(cfg, run_id)
         for epoch, rank_ic in enumerate((0.01, 0.05, 0.03)):  # per-epoch, step = epoch
-            runs.log_metrics(cfg, run_id, {"rank_ic": rank_ic}, step=epoch, prefix="valid/")
-        runs.log_evaluation(cfg, run_id, "valid", {"rank_ic": 0.05, "accuracy": 0.4})
-        runs.log_evaluation(cfg, run_id, "test", {"rank_ic": 0.02})
+            run.log_metrics({"rank_ic": rank_ic}, step=epoch, prefix="valid/")
+        run.log_evaluation("valid", {"rank_ic": 0.05, "accuracy": 0.4})
+        run.log_evaluation("test", {"rank_ic": 0.02})
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     metrics = client.get_run(run_id).data.metrics
     assert metrics["valid/rank_ic"] == 0.05 and metrics["test/rank_ic"] == 0.02
@@ -116,7 +117,7 @@ def test_active_run_is_per_thread_and_leaves_the_run_running(cfg: PipelineConfig
 
     def log_as(run_id: str, who: str) -> None:
         try:
-            with runs.active_run(cfg, run_id):
+            with runs.TrackedRun.of(cfg, run_id).active():
                 barrier.wait()  # both runs are active at once, each in its own thread
                 mlflow.log_param("who", who)  # the fluent API: logs to this thread's run
                 barrier.wait()
@@ -145,7 +146,7 @@ def test_active_run_is_per_thread_and_leaves_the_run_running(cfg: PipelineConfig
 def test_active_run_keeps_an_ended_run_ended(cfg: PipelineConfig) -> None:
     with runs.tracked_run(cfg) as run_id:
         pass
-    with runs.active_run(cfg, run_id):
+    with runs.TrackedRun.of(cfg, run_id).active():
         mlflow.set_tag("late", "yes")
     run = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["late"] == "yes"

@@ -67,7 +67,7 @@ def test_data_stages_at_a_url_match_a_local_run(both_runs, memory_root, tmp_path
         load_feature_table(local[2].dir).frame, load_feature_table(remote[2].dir).frame
     )
     local_manifest = json.loads((local[4].dir / "manifest.json").read_text())
-    remote_manifest = json.loads(storage.read_text(remote[4].file("manifest.json")))
+    remote_manifest = json.loads(remote[4].file("manifest.json").read_text())
     assert [s["sha256"] for s in local_manifest["shards"]] == [
         s["sha256"] for s in remote_manifest["shards"]
     ]
@@ -82,7 +82,7 @@ def test_data_stages_at_a_url_match_a_local_run(both_runs, memory_root, tmp_path
 def test_every_url_output_has_its_marker_last_and_lists_its_files(both_runs) -> None:
     _, remote = both_runs
     for ref in remote[1:]:
-        marker = json.loads(storage.read_text(ref.file(COMPLETE_MARKER)))
+        marker = json.loads(ref.file(COMPLETE_MARKER).read_text())
         listed = {f"/{name}" for name in marker["files"]}
         present = {p for p in files_under(ref.path) if not p.endswith(COMPLETE_MARKER)}
         assert listed == present and listed
@@ -201,7 +201,7 @@ def test_training_checkpoints_at_a_url_and_returns_the_finished_run(memory_root)
     cfg.train.epochs, cfg.train.max_batches_per_epoch = 1, 3
     checkpoint_dir = f"{memory_root}/checkpoints/run-1"
     first = train_model(shards.path, cfg, checkpoint_dir)
-    assert storage.is_file(f"{checkpoint_dir}/{CHECKPOINT_NAME}")
+    assert storage.FsPath.of(f"{checkpoint_dir}/{CHECKPOINT_NAME}").is_file()
     again = train_model(shards.path, cfg, checkpoint_dir)  # finished: nothing left to train
     assert again.resumed_at == (1, 0)
     assert again.best_epoch == first.best_epoch

@@ -244,19 +244,19 @@ def log_backtest(
     table = period_rows(periods, preds, cfg.evaluate, oracle)
     markdown = backtest_markdown(table, cfg)
     flat, steps = parent_metrics(table)
-    runs.log_metrics(cfg, parent_run_id, flat)
+    run = runs.TrackedRun.of(cfg, parent_run_id)
+    run.log_metrics(flat)
     for step, metrics in steps:
-        runs.log_metrics(cfg, parent_run_id, metrics, step=step)
-    client = store.client_for(cfg)
-    if wall_seconds is not None and TAG_WALL not in client.get_run(parent_run_id).data.tags:
-        client.set_tag(parent_run_id, TAG_WALL, f"{wall_seconds:.0f}")
-    client.log_text(parent_run_id, markdown, MARKDOWN_NAME)
-    client.log_text(parent_run_id, table.to_csv(index=False), "backtest.csv")
-    client.log_figure(parent_run_id, backtest_figure(table, preds, cfg), "backtest.png")
+        run.log_metrics(metrics, step=step)
+    if wall_seconds is not None and TAG_WALL not in run.client.get_run(run.run_id).data.tags:
+        run.set_tags({TAG_WALL: f"{wall_seconds:.0f}"})
+    run.log_text(markdown, MARKDOWN_NAME)
+    run.log_text(table.to_csv(index=False), "backtest.csv")
+    run.log_figure(backtest_figure(table, preds, cfg), "backtest.png")
     with tempfile.TemporaryDirectory(prefix="alphaloom-backtest-") as tmp:
         for model, frame in preds.items():
             frame.to_parquet(Path(tmp) / f"{model}.parquet", index=False)
-        client.log_artifacts(parent_run_id, tmp, "predictions")
+        run.log_artifacts(tmp, "predictions")
     return {
         "parent_run_id": parent_run_id,
         "experiment": cfg.tracking.experiment,

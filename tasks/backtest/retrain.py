@@ -74,10 +74,10 @@ def period_location(
     return StageRef.at(cfg.work_dir, "backtest", key)
 
 
-def log_test(cfg: PipelineConfig, run_id: str, preds: pd.DataFrame) -> dict[str, float]:
+def log_test(cfg: PipelineConfig, run: runs.TrackedRun, preds: pd.DataFrame) -> dict[str, float]:
     """Evaluate a period's predictions and log them as the run's `test/*` metrics."""
     metrics, _ = evaluate_predictions(preds, cfg.evaluate, with_figures=False)
-    runs.log_evaluation(cfg, run_id, "test", metrics)
+    run.log_evaluation("test", metrics)
     return metrics
 
 
@@ -96,8 +96,9 @@ def retrain_network(cfg: PipelineConfig, shards: StageRef, run_id: str, label: s
         reporter.close()
     preds = predict(result.model, shards.path, "test", cfg, device=result.device)
     fit = {"best_epoch": float(result.best_epoch), "best_valid_rank_ic": result.best_val_rank_ic}
-    runs.log_metrics(cfg, run_id, fit)
-    return Scored(preds, {"run_id": run_id, **fit, "test": log_test(cfg, run_id, preds)})
+    run = runs.TrackedRun.of(cfg, run_id)
+    run.log_metrics(fit)
+    return Scored(preds, {"run_id": run_id, **fit, "test": log_test(cfg, run, preds)})
 
 
 def retrain_lightgbm(cfg: PipelineConfig, shards: StageRef, run_id: str) -> Scored:
@@ -105,15 +106,16 @@ def retrain_lightgbm(cfg: PipelineConfig, shards: StageRef, run_id: str) -> Scor
     fit = baselines.train_lightgbm(
         shards.path, cfg, cfg.backtest.lightgbm_params, seed=cfg.train.seed
     )
-    runs.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})
+    run = runs.TrackedRun.of(cfg, run_id)
+    run.log_params({f"lightgbm.{k}": v for k, v in fit.params.items()})
     preds = baselines.predict_lightgbm(fit, shards.path, "test", cfg)
     details = {
         "best_iteration": float(fit.best_iteration),
         "best_valid_rank_ic": fit.best_val_rank_ic,
         "fit_seconds": fit.fit_seconds,
     }
-    runs.log_metrics(cfg, run_id, details)
-    return Scored(preds, {"run_id": run_id, **details, "test": log_test(cfg, run_id, preds)})
+    run.log_metrics(details)
+    return Scored(preds, {"run_id": run_id, **details, "test": log_test(cfg, run, preds)})
 
 
 def run_period(

@@ -88,7 +88,7 @@ def continued_run(
         )
     else:
         run_id = resume.reopen(client, run)
-    with runs.ending_run(cfg, run_id):
+    with runs.ending_run(runs.TrackedRun(client, run_id)):
         yield run_id
 
 

@@ -426,14 +426,14 @@ def load_config(
 ) -> PipelineConfig:
     """Load a YAML config (a path or URL; defaults when `path` is None) and apply
     `section.key=value` overrides."""
-    from alphaloom.tasks.common.storage import read_text  # pyarrow/fsspec only when a file is read
+    from alphaloom.tasks.common.storage import FsPath  # pyarrow/fsspec only when a file is read
 
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         try:
-            text = read_text(path)
+            text = FsPath.of(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         try:

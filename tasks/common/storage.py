@@ -78,6 +78,11 @@ class FsPath:
         return Path(self.path) if isinstance(self.fs, LocalFileSystem) else None
 
     @property
+    def local_or_url(self) -> Path | str:
+        """The local path as a Path, or the URL as given: for code that takes `str | Path`."""
+        return self.local if self.local is not None else self.url
+
+    @property
     def name(self) -> str:
         """The last component ('AAPL.csv')."""
         return posixpath.basename(self.path.rstrip("/"))
@@ -436,47 +441,3 @@ def local_copy(where: Location) -> Path:
                     "(corrupt or partially overwritten output)"
                 )
     return target
-
-
-# ----------------------------------------------------------------------------------------------
-# Path-or-URL functions for callers that hold plain strings and Paths (tracking, DDP launcher)
-
-
-def local_or_url(path: Location) -> Path | str:
-    """A local path or file:// URL as a Path; any other URL as its string."""
-    where = FsPath.of(path)
-    return where.local if where.local is not None else where.url
-
-
-def child(parent: Location, name: str) -> Path | str:
-    """`parent / name` for a path or a URL, in the same spelling."""
-    return local_or_url(FsPath.of(parent) / name)
-
-
-def base_name(path: Location) -> str:
-    """The last component of a path or URL ('AAPL.csv')."""
-    return FsPath.of(path).name
-
-
-def location_id(location: Location) -> str:
-    """A stable text identity of a location: the resolved path, or the URL itself."""
-    return FsPath.of(location).id
-
-
-def is_file(path: Location) -> bool:
-    return FsPath.of(path).is_file()
-
-
-def read_text(location: Location) -> str:
-    """A small text file at a path or URL."""
-    return FsPath.of(location).read_text()
-
-
-def read_bytes(location: Location) -> bytes:
-    """A file's bytes at a path or URL."""
-    return FsPath.of(location).read_bytes()
-
-
-def remove_file(location: Location) -> None:
-    """Delete a file at a path or URL if it is there."""
-    FsPath.of(location).remove()

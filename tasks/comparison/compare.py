@@ -3,7 +3,7 @@
 Variants are data (tasks/comparison/variants.py). Every variant trains on the same shard set
 and splits, in its own checkpoint directory, and every kind (network, LightGBM, their blend)
 goes through one scoring path (`score_and_log`: the prediction frame of each split into
-`evaluate_predictions`, logged by `runs.log_evaluation`, the daily Rank IC series kept for
+`evaluate_predictions`, logged by `TrackedRun.log_evaluation`, the daily Rank IC series kept for
 per-day paired tests), so every child run carries the same `valid/*` and `test/*` metric keys
 and MLflow's compare view lines them up. Nothing is registered: a comparison never moves the
 `champion` alias.
@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pandas as pd
-from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alphaloom.tasks.common.config import ConfigError, PipelineConfig
 from alphaloom.tasks.comparison.variants import Variant, variant_config
-from alphaloom.tasks.tracking import runs, store
+from alphaloom.tasks.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class Progress:
 
 def score_and_log(
     cfg: PipelineConfig,
-    run_id: str,
+    run: runs.TrackedRun,
     predict_split: SplitPredictor,
     oracle: pd.DataFrame | None,
     figures: bool,
@@ -139,7 +138,7 @@ def score_and_log(
         )
         series = daily_ic(labelled_rows(preds), "spearman")
         plots["daily_rank_ic.csv"] = series.rename("rank_ic").rename_axis("date").reset_index()
-        runs.log_evaluation(cfg, run_id, split, metrics, plots)
+        run.log_evaluation(split, metrics, plots)
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
         if daily is not None:
             daily[split] = {pd.Timestamp(d).date().isoformat(): float(v) for d, v in series.items()}
@@ -147,7 +146,7 @@ def score_and_log(
 
 
 def _fit_network(
-    cfg: PipelineConfig, run_id: str, shard_dir: str, progress: Progress | None = None
+    cfg: PipelineConfig, run: runs.TrackedRun, shard_dir: str, progress: Progress | None = None
 ) -> tuple[SplitPredictor, dict]:
     """Train in this run's own checkpoint dir (a retried task resumes there); never register."""
     from alphaloom.tasks.evaluation.predictions import predict
@@ -162,7 +161,7 @@ def _fit_network(
         )
     try:
         result = train_model(
-            shard_dir, cfg, checkpoint_dir_for(cfg, run_id), run_id, progress=reporter
+            shard_dir, cfg, checkpoint_dir_for(cfg, run.run_id), run.run_id, progress=reporter
         )
     finally:
         if reporter is not None:
@@ -176,21 +175,14 @@ def _fit_network(
 
 
 def _fit_lightgbm(
-    cfg: PipelineConfig, variant: Variant, seed: int, run_id: str, shard_dir: str
+    cfg: PipelineConfig, variant: Variant, seed: int, run: runs.TrackedRun, shard_dir: str
 ) -> tuple[SplitPredictor, dict]:
     """Fit the baseline; log its parameters and its validation Rank IC per boosting round."""
     from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
 
     fit = train_lightgbm(shard_dir, cfg, variant.params, seed=seed)
-    runs.log_params(cfg, run_id, {f"lightgbm.{k}": v for k, v in fit.params.items()})
-    stamp = int(time.time() * 1000)
-    curve = [
-        Metric("valid/rank_ic", float(v), stamp, step)
-        for step, v in enumerate(fit.history, start=1)
-    ]
-    client = store.client_for(cfg)
-    for start in range(0, len(curve), 900):
-        client.log_batch(run_id, metrics=curve[start : start + 900])
+    run.log_params({f"lightgbm.{k}": v for k, v in fit.params.items()})
+    run.log_history("valid/rank_ic", fit.history, first_step=1)
     extra = {"fit_seconds": fit.fit_seconds, "best_iteration": float(fit.best_iteration)}
 
     def predict_split(split: str) -> pd.DataFrame:
@@ -203,7 +195,7 @@ def _fit_blend(
     cfg: PipelineConfig,
     variant: Variant,
     seed: int,
-    run_id: str,
+    run: runs.TrackedRun,
     shard_dir: str,
     progress: Progress | None,
 ) -> tuple[SplitPredictor, dict]:
@@ -213,8 +205,8 @@ def _fit_blend(
     from alphaloom.tasks.comparison.blend import blended, choose_weight
     from alphaloom.tasks.evaluation.metrics import ic_metrics
 
-    network, network_extra = _fit_network(cfg, run_id, shard_dir, progress)
-    lightgbm, lightgbm_extra = _fit_lightgbm(cfg, variant, seed, run_id, shard_dir)
+    network, network_extra = _fit_network(cfg, run, shard_dir, progress)
+    lightgbm, lightgbm_extra = _fit_lightgbm(cfg, variant, seed, run, shard_dir)
     parts = {split: (network(split), lightgbm(split)) for split in ("valid", "test")}
     weight, _ = choose_weight(*parts["valid"])
     extra = {
@@ -259,15 +251,16 @@ def run_variant(
         ) as run_id:
             if bad_config is not None:
                 raise bad_config
+            run = runs.TrackedRun.of(vcfg, run_id)
             if variant.kind == "lightgbm":
-                predict_split, extra = _fit_lightgbm(vcfg, variant, seed, run_id, shard_dir)
+                predict_split, extra = _fit_lightgbm(vcfg, variant, seed, run, shard_dir)
             elif variant.kind == "blend":
-                predict_split, extra = _fit_blend(vcfg, variant, seed, run_id, shard_dir, progress)
+                predict_split, extra = _fit_blend(vcfg, variant, seed, run, shard_dir, progress)
             else:
-                predict_split, extra = _fit_network(vcfg, run_id, shard_dir, progress)
-            runs.log_metrics(vcfg, run_id, extra)
+                predict_split, extra = _fit_network(vcfg, run, shard_dir, progress)
+            run.log_metrics(extra)
             daily: dict[str, dict[str, float]] = {}
-            scored = score_and_log(vcfg, run_id, predict_split, oracle, figures, exposures, daily)
+            scored = score_and_log(vcfg, run, predict_split, oracle, figures, exposures, daily)
             metrics = {**scored, **extra}
     except Exception as err:
         log.exception("variant %s seed %d failed", variant.name, seed)

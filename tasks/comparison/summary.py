@@ -27,7 +27,7 @@ from alphaloom.tasks.comparison.compare import (
 )
 from alphaloom.tasks.comparison.variants import Variant
 from alphaloom.tasks.evaluation.metrics import paired_t
-from alphaloom.tasks.tracking import runs, store
+from alphaloom.tasks.tracking.runs import TrackedRun
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -230,18 +230,16 @@ def parent_tags(shard_tags: Mapping[str, str], seeds: Sequence[int]) -> dict[str
     return {**shard_tags, TAG_KIND: "compare", "alphaloom.seeds": json.dumps(list(seeds))}
 
 
-def log_plan(
-    cfg: PipelineConfig, run_id: str, variants: Sequence[Variant], seeds: Sequence[int]
-) -> None:
+def log_plan(run: TrackedRun, variants: Sequence[Variant], seeds: Sequence[int]) -> None:
     """Record what is being compared (the variant list as YAML, the seeds as a param)."""
     text = yaml.safe_dump([v.model_dump(mode="json") for v in variants], sort_keys=False)
-    store.client_for(cfg).log_text(run_id, text, "variants.yaml")
-    runs.log_params(cfg, run_id, {"compare.seeds": json.dumps(list(seeds))})
+    run.log_text(text, "variants.yaml")
+    run.log_params({"compare.seeds": json.dumps(list(seeds))})
 
 
 def log_comparison(
     cfg: PipelineConfig,
-    run_id: str,
+    run: TrackedRun,
     variants: Sequence[Variant],
     outcomes: Sequence[VariantOutcome],
     seeds: Sequence[int],
@@ -252,20 +250,19 @@ def log_comparison(
     rows = summarise(variants, outcomes, skipped, reference)
     oracle = oracle_rank_ic(outcomes)
     markdown = comparison_markdown(rows, seeds, oracle, reference)
-    client = store.client_for(cfg)
-    client.log_text(run_id, markdown, "comparison.md")
-    client.log_text(run_id, comparison_csv(rows), "comparison.csv")
-    client.log_figure(run_id, rank_ic_figure(rows, oracle), "rank_ic.png")
+    run.log_text(markdown, "comparison.md")
+    run.log_text(comparison_csv(rows), "comparison.csv")
+    run.log_figure(rank_ic_figure(rows, oracle), "rank_ic.png")
     metrics: dict[str, float] = {} if oracle is None else {ORACLE_METRIC: oracle}
     for row in rows:
         for stat in ("mean", "std"):
             metrics[f"compare/{row['variant']}/test_rank_ic_{stat}"] = row[f"test/rank_ic_{stat}"]
         metrics[f"compare/{row['variant']}/gain_mean"] = row["gain_mean"]
-    runs.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
+    run.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
     failed = [row["variant"] for row in rows if row["status"] == "failed"]
-    runs.set_tags(cfg, run_id, {"alphaloom.failed_variants": json.dumps(failed)})
+    run.set_tags({"alphaloom.failed_variants": json.dumps(failed)})
     return {
-        "parent_run_id": run_id,
+        "parent_run_id": run.run_id,
         "experiment": cfg.tracking.experiment,
         "seeds": list(seeds),
         "rows": rows,

@@ -41,16 +41,6 @@ from alphaloom.tasks.data.rolling import (
 )
 
 # ----------------------------------------------------------------------------------------------
-# Layout: canonical bars -> panels
-
-
-# ----------------------------------------------------------------------------------------------
-# Windowed statistics, accumulated over lags 0..w-1 and snapshotted at each window length.
-# For a dense series the lag-k term of rows t >= first + k is cur[t - k], a row slice, so a lag
-# costs a few whole-array operations and no masking.
-
-
-# ----------------------------------------------------------------------------------------------
 # Kernels: each computes the requested names of a few families that share intermediate sums
 
 Needed = dict[str, list[int]]  # family -> windows requested

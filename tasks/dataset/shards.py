@@ -41,7 +41,7 @@ from alphaloom.model.dataset import ShardedWindowDataset
 from alphaloom.model.device_loader import WindowLoader
 from alphaloom.model.shard_format import SCHEMA_VERSION, SPLIT_CODES
 from alphaloom.tasks.common.config import LoaderSection, PipelineConfig, ShardsSection
-from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir, local_or_url
+from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir
 from alphaloom.tasks.dataset.feature_rows import FeatureRows
 from alphaloom.tasks.dataset.row_layout import InstrumentLayout, TextLike, label_coverage
 from alphaloom.tasks.dataset.shard_writer import (
@@ -124,7 +124,7 @@ def build_shards(
         ]
         side_tables = write_side_tables(tmp, rows.symbols, layout, vectors, has_text)
         write_manifest(tmp, info, entries, side_tables)
-    return local_or_url(final)
+    return final.local_or_url
 
 
 def build_shards_from(

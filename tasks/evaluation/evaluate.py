@@ -150,13 +150,14 @@ def evaluate_and_log(
     """
     from alphaloom.tasks.tracking import runs
 
+    run = None if run_id is None else runs.TrackedRun.of(cfg, run_id)
     flat: dict[str, float] = {}
     for split, (metrics, figures) in evaluate_splits(
         model, shard_dir, cfg, oracle, splits, device, exposures
     ).items():
         flat.update({f"{split}/{key}": value for key, value in metrics.items()})
-        if run_id is not None:
-            runs.log_evaluation(cfg, run_id, split, metrics, figures)
+        if run is not None:
+            run.log_evaluation(split, metrics, figures)
     return flat
 
 

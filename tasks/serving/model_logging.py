@@ -4,7 +4,7 @@ Models are logged as MLflow "models from code" pyfunc models: a small script (wr
 `_MODEL_CODE` below) rebuilds `alphaloom.model.network.SequenceModel` from a JSON spec and loads a
 plain state_dict with `torch.load(weights_only=True)`, so loading never unpickles anything. They
 are logged with the public `mlflow.pyfunc.log_model`, which logs to the active run only, so the
-call runs inside `runs.active_run` (that run active in the calling thread for the one call). The
+call runs inside `TrackedRun.active` (that run active in the calling thread for the one call). The
 PyTorch flavor's default `pt2` format was measured against it (benchmarks/model_format.py), unused:
 it takes only a tensor or a list of tensors (the network takes a dict batch, so it needs an
 adapter per input-key set), has no pyfunc flavor, and was slower to log (4.9 s vs 1.3 s) and to
@@ -27,7 +27,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.serving.bundle import write_bundle
-from alphaloom.tasks.tracking.runs import active_run
+from alphaloom.tasks.tracking.runs import TrackedRun
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def log_ranker(
         bundle = write_bundle(shard_dir, cfg, tmp_dir / "bundle")
         # mlflow.pyfunc.log_model takes no run id: it logs to the calling thread's active run,
         # and creates the logged model in that run's experiment (not the fluent default one).
-        with active_run(cfg, run_id):
+        with TrackedRun.of(cfg, run_id).active():
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(code),  # a file path: a model from code, nothing pickled

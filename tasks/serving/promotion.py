@@ -45,7 +45,7 @@ from alphaloom.tasks.serving.registry import (
     registered_score_fn,
     version_uri,
 )
-from alphaloom.tasks.tracking import runs, store
+from alphaloom.tasks.tracking import runs
 from alphaloom.tasks.training.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ def promote(
     score_window: WindowScorer,
 ) -> PromotionDecision:
     """Decide once whether challenger `version` takes `champion`, move the alias if so, record."""
-    client = store.client_for(cfg)
+    run = runs.TrackedRun.of(cfg, run_id)
+    client = run.client
     name = cfg.tracking.registered_model
     recorded = recorded_decision(client, name, version)
     if recorded is not None:
@@ -193,7 +194,7 @@ def promote(
         if recorded is not None:
             return recorded
         decision, paired = _decide_and_move(client, cfg, version, window, challenger, score_window)
-        _record(cfg, client, run_id, decision, paired)
+        _record(cfg, run, decision, paired)
     log.info("registry %s v%s: %s", name, version, decision.reason)
     return decision
 
@@ -272,8 +273,7 @@ def _decision(
 
 def _record(
     cfg: PipelineConfig,
-    client: mlflow.MlflowClient,
-    run_id: str,
+    run: runs.TrackedRun,
     decision: PromotionDecision,
     paired: PairedDays | None,
 ) -> None:
@@ -288,10 +288,8 @@ def _record(
         "registry/daily_diff_t": decision.t_stat,
         "registry/paired_days": float(decision.days),
     }
-    runs.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if v is not None})
-    runs.set_tags(
-        cfg,
-        run_id,
+    run.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    run.set_tags(
         {
             "registry.promoted": str(decision.promoted).lower(),
             "registry.reason": decision.reason[:5000],
@@ -302,7 +300,7 @@ def _record(
     )
     daily_path = f"registry/promotion_daily_v{version}.csv"
     if paired is not None:
-        client.log_text(run_id, paired.daily.rename_axis("date").to_csv(), daily_path)
+        run.log_text(paired.daily.rename_axis("date").to_csv(), daily_path)
     tags = {
         "promotion.promoted": str(decision.promoted).lower(),
         "promotion.reason": decision.reason,
@@ -317,11 +315,11 @@ def _record(
             "promotion.mean_daily_diff": f"{paired.mean_diff:.6f}",
             "promotion.daily_diff_t": f"{paired.t_stat:.3f}",
             "promotion.paired_days": str(paired.days),
-            "promotion.daily_table": f"runs:/{run_id}/{daily_path}",
+            "promotion.daily_table": f"runs:/{run.run_id}/{daily_path}",
         }
     tags[DECISION_TAG] = json.dumps(asdict(decision), allow_nan=True)
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value[:5000])
+        run.client.set_model_version_tag(name, version, key, value[:5000])
 
 
 def register_and_promote(

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.data.ingest import saved_facts
 from alphaloom.tasks.data.validation import QUARANTINE_FILE, REPORT_FILE
 from alphaloom.tasks.orchestration.caching import StageRef
-from alphaloom.tasks.tracking.runs import log_metrics, set_tags
-from alphaloom.tasks.tracking.store import client_for
+from alphaloom.tasks.tracking.runs import TrackedRun
 
 TAG_POINT_IN_TIME = "alphaloom.instruments_point_in_time"
 
@@ -52,18 +50,16 @@ def data_notes(facts: dict[str, Any], market_path: str = "") -> list[str]:
     return notes
 
 
-def log_data_quality(cfg: PipelineConfig, run_id: str, market: StageRef) -> list[str]:
+def log_data_quality(run: TrackedRun, market: StageRef) -> list[str]:
     """Log the market's validation counts (`data/*`), point-in-time tags and validation report
     to the run; return the notes for its summary."""
     facts = saved_facts(market)
     counts = dict(facts.get("validation", {}))
     counts["quarantined_rows"] = facts.get("quarantined_rows", 0)
     counts["suspected_splits"] = facts.get("suspected_splits", 0)
-    log_metrics(cfg, run_id, counts, prefix="data/")
+    run.log_metrics(counts, prefix="data/")
     static = list(facts.get("static_fields", []))
-    set_tags(
-        cfg,
-        run_id,
+    run.set_tags(
         {
             TAG_POINT_IN_TIME: str(bool(facts.get("instruments_point_in_time", False))).lower(),
             TAG_STATIC_FIELDS: ", ".join(static) if static else "none",
@@ -71,5 +67,5 @@ def log_data_quality(cfg: PipelineConfig, run_id: str, market: StageRef) -> list
     )
     report = market.dir / REPORT_FILE
     if report.is_file():
-        client_for(cfg).log_artifact(run_id, str(report), "data")
+        run.log_artifact(report, "data")
     return data_notes(facts, market.path)

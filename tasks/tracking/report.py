@@ -10,8 +10,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import pandas as pd
+
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.tracking import store
+from alphaloom.tasks.tracking.runs import TrackedRun
 
 HEADLINE_METRICS = (
     "test/rank_ic",
@@ -30,17 +32,16 @@ HEADLINE_METRICS = (
 )
 
 
-def run_url(cfg: PipelineConfig, run_id: str, ui: str | None = None) -> str:
+def run_url(cfg: PipelineConfig, run: TrackedRun, ui: str | None = None) -> str:
     """Link to the run in the MLflow UI (`alphaloom ui` serves it on 127.0.0.1)."""
-    client = store.client_for(cfg)
-    experiment_id = client.get_run(run_id).info.experiment_id
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
     base = ui or f"http://127.0.0.1:{cfg.tracking.ui_port}"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run.run_id}"
 
 
 def run_summary(
     cfg: PipelineConfig,
-    run_id: str,
+    run: TrackedRun,
     metrics: Mapping[str, float],
     decision: Any | None,
     best_epoch: int | None = None,
@@ -49,9 +50,9 @@ def run_summary(
     """The flow's return value: run id, link, headline metrics, the registry decision and what
     the run's input data needs said about it (tasks/tracking/data_quality.py)."""
     summary: dict[str, Any] = {
-        "run_id": run_id,
+        "run_id": run.run_id,
         "experiment": cfg.tracking.experiment,
-        "run_url": run_url(cfg, run_id),
+        "run_url": run_url(cfg, run),
         "metrics": {k: float(metrics[k]) for k in HEADLINE_METRICS if k in metrics},
         "best_epoch": best_epoch,
         "data_notes": list(data_notes or []),
@@ -69,15 +70,15 @@ def _fmt(value: float) -> str:
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """A markdown table of the headline metrics with a link to the MLflow run."""
+    rows = [(key, _fmt(value)) for key, value in summary["metrics"].items()]
+    table = pd.DataFrame(rows, columns=["metric", "value"])
     lines = [
         f"# alphaloom run `{summary['run_id']}`",
         "",
         f"[Open in MLflow]({summary['run_url']}) (start the UI with `alphaloom ui`)",
         "",
-        "| metric | value |",
-        "| --- | --- |",
+        table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True),
     ]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in summary["metrics"].items()]
     if "promoted" in summary:
         verdict = "moved to this model" if summary["promoted"] else "unchanged"
         lines += [

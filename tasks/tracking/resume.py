@@ -42,6 +42,7 @@ from alphaloom.tasks.tracking.runs import (
     TAG_DATA_HASH,
     TAG_DIED,
     TAG_SHARD_KEY,
+    TrackedRun,
     ending_run,
     start_run,
 )
@@ -209,5 +210,5 @@ def resumable_run(
         run_id = start_run(cfg, {**tags, **extra}, run_name)
     else:
         run_id = reopen(client, target)
-    with ending_run(cfg, run_id):
+    with ending_run(TrackedRun(client, run_id)):
         yield run_id

@@ -1,19 +1,20 @@
-"""The MLflow tracking store: which one, created once across processes, experiment, UI command."""
+"""The MLflow tracking store: which one, created once across processes, one client on it per
+process, experiment, UI command."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import mlflow
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
 from alphaloom.tasks.common.config import PipelineConfig
 
-_READY_STORES: set[str] = set()
+_CLIENTS: dict[str, mlflow.MlflowClient] = {}  # tracking URI -> its client, store created
 
 
 def resolve_tracking_uri(cfg: PipelineConfig) -> str:
@@ -51,32 +52,35 @@ def local_store_path(uri: str) -> Path | None:
 
 
 def ensure_store(uri: str) -> None:
-    """Create (migrate) the tracking store once, serialised across processes by a file lock."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if uri in _READY_STORES:
-        return
+    """Create (migrate) the tracking store, serialised across processes by a file lock."""
     db = _sqlite_path(uri)
     if db is None:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
-    else:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(db.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                mlflow.MlflowClient(uri).search_experiments(max_results=1)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-    _READY_STORES.add(uri)
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(db.with_name(db.name + ".lock")):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
 def client_for(cfg: PipelineConfig) -> mlflow.MlflowClient:
-    """A client on the configured store (created if needed); also sets the global URI for
-    MLflow calls that take no client (model logging and loading)."""
+    """The client on the configured store: made once per store and process (creating the store
+    if needed); also points MLflow's global URIs at it, for the calls that take no client (model
+    logging and loading, the active run)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = resolve_tracking_uri(cfg)
-    ensure_store(uri)
+    use_store(uri)
+    client = _CLIENTS.get(uri)
+    if client is None:
+        ensure_store(uri)
+        client = _CLIENTS.setdefault(uri, mlflow.MlflowClient(uri, registry_uri=uri))
+    return client
+
+
+def use_store(uri: str) -> None:
+    """Point MLflow's global tracking and registry URIs at `uri`, for the calls that take no
+    client."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def ensure_experiment(client: mlflow.MlflowClient, cfg: PipelineConfig) -> str:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -37,15 +36,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alphaloom.tasks.common.config import PipelineConfig, load_config
-from alphaloom.tasks.common.storage import (
-    Location,
-    child,
-    is_file,
-    local_or_url,
-    read_text,
-    remove_file,
-    write_text_atomic,
-)
+from alphaloom.tasks.common.storage import FsPath, Location, write_text_atomic
 from alphaloom.tasks.orchestration.retries import retry_transient
 from alphaloom.tasks.training.checkpoint import BEST_STATE_NAME, load_weights
 from alphaloom.tasks.training.runtime import select_device
@@ -197,12 +188,12 @@ def train_rank(
     )  # fmt: skip
     result = train_model(shard_dir, cfg, checkpoint_dir, run_id)
     if ctx.rank == 0:
-        write_result(result, local_or_url(checkpoint_dir), ctx)
+        write_result(result, checkpoint_dir, ctx)
     dist.barrier()  # nobody tears the group down before rank 0 has written
     return result
 
 
-def write_result(result: TrainResult, checkpoint_dir: Location, ctx: DistContext) -> Location:
+def write_result(result: TrainResult, checkpoint_dir: Location, ctx: DistContext) -> FsPath:
     """What the launcher needs besides the weights: best epoch, history, where it resumed."""
     payload = {
         "best_epoch": result.best_epoch,
@@ -213,7 +204,7 @@ def write_result(result: TrainResult, checkpoint_dir: Location, ctx: DistContext
         "backend": ctx.backend,
         "device": result.device,
     }
-    path = child(checkpoint_dir, RESULT_NAME)
+    path = FsPath.of(checkpoint_dir) / RESULT_NAME
     write_text_atomic(path, json.dumps(payload, indent=1))
     return path
 
@@ -313,12 +304,12 @@ def launch_training(
     same settings. A worker crash fails the launch (after `max_restarts` elastic restarts, each
     of which resumes from the checkpoint); a retried launch resumes the same way.
     """
-    ckpt = local_or_url(checkpoint_dir)
-    if isinstance(ckpt, Path):
-        ckpt.mkdir(parents=True, exist_ok=True)
-    config_path = child(ckpt, CONFIG_NAME)
+    ckpt = FsPath.of(checkpoint_dir)
+    if ckpt.local is not None:
+        ckpt.local.mkdir(parents=True, exist_ok=True)
+    config_path = ckpt / CONFIG_NAME
     write_text_atomic(config_path, cfg.to_yaml())
-    remove_file(child(ckpt, RESULT_NAME))
+    (ckpt / RESULT_NAME).remove()
     worker_args = [
         "--config", str(config_path),
         "--shards", str(shard_dir),
@@ -341,13 +332,14 @@ def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -
     """Rebuild the TrainResult of a finished DDP job from rank 0's files (weights_only loads)."""
     from alphaloom.model.shard_set import ShardSetInfo
 
-    result_path = child(checkpoint_dir, RESULT_NAME)
-    if not is_file(result_path):
+    ckpt = FsPath.of(checkpoint_dir)
+    result_path = ckpt / RESULT_NAME
+    if not result_path.is_file():
         raise DistributedLaunchError(f"{result_path} is missing: rank 0 did not finish")
-    meta = json.loads(read_text(result_path))
+    meta = json.loads(result_path.read_text())
     info = ShardSetInfo.open(shard_dir)
     model = build_model(info, cfg)
-    best_path = child(checkpoint_dir, BEST_STATE_NAME)
+    best_path = ckpt / BEST_STATE_NAME
     model.load_state_dict(load_weights(best_path))
     model.eval()
     resumed = meta.get("resumed_at")

@@ -408,7 +408,7 @@ def _report_epoch(
         from alphaloom.tasks.tracking import runs  # here: training runs without MLflow too
 
         metrics = {k: v for k, v in row.items() if k != "epoch"}
-        runs.log_metrics(cfg, run_id, metrics, step=epoch)
+        runs.TrackedRun.of(cfg, run_id).log_metrics(metrics, step=epoch)
     event = TrainProgress("epoch", epoch, cfg.train.epochs, -1, dict(row))
     if progress is not None:
         progress(event)
