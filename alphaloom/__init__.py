@@ -1,9 +1,8 @@
 """alphaloom: rank stocks by expected forward return with a deep sequence model.
 
-One import name for the whole project. The repository keeps its three layers at the top level,
-where a newcomer looks first; `pyproject.toml` maps them into this namespace when installed, and in
-the checkout `alphaloom/flows`, `alphaloom/tasks`, `alphaloom/model` and `alphaloom/configs` are
-symlinks to them, so editors and import-linter resolve `alphaloom.*` from the source tree:
+One import name for the whole project. The code lives in this folder; the design's top-level
+`flows/`, `tasks/`, `model/` and `configs/` are symlinks into it, so every path the docs name
+(tasks/common/config.py, ...) opens the same file (CONTRIBUTING.md says why):
 
     flows/   -> alphaloom.flows   Prefect flows: the order of tasks, no domain logic
     tasks/   -> alphaloom.tasks   one subpackage per pipeline stage

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Check the import contracts of .importlinter on the source tree.
 #
-# flows/, tasks/ and model/ sit at the repository's top level; alphaloom/{flows,tasks,model,configs}
-# are symlinks to them (CONTRIBUTING.md), so the checkout is laid out as the package is and
-# import-linter walks it directly: run from the repository root, `alphaloom` is this tree, not the
-# installed copy.
+# The package is the folder alphaloom/ (the top-level flows/, tasks/, model/ are links into it,
+# CONTRIBUTING.md), so import-linter walks the checkout directly: run from the repository root,
+# `alphaloom` is this tree, not the installed copy.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"

@@ -1,9 +1,10 @@
-"""The checkout is the package: static tools resolve `alphaloom.*` to the top-level folders.
+"""The checkout is the package: static tools resolve `alphaloom.*` to the source tree.
 
-`alphaloom/flows`, `alphaloom/tasks`, `alphaloom/model` and `alphaloom/configs` are relative
-symlinks to the folders at the repository's top level (CONTRIBUTING.md says why), so an editor's
-go-to-definition, import-linter and `python -c "import alphaloom..."` from the repository root all
-find the code where it lives, without the installed package's import hook.
+The code lives in `alphaloom/{flows,tasks,model,configs}`; the design's top-level `flows/`,
+`tasks/`, `model/` and `configs/` are relative symlinks to them (CONTRIBUTING.md says why), so an
+editor's go-to-definition, import-linter, a structure drawing and `python -c "import
+alphaloom..."` from the repository root all find the code without the installed package's hook,
+and every path the docs name (tasks/common/config.py, ...) opens the same file.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ LAYERS = ("flows", "tasks", "model", "configs")
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_each_layer_is_linked_into_the_package_folder(layer: str) -> None:
-    link = REPO / "alphaloom" / layer
-    assert link.is_symlink(), f"alphaloom/{layer} must be a symlink to ../{layer}"
-    assert os.readlink(link) == f"../{layer}", "relative, so any checkout location works"
-    assert link.resolve() == (REPO / layer).resolve()
+def test_each_top_level_layer_links_into_the_package(layer: str) -> None:
+    link, package = REPO / layer, REPO / "alphaloom" / layer
+    assert package.is_dir() and not package.is_symlink(), f"alphaloom/{layer} holds the code"
+    assert link.is_symlink(), f"{layer} must be a symlink to alphaloom/{layer}"
+    assert os.readlink(link) == f"alphaloom/{layer}", "relative, so any checkout location works"
+    assert link.resolve() == package.resolve()
 
 
 def test_go_to_definition_lands_in_the_top_level_folder() -> None:
     """jedi (behind many editors' go-to-definition) follows an `alphaloom.tasks` import to the
-    definition in tasks/, with the repository as its project and nothing installed."""
+    definition, in the file tasks/common/config.py names, with the repository as its project."""
     jedi = pytest.importorskip("jedi")
     source = "from alphaloom.tasks.common.config import load_config\nload_config\n"
     project = jedi.Project(str(REPO), added_sys_path=[], load_unsafe_extensions=False)

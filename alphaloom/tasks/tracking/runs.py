@@ -40,7 +40,7 @@ from alphaloom.tasks.tracking.store import client_for, ensure_experiment, use_st
 log = logging.getLogger(__name__)
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (for its git commit)
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout (for its git commit)
 
 
 TAG_DATA_HASH = "alphaloom.data_hash"
