@@ -38,10 +38,9 @@ def test_synth_writes_real_data_format_and_extends(tmp_path, capsys) -> None:
     )
 
 
-def test_features_command_builds_table_from_synth_files(tmp_path, capsys) -> None:
-    market = tmp_path / "market"
-    assert main(["synth", "--out", str(market), *overrides(SMALL)]) == 0
-    sets = [
+def files_settings(tmp_path: Path, market: Path) -> list[str]:
+    """The smoke config pointed at a synthetic market written as files, with short windows."""
+    return [
         f"work_dir={tmp_path / 'work'}",
         "data.source=files",
         f"data.bars_path={market}",
@@ -49,6 +48,12 @@ def test_features_command_builds_table_from_synth_files(tmp_path, capsys) -> Non
         "shards.window=20",
         "loader.min_valid_days=10",
     ]
+
+
+def test_features_command_builds_table_from_synth_files(tmp_path, capsys) -> None:
+    market = tmp_path / "market"
+    assert main(["synth", "--out", str(market), *overrides(SMALL)]) == 0
+    sets = files_settings(tmp_path, market)
     code = main(["features", "--config", str(REPO / "configs/smoke.yaml"), *overrides(sets)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -182,15 +187,7 @@ def validate(tmp_path: Path, capsys, *sets: str) -> tuple[int, str]:
     market = tmp_path / "market"
     if not market.exists():
         assert main(["synth", "--out", str(market), *overrides(SMALL)]) == 0
-    settings = [
-        f"work_dir={tmp_path / 'work'}",
-        "data.source=files",
-        f"data.bars_path={market}",
-        "features.windows=[5,10]",
-        "shards.window=20",
-        "loader.min_valid_days=10",
-        *sets,
-    ]
+    settings = [*files_settings(tmp_path, market), *sets]
     capsys.readouterr()
     status = main(["validate", "--config", str(REPO / "configs/smoke.yaml"), *overrides(settings)])
     return status, capsys.readouterr().out.strip().splitlines()[-1]

@@ -190,15 +190,21 @@ COMMANDS = {
 }
 
 
+# `run` starts its own temporary Prefect server, to show that one is stopped too; `serve` does,
+# because registering its deployments while four other commands write flow runs to the shared
+# server was refused with 503 (SQLite busy) on this 2-core machine.
+OWN_SERVER = ("run", "serve")
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, store_template: Path, shared_api: str) -> Iterator[dict]:
-    """Every command started at once (each start costs 20-40 s here, mostly imports): `run` with
-    its own temporary Prefect server, the others on the session's."""
+    """Every command started at once (each start costs 20-40 s here, mostly imports): `run` and
+    `serve` with their own temporary Prefect servers, the others on the session's."""
     started: dict[str, Launched] = {}
     for command in COMMANDS:
         tmp = tmp_path_factory.mktemp(command)
         work = tmp / "work"
-        env = child_env(tmp, store_template, api=None if command == "run" else shared_api)
+        env = child_env(tmp, store_template, api=None if command in OWN_SERVER else shared_api)
         if command == "serve":
             args = ["serve", "--config", str(SMOKE)]
         else:
@@ -228,7 +234,7 @@ def test_a_signal_stops_a_long_command(command: str, launched: dict[str, Launche
         wait_until(lambda: "being served" in one.log.read_text(), one.process, one.log)
     else:
         wait_until(in_training(one.work), one.process, one.log)
-    signal_and_check(one.process, signum, one.log, server_expected=command == "run")
+    signal_and_check(one.process, signum, one.log, server_expected=command in OWN_SERVER)
     if runs_open:
         assert_runs_killed(one.env, signum, at_least=runs_open)
         assert_no_partial_output(one.work)
@@ -269,7 +275,7 @@ def test_live_temporaries_name_their_writer_and_are_removed_on_a_stop(tmp_path: 
     assert started.wait(10)
     (temp,) = (tmp_path / "out").glob(".key.tmp-*")
     assert temp.name.startswith(f".key.tmp-{storage.temp_tag()}-")
-    assert storage.remove_live_temps() == [temp]
+    assert temp in storage.remove_live_temps()  # (other tests' writers may be live too)
     assert not temp.exists()
     release.set()
     writer.join(10)

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from alphaloom.filesystems import arrow_filesystem
 from alphaloom.model.dataset import ShardedWindowDataset
-from alphaloom.model.filesystems import arrow_filesystem
 from alphaloom.model.shard_format import ShardSetError
 from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import DataSection, load_config

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from alphaloom.model.filesystems import arrow_filesystem
+from alphaloom.filesystems import arrow_filesystem
 from alphaloom.model.shard_format import (
     ALL_KEY,
     MANIFEST_KEYS,
@@ -205,7 +205,7 @@ class ShardSetInfo:
         """Read the manifest and the (checksummed) side tables of a shard set.
 
         `shard_dir` may be a path or any fsspec URL (pyarrow's own filesystem where it has one,
-        else fsspec's wrapped for pyarrow: model.filesystems.arrow_filesystem); or pass its path
+        else fsspec's wrapped for pyarrow: alphaloom.filesystems.arrow_filesystem); or pass its path
         and a pyarrow `filesystem`.
         """
         shard_dir, filesystem = resolve_location(shard_dir, filesystem)

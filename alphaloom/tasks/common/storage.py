@@ -35,7 +35,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from alphaloom.model.filesystems import resolve
+from alphaloom.filesystems import resolve
 from alphaloom.tasks.common.hashing import sha256_file
 
 log = logging.getLogger(__name__)

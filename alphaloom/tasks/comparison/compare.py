@@ -268,30 +268,14 @@ def run_variant(
     return VariantOutcome(variant.name, seed, "finished", run_id, metrics, daily_rank_ic=daily)
 
 
-@task(
+variant_task = task(
     name="compare-variant",
     task_run_name="{variant.name}-seed{seed}",
     retries=0,  # a retry would open a second child run
     timeout_seconds=12 * 3600,
     cache_policy=NO_CACHE,
     persist_result=False,
-)
-def variant_task(
-    cfg: PipelineConfig,
-    variant: Variant,
-    seed: int,
-    parent_run_id: str,
-    shard_dir: str,
-    oracle: pd.DataFrame | None = None,
-    tags: dict[str, str] | None = None,
-    figures: bool = True,
-    exposures: pd.DataFrame | None = None,
-    progress: Progress | None = None,
-) -> VariantOutcome:
-    """Prefect wrapper of `run_variant` (a failed variant is a failed task run)."""
-    return run_variant(
-        cfg, variant, seed, parent_run_id, shard_dir, oracle, tags, figures, exposures, progress
-    )
+)(run_variant)  # Prefect task: a failed variant is a failed task run
 
 
 def outcome_from_state(state: Any, variant: Variant, seed: int) -> VariantOutcome:

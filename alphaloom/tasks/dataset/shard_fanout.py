@@ -210,16 +210,7 @@ def write_shard_task(
     return write_shard_job(job, features, market, cfg)
 
 
-@stage_task(
+finish_shards_task = stage_task(
     "finish-shards",
     lambda features, text, market, written, cfg: shards_location(features, text, market, cfg),
-)
-def finish_shards_task(
-    features: StageRef,
-    text: StageRef,
-    market: StageRef,
-    written: list[WrittenShard],
-    cfg: PipelineConfig,
-) -> StageRef:
-    """Prefect task: cached on the shards stage's key (the same output as `shards_task`)."""
-    return finish_shard_set(features, text, market, written, cfg)
+)(finish_shard_set)  # Prefect task: cached on the shards stage's key (the shards_task output)

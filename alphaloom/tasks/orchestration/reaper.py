@@ -88,12 +88,13 @@ def reap(processes: list[psutil.Process], grace: float = GRACE_SECONDS) -> list[
     that outlast `grace`; returns the pids signalled."""
     alive = [p for p in processes if p.is_running()]
     for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.Error):
             process.terminate()
     _, stubborn = psutil.wait_procs(alive, timeout=grace)
     for process in stubborn:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.Error):
             process.kill()
+    psutil.wait_procs(stubborn, timeout=1.0)
     return [p.pid for p in alive]
 
 

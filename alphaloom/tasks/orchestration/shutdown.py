@@ -218,13 +218,4 @@ def end_children(grace: float = CHILD_GRACE) -> list[int]:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
-    children = [child for child in children if child.pid not in spared]
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, stubborn = psutil.wait_procs(children, timeout=grace)
-    for child in stubborn:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    psutil.wait_procs(stubborn, timeout=1.0)
-    return [child.pid for child in children]
+    return reaper.reap([child for child in children if child.pid not in spared], grace)

@@ -356,7 +356,7 @@ def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -
     )
 
 
-@task(
+train_ddp_task = task(
     name="train-model-ddp",
     retries=1,
     retry_delay_seconds=5,
@@ -364,19 +364,7 @@ def load_result(shard_dir: str, cfg: PipelineConfig, checkpoint_dir: Location) -
     timeout_seconds=12 * 3600,
     cache_policy=NO_CACHE,  # side effects (MLflow metrics); the checkpoint is the cache
     persist_result=False,  # the result holds a live nn.Module
-)
-def train_ddp_task(
-    shard_dir: str,
-    cfg: PipelineConfig,
-    checkpoint_dir: str,
-    run_id: str | None = None,
-    nproc_per_node: int = 2,
-    backend: Backend = "auto",
-) -> TrainResult:
-    """Prefect task: torchrun on this machine; a retry resumes from the checkpoint."""
-    return launch_training(
-        shard_dir, cfg, checkpoint_dir, run_id, nproc_per_node=nproc_per_node, backend=backend
-    )
+)(launch_training)  # Prefect task: torchrun on this machine; a retry resumes from the checkpoint
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Which filesystem a path or URL lives on, for fsspec and for pyarrow readers.
 
-The lowest layer of storage: the loader (model/shard_set.py) opens shard sets at URLs with it,
-and tasks/common/storage.py resolves every location through `resolve` once, so the code above
-it reads files without asking whether they are local.
+The lowest layer of storage, below all three layers (it imports none of them): the loader
+(model/shard_set.py) opens shard sets at URLs with it, and tasks/common/storage.py resolves every
+location through `resolve` once, so the code above it reads files without asking whether they are
+local. It sits at the package's root, not in model/, because model/ is the PyTorch layer.
 """
 
 from __future__ import annotations
