@@ -34,7 +34,7 @@ def make_bars(n_symbols: int, n_days: int) -> tuple[pd.DataFrame, str]:
         from alphaloom.tasks.data.synthetic import generate_market
 
         cfg = SyntheticSection(n_symbols=n_symbols, n_days=n_days, seed=11)
-        return generate_market(cfg).bars, "tasks.synthetic.generate_market"
+        return generate_market(cfg).bars, "tasks.data.synthetic.generate_market"
     except ImportError:
         pass
     rng = np.random.default_rng(11)

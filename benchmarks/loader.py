@@ -3,7 +3,7 @@
 Why: the loader exists so memory is bounded by the pool, not the data set. This script shows
 (1) its throughput against the honest baseline, a process that holds the whole panel as one
 numpy array and gathers batches of uniformly permuted windows with the same index arithmetic
-(model.data.gather_batch), and (2) that its peak RSS does not grow when the data grows 4x.
+(model.panels.gather_batch), and (2) that its peak RSS does not grow when the data grows 4x.
 
 Each run is a fresh process (peak RSS = VmHWM from /proc/self/status) timing the same fixed
 number of batches. Runs are interleaved and repeated; medians are reported, since the cores

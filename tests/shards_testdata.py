@@ -1,6 +1,6 @@
 """Small hand-built feature tables for the shard and loader tests (no other stage needed).
 
-The tables follow the feature-table contract of tasks/features.py: sorted by (symbol, date),
+The tables follow the feature-table contract of tasks/data/features.py: sorted by (symbol, date),
 float32 factors, int8 label (-1 unknown) and split (0/1/2, -1 purge), float32 fwd_return.
 Some symbols start late and some miss days, so windows need left padding and masks.
 """

@@ -2,7 +2,7 @@
 
 The references below are written with plain pandas rolling windows (min_periods=1, as Qlib's
 operators use), np.polyfit and scipy, one symbol at a time, so they share no code with the
-vectorised panel implementation in tasks/alpha158.py.
+vectorised panel implementation in tasks/data/alpha158.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pooled, shuffled, resumable window loader (model/data.py) on small hand-built shard sets."""
+"""The pooled, shuffled, resumable window loader (model/dataset.py) on small hand-built shards."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Baselines and ablations side by side: every variant on the same shards, one MLflow parent run.
 
 Composition only: the data stages are the pipeline's (cached), each (variant, seed) is one
-`variant_task` inside its own child run, and the table is built and logged by tasks/compare.py.
-A failed variant fails its task and child run; the loop goes on and its row says failed.
+`variant_task` inside its own child run, and the table is built and logged by
+tasks/comparison/summary.py. A failed variant fails its task and child run; the loop goes on and
+its row says failed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The batch contract between the loader (model/data.py), the network and the training loop.
+"""The batch contract between the loader (model/dataset.py), the network and the training loop.
 
 A batch is a plain dict of tensors, all with leading dimension B (one row per window):
 

@@ -25,7 +25,7 @@ IGNORE_LABEL = -1
 
 
 class LossSpec(Protocol):
-    """The attributes `build_loss` reads; tasks.config.LossSection satisfies it."""
+    """The attributes `build_loss` reads; tasks.common.config.LossSection satisfies it."""
 
     kind: Literal["composite", "focal", "cross_entropy"]
     gamma: float

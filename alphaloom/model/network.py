@@ -23,7 +23,7 @@ valid step, and attention and pooling mask the padded positions out. This keeps 
 exports (`torch.export`).
 
 This module imports only torch: the architecture comes from any object with `ModelSection`'s
-attributes (see `ModelSpec`); the defaults live in tasks/config.py only.
+attributes (see `ModelSpec`); the defaults live in tasks/common/config.py only.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ CALENDAR_SIZES = {"dow": 7, "month": 12}
 
 
 class ModelSpec(Protocol):
-    """The attributes SequenceModel reads; tasks.config.ModelSection satisfies it."""
+    """The attributes SequenceModel reads; tasks.common.config.ModelSection satisfies it."""
 
     head: str
     input_dim: int

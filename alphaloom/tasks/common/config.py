@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 class SyntheticSection(Section):
-    """The embedded synthetic market (see tasks/synthetic.py for the generative model)."""
+    """The embedded synthetic market (see tasks/data/synthetic.py for the generative model)."""
 
     n_symbols: int = Field(300, ge=10)
     n_days: int = Field(1500, ge=100)

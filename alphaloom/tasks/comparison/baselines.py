@@ -55,7 +55,7 @@ class BaselineError(ValueError):
 
 
 class LightGBMParams(BaseModel):
-    """The baseline's settings (a variant's `params` in tasks/compare.py).
+    """The baseline's settings (a variant's `params` in tasks/comparison/variants.py).
 
     `objective`: "regression" (L2) or "lambdarank" (one query per day, the class as relevance).
     `target` (regression only): "rank" = per-day percentile rank of fwd_return, centred and

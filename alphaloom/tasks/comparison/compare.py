@@ -8,7 +8,7 @@ per-day paired tests), so every child run carries the same `valid/*` and `test/*
 and MLflow's compare view lines them up. Nothing is registered: a comparison never moves the
 `champion` alias.
 
-Runs are created with explicit ids through `tasks.runs.tracked_run` (child runs carry the
+Runs are created with explicit ids through `tasks.tracking.runs.tracked_run` (child runs carry the
 `mlflow.parentRunId` tag), never through MLflow's thread-local active run. A variant that fails
 ends its child run FAILED and its row says so; the others still run.
 

@@ -2,7 +2,7 @@
 
 Why shards: training must not need the whole data set in memory. Each shard holds the whole
 histories of a seeded random, size-balanced subset of symbols, sorted by (symbol, date), so every
-T-day window lies inside one shard and the loader (model/data.py) can shuffle pool by pool.
+T-day window lies inside one shard and the loader (model/dataset.py) can shuffle pool by pool.
 
 Layout of `<root>/<key>/` (the key hashes the feature table, instruments, text vectors, the
 `shards` config section and the code version; see `shard_set_key`):
@@ -24,7 +24,7 @@ Layout of `<root>/<key>/` (the key hashes the feature table, instruments, text v
   its file, rows, bars, sha256, symbols and window counts, normalisation statistics, each
   split's label coverage, source hash, code version and the sizes the network needs.
 
-The directory is written through tasks.storage.atomic_dir: a crash leaves no complete-looking
+The directory is written through tasks.common.storage.atomic_dir: a crash leaves no complete-looking
 set, and two writers of the same set cannot corrupt each other.
 """
 

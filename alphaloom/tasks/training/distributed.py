@@ -10,9 +10,10 @@ elastic restarts), so nothing here re-implements process management. Two ways in
   --config C --shards S` runs the training step on any cluster torchrun can reach (the shard
   set and the checkpoint directory must be on a filesystem every node sees).
 
-The training loop itself is tasks/train.py's `train_model`, which is rank-aware: the loader takes
-(rank, world size) from the process group, rank 0 validates, checkpoints and logs to MLflow, and
-every rank resumes from rank 0's checkpoint. Backend: NCCL when training on CUDA, gloo on CPU.
+The training loop itself is tasks/training/train.py's `train_model`, which is rank-aware: the
+loader takes (rank, world size) from the process group, rank 0 validates, checkpoints and logs
+to MLflow, and every rank resumes from rank 0's checkpoint. Backend: NCCL when training on CUDA,
+gloo on CPU.
 """
 
 from __future__ import annotations
