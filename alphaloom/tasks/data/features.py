@@ -21,6 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,17 @@ from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir
 from alphaloom.tasks.data import alpha158
 from alphaloom.tasks.data.alpha158 import compute_alpha158, validate_bars
 from alphaloom.tasks.data.factor_names import ALPHA158_NAMES, select_factors
-from alphaloom.tasks.data.ingest import load_saved_market
+from alphaloom.tasks.data.feature_chunks import (
+    DEFAULT_CHUNK_ROWS,
+    RawSource,
+    Scratch,
+    TableWriter,
+    chunk_bounds,
+    fit_stats_from_chunks,
+    scratch_dir,
+    write_chunks_from_parts,
+)
+from alphaloom.tasks.data.ingest import load_saved_bars
 from alphaloom.tasks.data.labels import compute_labels
 from alphaloom.tasks.data.splits import SPLIT_CODES, assign_splits
 from alphaloom.tasks.data.trading_calendar import trading_calendar
@@ -58,6 +69,7 @@ __all__ = [
     "select_factors",
     "sort_bars",
     "stitch_raw",
+    "write_feature_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -292,16 +304,79 @@ def features_location(market: StageRef, cfg: PipelineConfig) -> StageRef:
 
 
 def run_features_stage(
-    market: StageRef, cfg: PipelineConfig, parts: Sequence[pd.DataFrame] | None = None
+    market: StageRef, cfg: PipelineConfig, parts: Sequence[RawSource] | None = None
 ) -> StageRef:
     """Build the feature table of an ingested market under `<work_dir>/features/<key>`, from
-    the fan-out's partition outputs `parts` or, without them, computing every symbol's factors
-    here (nothing is written under raw_factors/). Either way the key and the table are the same.
+    the fan-out's partition outputs `parts` (frames or their parquet files) or, without them,
+    computing every symbol's factors here (nothing is written under raw_factors/). Either way
+    the key and the table are the same; memory is bounded by a chunk (`write_feature_table`).
     """
     ref = features_location(market, cfg)
-    bars = load_saved_market(market.dir).bars
-    save_feature_table(build_feature_table(bars, cfg.features, parts), ref.path)
+    write_feature_table(load_saved_bars(market.dir), cfg.features, ref.path, parts)
     return ref
+
+
+def write_feature_table(
+    bars: pd.DataFrame,
+    cfg: FeaturesSection,
+    out_dir: Location,
+    parts: Sequence[RawSource] | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Location:
+    """`save_feature_table(build_feature_table(bars, cfg, parts), out_dir)`, the same table,
+    built and written chunk by chunk (tasks/data/feature_chunks.py): at most `chunk_rows` rows
+    of factors are in memory at once, whatever the size of the market."""
+    validate_bars(bars)
+    bars = sort_bars(bars)
+    names = select_factors(cfg.factors, cfg.windows)
+    split, split_dates = assign_splits(bars["date"], cfg.splits, cfg.label.horizon)
+    calendar = trading_calendar(bars["date"])
+    labels = compute_labels(bars, cfg.label, calendar)
+    label, fwd_return = labels["label"].to_numpy(), labels["fwd_return"].to_numpy()
+    del labels
+    split = np.asarray(split)
+    bounds = chunk_bounds(bars["symbol"], chunk_rows)
+    with scratch_dir() as root:
+        scratch = Scratch(Path(root), len(names), bounds)
+        if parts is None:
+            for chunk, (begin, stop) in enumerate(bounds):
+                raw = compute_alpha158(bars.iloc[begin:stop], names)
+                scratch.write(chunk, (raw[name].to_numpy() for name in names))
+                del raw
+        else:
+            symbols = bars["symbol"].to_numpy()
+            dates = bars["date"].to_numpy("datetime64[ns]")
+            write_chunks_from_parts(scratch, symbols, dates, parts, names, PartitionError)
+        stats = fit_stats_from_chunks(
+            scratch, names, split == SPLIT_CODES["train"], cfg.clip, _robust_center_scale
+        )
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "feature_names": names,
+            "stats": stats,
+            "split_dates": split_dates,
+            "calendar": [str(d) for d in calendar],
+            "n_rows": len(bars),
+        }
+        with atomic_dir(out_dir) as tmp:
+            writer = TableWriter(tmp / FEATURES_FILE)
+            try:
+                for chunk, (begin, stop) in enumerate(bounds):
+                    keys = bars.iloc[begin:stop]
+                    raw = pd.DataFrame(scratch.block(chunk).T, columns=names, copy=False)
+                    raw.insert(0, "date", keys["date"].astype("datetime64[ns]").to_numpy())
+                    raw.insert(0, "symbol", keys["symbol"].to_numpy())
+                    frame = apply_normalizer(raw, names, stats)
+                    del raw
+                    frame["label"] = label[begin:stop]
+                    frame["fwd_return"] = fwd_return[begin:stop]
+                    frame["split"] = split[begin:stop]
+                    writer.append(frame)
+                    del frame
+            finally:
+                writer.close()
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    return out_dir
 
 
 @stage_task("features", features_location)

@@ -221,9 +221,15 @@ def _read_meta(out: FsPath) -> dict:
         raise DataValidationError(f"{path}: not valid JSON: {err}") from None
 
 
-def load_saved_market(out_dir: str | Path) -> MarketData:
-    """Read a market written by `save_market`, verifying every file's checksum first (a URL
-    market is read through its verified local copy)."""
+def load_saved_bars(out_dir: str | Path) -> pd.DataFrame:
+    """Only the canonical bars of a market written by `save_market` (checksums verified as by
+    `load_saved_market`): what the features stage needs, without the oracle's table of the
+    same length."""
+    out = _verified_market_dir(out_dir)
+    return pd.read_parquet(out / "bars.parquet")
+
+
+def _verified_market_dir(out_dir: str | Path) -> Path:
     out = local_copy(out_dir)
     meta = _read_meta(FsPath.of(out))
     if meta.get("schema_version") != SCHEMA_VERSION:
@@ -235,6 +241,14 @@ def load_saved_market(out_dir: str | Path) -> MarketData:
         path = out / name
         if not path.is_file() or sha256_file(path) != digest:
             raise DataValidationError(f"{path}: missing or checksum mismatch (corrupt market)")
+    return out
+
+
+def load_saved_market(out_dir: str | Path) -> MarketData:
+    """Read a market written by `save_market`, verifying every file's checksum first (a URL
+    market is read through its verified local copy)."""
+    out = _verified_market_dir(out_dir)
+    meta = _read_meta(FsPath.of(out))
     oracle = pd.read_parquet(out / "oracle.parquet") if meta["has_oracle"] else None
     quarantine = out / QUARANTINE_FILE
     counts = meta.get("facts", {}).get("validation", {})

@@ -140,9 +140,9 @@ def run_raw_factors(partition: Partition, cfg: PipelineConfig) -> StageRef:
 
 
 def assemble_features(market: StageRef, raw: Sequence[StageRef], cfg: PipelineConfig) -> StageRef:
-    """The features stage's output (same key and directory) from the partitions' raw factors."""
-    parts = [pd.read_parquet(str(part.file(RAW_FILE))) for part in raw]
-    return run_features_stage(market, cfg, parts)
+    """The features stage's output (same key and directory) from the partitions' raw factors,
+    read one partition at a time (tasks/data/feature_chunks.py)."""
+    return run_features_stage(market, cfg, [str(part.file(RAW_FILE)) for part in raw])
 
 
 # ----------------------------------------------------------------------------------------------
