@@ -78,15 +78,24 @@ def test_periods_tile_the_history_with_purge_gaps(window: str) -> None:
         assert bounds["test"] == [str(period.test_start), str(period.test_end)]
 
 
-def test_a_short_last_period_is_dropped_and_impossible_plans_are_named() -> None:
+def test_a_short_last_period_joins_the_previous_and_impossible_plans_are_named() -> None:
     # periods start 2020-04-01, 07-01, ... (12 + 3 months after 2019-01-01); 2021-07 has
-    # 5 trading days up to the 7th (kept) and 4 up to the 6th (dropped)
-    kept = plan_periods(CALENDAR, config("backtest.end=2021-07-07"))
+    # 5 trading days up to the 7th (kept at min_test_days=5) and 4 up to the 6th (too short)
+    kept = plan_periods(CALENDAR, config("backtest.end=2021-07-07", "backtest.min_test_days=5"))
     assert kept[-1].test_start == pd.Timestamp("2021-07-01").date()
     assert kept[-1].test_end == pd.Timestamp("2021-07-07").date()
-    dropped = plan_periods(CALENDAR, config("backtest.end=2021-07-06"))
-    assert len(dropped) == len(kept) - 1
-    assert dropped[-1].test_end == pd.Timestamp("2021-06-30").date()
+    joined = plan_periods(CALENDAR, config("backtest.end=2021-07-06", "backtest.min_test_days=5"))
+    assert len(joined) == len(kept) - 1  # no retrain of its own ...
+    assert joined[-1].test_start == kept[-2].test_start
+    assert joined[-1].test_end == pd.Timestamp("2021-07-06").date()  # ... but its days are scored
+    assert joined[:-1] == kept[:-2]
+    short = ("backtest.end=2021-07-06", "backtest.min_test_days=5")
+    dropped = plan_periods(CALENDAR, config(*short, "backtest.short_last_period=drop"))
+    assert [p.test_end for p in dropped][-1] == pd.Timestamp("2021-06-30").date()
+    assert len(dropped) == len(joined)
+    # by default (21 days) the 5 days of July join June's period too
+    by_default = plan_periods(CALENDAR, config("backtest.end=2021-07-07"))
+    assert by_default[-1].test_end == kept[-1].test_end and len(by_default) == len(kept) - 1
     too_early = config("backtest.start=2019-02-01")
     with pytest.raises(BacktestError, match=r"backtest.start=2019-02-01.*valid_months"):
         plan_periods(CALENDAR, too_early)
@@ -181,6 +190,7 @@ FAST = [
     "backtest.train_months=6",
     "backtest.valid_months=2",
     "backtest.end=2020-02-28",
+    "runner.fit_workers=1",
     "backtest.lightgbm_params={max_rounds: 15, min_data_in_leaf: 20}",
 ]
 
@@ -215,7 +225,8 @@ def test_backtest_flow_resumes_after_a_crash_in_one_parent_run(
     assert parent.info.status == "FAILED"
     summary, states = run_with_states(backtest, cfg)
     assert summary["parent_run_id"] == parent.info.run_id  # the same parent, continued
-    assert states["period1"] == "Cached" and states["period2"] == states["period3"] == "Completed"
+    # a failed period does not stop the others: period 3 finished in the crashed run
+    assert states["period1"] == states["period3"] == "Cached" and states["period2"] == "Completed"
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
     table = pd.DataFrame(summary["table"])
@@ -274,3 +285,33 @@ def test_backtest_command_names_an_impossible_plan(tmp_path: Path, mlflow_uri: s
     args = ["backtest", "--config", str(REPO / "configs" / "smoke.yaml")]
     assert main([*args, *(t for item in sets for t in ("--set", item))]) == 2
     assert "no period to score" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_backtest_periods_on_a_dask_cluster_give_the_sequential_result(
+    tmp_path: Path, mlflow_uri: str
+) -> None:
+    pytest.importorskip("prefect_dask")
+    from alphaloom.flows.backtest import backtest
+    from tests.test_flows import run_with_states
+
+    base = [*FAST, "backtest.lightgbm=false"]
+    one_store = f"tracking.tracking_uri={mlflow_uri}"
+    sequential = backtest(config=config(*base, one_store, f"work_dir={tmp_path / 'one'}"))
+    dask_store = f"sqlite:///{tmp_path / 'dask.db'}"
+    mlflow.MlflowClient(dask_store).search_experiments()  # created once, before workers share it
+    dask = config(
+        *base,
+        f"tracking.tracking_uri={dask_store}",
+        f"work_dir={tmp_path / 'dask'}",
+        "runner.kind=dask",
+        "runner.fit_workers=2",
+    )
+    fanned, states = run_with_states(backtest, dask)
+    assert [states[f"period{n}"] for n in (1, 2, 3)] == ["Completed"] * 3  # trained, not cached
+    one, two = pd.DataFrame(sequential["table"]), pd.DataFrame(fanned["table"])
+    assert len(one) == 4 and one["period"].tolist() == two["period"].tolist()
+    numeric = [c for c in one.columns if pd.api.types.is_float_dtype(one[c])]
+    assert "network_rank_ic" in numeric and one["network_rank_ic"].notna().all()
+    pd.testing.assert_frame_equal(one[numeric], two[numeric])  # the same numbers, every period

@@ -1,9 +1,10 @@
 """Baselines and ablations side by side: every variant on the same shards, one MLflow parent run.
 
 Composition only: the data stages are the pipeline's (cached), each (variant, seed) is one
-`variant_task` inside its own child run, and the table is built and logged by
-tasks/comparison/summary.py. A failed variant fails its task and child run; the loop goes on and
-its row says failed.
+`variant_task` inside its own child run, submitted to the fit pool (tasks/orchestration/fits.py:
+inline with one worker, else local worker processes or a Dask cluster), and the table is built
+and logged by tasks/comparison/summary.py from the outcomes in submission order. A failed
+variant fails its task and child run; the others go on and its row says failed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from alphaloom.tasks.comparison.variants import (
 from alphaloom.tasks.data.ingest import load_saved_oracle
 from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.evaluation.exposures import market_exposures
+from alphaloom.tasks.orchestration.fits import fit_pool
 from alphaloom.tasks.tracking.runs import TrackedRun, run_tags, tracked_run
 from alphaloom.tasks.training.progress import elapsed_text
 
@@ -64,22 +66,27 @@ def compare_models(
         parent = TrackedRun.of(cfg, parent_id)
         parent.log_shard_dataset(shards.path)
         log_plan(parent, chosen, seed_values)
-        outcomes = []
         runnable = [v for v in chosen if v.name not in skipped]
-        total, done, started = len(runnable) * len(seed_values), 0, time.time()
-        for variant in chosen:
-            if variant.name in skipped:
-                print(f"skipping {variant.name}: {skipped[variant.name]}")
-                continue
-            for seed in seed_values:
-                done += 1
-                label = f"variant {done}/{total} {variant.name} seed {seed}"
+        for name, reason in skipped.items():
+            print(f"skipping {name}: {reason}")
+        jobs = [(variant, seed) for variant in runnable for seed in seed_values]
+        started = time.time()
+        with fit_pool(cfg, len(jobs)) as pool:
+            if pool.workers > 1:
+                print(f"{len(jobs)} fits on {pool.workers} workers")
+            submitted = []
+            for number, (variant, seed) in enumerate(jobs, 1):
+                label = f"variant {number}/{len(jobs)} {variant.name} seed {seed}"
                 print(f"{label} ({elapsed_text(time.time() - started)})")
-                state = variant_task(
-                    cfg, variant, seed, parent_id, shards.path, oracle, shard_tags, figures,
-                    exposures, Progress(label, started), return_state=True,
+                fit = pool.submit(
+                    variant_task, cfg=cfg, variant=variant, seed=seed, parent_run_id=parent_id,
+                    shard_dir=shards.path, oracle=oracle, tags=shard_tags, figures=figures,
+                    exposures=exposures, progress=Progress(label, started),
                 )  # fmt: skip
-                outcome = outcome_from_state(state, variant, seed)
+                submitted.append((label, variant, seed, fit))
+            outcomes = []
+            for label, variant, seed, fit in submitted:
+                outcome = outcome_from_state(fit.state(), variant, seed)
                 outcomes.append(outcome)
                 print(f"{label}: {outcome_line(outcome)}")
         summary = log_comparison(cfg, parent, chosen, outcomes, seed_values, skipped, reference)

@@ -69,7 +69,8 @@ def plan_periods(calendar: pd.DatetimeIndex, cfg: PipelineConfig) -> list[Period
     """The walk-forward periods of `calendar` under `cfg.backtest` (see the module docstring).
 
     The last period ends at `backtest.end` or at the last day with a known forward return; a
-    last period shorter than `min_test_days` is dropped.
+    last period shorter than `min_test_days` trading days joins the previous one (its model
+    scores them: no retrain for a few days), or with `short_last_period: drop` is dropped.
     """
     bt, horizon = cfg.backtest, cfg.features.label.horizon
     purge = resolve_purge_days(cfg.features.splits, horizon)
@@ -88,7 +89,15 @@ def plan_periods(calendar: pd.DatetimeIndex, cfg: PipelineConfig) -> list[Period
         test_first = _first_on_or_after(calendar, start)
         test_last = _last_on_or_before(calendar, min(stop, end))
         if test_last - test_first + 1 < bt.min_test_days:
-            log.info("backtest: the last period from %s is too short; dropped", f"{start:%F}")
+            if periods and bt.short_last_period == "join":
+                days = test_last - test_first + 1
+                log.info("backtest: the last %d days from %s join period %d (min_test_days %d)",
+                         days, f"{start:%F}", len(periods), bt.min_test_days)  # fmt: skip
+                periods[-1] = periods[-1].model_copy(
+                    update={"test_end": calendar[test_last].date()}
+                )
+            else:
+                log.info("backtest: the last period from %s is too short; dropped", f"{start:%F}")
             break
         valid_first = _first_on_or_after(calendar, _months(start, -bt.valid_months))
         valid_last = test_first - purge - 1

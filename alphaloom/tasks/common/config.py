@@ -261,7 +261,12 @@ class BacktestSection(Section):
     valid_months: int = Field(3, ge=1)
     start: dt.date | None = None
     end: dt.date | None = None
-    min_test_days: int = Field(5, ge=1, description="a shorter last period is dropped")
+    min_test_days: int = Field(
+        21, ge=1, description="a shorter last period joins the previous one (or is dropped)"
+    )
+    short_last_period: Literal["join", "drop"] = Field(
+        "join", description="join: scored by the previous period's model, no retrain of its own"
+    )
     lightgbm: bool = Field(True, description="also retrain and score the LightGBM baseline")
     lightgbm_params: dict[str, Any] = Field(default_factory=dict)
 
@@ -299,13 +304,20 @@ class RegistrySection(Section):
 
 
 class RunnerSection(Section):
-    """Which Prefect task runner executes fanned-out stage tasks (docs/scaling.md)."""
+    """Which Prefect task runner executes fanned-out stage tasks and the fits of compare and
+    backtest (docs/scaling.md)."""
 
     kind: Literal["thread", "process", "dask"] = "thread"
     workers: int = Field(2, ge=1, description="threads, processes or local Dask workers")
     partitions: int = Field(1, ge=1, description="symbol partitions of features; 1 = one task")
     dask_address: str | None = Field(None, description="an existing Dask scheduler; None: local")
     dask_processes: bool = Field(True, description="local Dask workers as processes, else threads")
+    fit_workers: int | None = Field(
+        None,
+        ge=1,
+        description="fits of compare/backtest at once (None: cores // train.num_threads); "
+        "local worker processes, or the Dask cluster's workers when kind is 'dask'",
+    )
 
     @model_validator(mode="after")
     def _address_needs_dask(self) -> RunnerSection:

@@ -17,9 +17,11 @@ from prefect import flow, unmapped
 
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.data.features import features_task
-from alphaloom.tasks.data.ingest import ingest_task
+from alphaloom.tasks.data.ingest import ingest_task, load_saved_market
 from alphaloom.tasks.data.partitions import (
+    Partition,
     assemble_features_task,
+    partitions_of_bars,
     plan_partitions_task,
     raw_factors_task,
 )
@@ -78,6 +80,35 @@ def features_fanout(market: StageRef, cfg: PipelineConfig) -> StageRef:
     partitions = plan_partitions_task(market, cfg)
     raw = [raw_factors_task.submit(partition, cfg) for partition in partitions]
     return assemble_features_task(market, [future.result() for future in raw], cfg)
+
+
+def market_factors(market: StageRef, cfg: PipelineConfig) -> list[StageRef]:
+    """The raw factors of every symbol partition of the market, computed (or reused) once.
+
+    Their keys hold the bars and the factor list, not the splits, so the periods of a backtest
+    share them: each period only labels, normalises on its own training days and writes its
+    shards (`period_shards`)."""
+    bars = load_saved_market(market.dir).bars
+    partitions = partitions_of_bars(bars, market.path, cfg.runner.partitions)
+    del bars
+    if len(partitions) == 1:
+        return [raw_factors_task(partitions[0], cfg)]
+    return raw_factors_fanout.with_options(task_runner=task_runner_for(cfg.runner))(partitions, cfg)
+
+
+@flow(name="raw-factors-fanout")
+def raw_factors_fanout(partitions: list[Partition], cfg: PipelineConfig) -> list[StageRef]:
+    """Each partition's raw factors in its own task on the runner, in partition order."""
+    return [future.result() for future in raw_factors_task.map(partitions, unmapped(cfg))]
+
+
+def period_shards(
+    market: StageRef, factors: list[StageRef], text: StageRef, cfg: PipelineConfig
+) -> StageRef:
+    """One split configuration's shards from shared raw factors and text vectors: labels, the
+    normalisation fitted on its training days and its shard set (each cached on its key)."""
+    features = assemble_features_task(market, factors, cfg)
+    return shards_stage(features, text, market, cfg)
 
 
 def shards_stage(

@@ -154,7 +154,9 @@ class StageTask:
         ref = self.locate(*args, **kwargs)
         return ref, output_problem(ref.location)
 
-    def _task_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task:
+    def task_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task:
+        """The Prefect task to run for these inputs: the cached one when their output is intact,
+        else one that refreshes the cache (for a task runner's `submit`, which takes a Task)."""
         try:
             ref, problem = self.problem(*args, **kwargs)
         except Exception:  # the task itself then fails (or retries) with this error
@@ -166,10 +168,10 @@ class StageTask:
         return self.refreshing
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._task_for(args, kwargs)(*args, **kwargs)
+        return self.task_for(args, kwargs)(*args, **kwargs)
 
     def submit(self, *args: Any, **kwargs: Any) -> PrefectFuture:
-        return self._task_for(args, kwargs).submit(*args, **kwargs)
+        return self.task_for(args, kwargs).submit(*args, **kwargs)
 
     def with_options(self, **options: Any) -> StageTask:
         return StageTask(self.task.with_options(**options), self.locate)

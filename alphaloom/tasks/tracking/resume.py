@@ -60,7 +60,7 @@ VOLATILE = {
     "train": ("device", "num_threads", "checkpoint_every_batches", "progress_every_batches"),
     "loader": ("num_workers", "prefetch"),
     "tracking": ("ui_port",),
-    "runner": ("kind", "workers", "dask_address", "dask_processes"),
+    "runner": ("kind", "workers", "dask_address", "dask_processes", "fit_workers"),
 }
 
 
