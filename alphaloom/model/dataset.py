@@ -108,6 +108,9 @@ def round_robin_resume(total: int, counts: Sequence[int]) -> tuple[list[int], li
     return taken.tolist(), roles
 
 
+DEFAULT_ORDERED_PANEL_ROWS = 1_500_000  # ordered mode's panel rows a block: ~1 GB at F = 158
+
+
 class ShardedWindowDataset(IterableDataset):
     """Batches of T-day windows from a shard set: shuffled in pools, or in (date, symbol) order.
 
@@ -145,6 +148,7 @@ class ShardedWindowDataset(IterableDataset):
         world_size: int | None = None,
         num_workers: int = 0,
         group_by_date: bool = False,
+        max_panel_rows: int | None = DEFAULT_ORDERED_PANEL_ROWS,
     ) -> None:
         super().__init__()
         self.info = shards if isinstance(shards, ShardSetInfo) else ShardSetInfo.open(shards)
@@ -169,6 +173,7 @@ class ShardedWindowDataset(IterableDataset):
         if group_by_date and not self.shuffle:
             raise ValueError("group_by_date orders shuffled pools; ordered mode is by date anyway")
         self.group_by_date = group_by_date
+        self.max_panel_rows = max_panel_rows  # ordered mode: panel rows per date block
         self.batch_size = batch_size
         self.pool_shards = pool_shards
         self.seed = seed
@@ -406,16 +411,72 @@ class ShardedWindowDataset(IterableDataset):
         return order[np.argsort(day_rank[day_of[order]], kind="stable")]
 
     def _iter_ordered(self, consumer: int, n_consumers: int, skip: int) -> Iterator[Batch]:
-        """Every selected window in (date, symbol) order; this consumer's batches only."""
-        size = self.batch_size
-        panel = load_panel(self.info, range(len(self.info.shards)), self.selection)
-        self.stats.pools_loaded += 1
-        order = np.lexsort((panel.symbol, panel.date))
-        mine = range(consumer, math.ceil(len(panel) / size), n_consumers)[skip:]
-        windows = panel.windows()
-        for b in mine:
-            self.stats.batches_gathered += 1
-            yield gather_batch(panel, windows, order[b * size : (b + 1) * size], self.info)
+        """Every selected window in (date, symbol) order; this consumer's batches only.
+
+        The windows are loaded in date blocks (`ordered_blocks`), each a panel of at most about
+        `max_panel_rows` rows, one block in memory at a time; a batch that straddles two blocks
+        is gathered from both. The batches are those of one panel of every window, row for row.
+        """
+        size, blocks, every = self.batch_size, ordered_blocks(self), range(len(self.info.shards))
+        if len(blocks) == 1:  # one panel of every window (its length is the count)
+            panels: Iterator[Panel] = iter([load_panel(self.info, every, blocks[0])])
+            total = -1
+        else:
+            panels = (load_panel(self.info, every, selection) for selection in blocks)
+            total = self._ordered_window_count()
+        batch, pieces, at = None, [], 0
+        wanted: Iterator[int] = iter(())
+        for number, panel in enumerate(panels):
+            self.stats.pools_loaded += 1
+            if number == 0:
+                total = len(panel) if total == -1 else total
+                wanted = iter(range(consumer, math.ceil(total / size), n_consumers)[skip:])
+                batch = next(wanted, None)
+            if batch is None:
+                return
+            order, windows, end = np.lexsort((panel.symbol, panel.date)), panel.windows(), at
+            end += len(panel)
+            while batch is not None:
+                first, stop = batch * size, min((batch + 1) * size, total)
+                if max(first, at) < min(stop, end):
+                    rows = order[max(first, at) - at : min(stop, end) - at]
+                    pieces.append(gather_batch(panel, windows, rows, self.info))
+                if stop > end:
+                    break  # the batch continues in the next block
+                self.stats.batches_gathered += 1
+                yield pieces[0] if len(pieces) == 1 else _concat_batches(pieces)
+                batch, pieces = next(wanted, None), []
+            at = end
+            del panel, windows, order
+
+
+def ordered_blocks(dataset: ShardedWindowDataset) -> list[Selection]:
+    """The date blocks ordered iteration loads one at a time: the dataset's own selection when
+    its panel fits in `max_panel_rows` (estimated as symbols x (days + window - 1), calendar
+    days: an overestimate), else the same selection cut into consecutive runs of days."""
+    info, selection, limit = dataset.info, dataset.selection, dataset.max_panel_rows
+    if limit is None:
+        return [selection]
+    if selection.dates is not None:
+        days = np.asarray(selection.dates, dtype=np.int64)
+    else:
+        bounds = (info.manifest.get("splits") or {}).get(dataset.key)
+        if not bounds:
+            return [selection]
+        first, last = (np.datetime64(str(d)[:10], "D").astype(np.int64) for d in bounds)
+        days = np.arange(first, last + 1, dtype=np.int64)
+    per_block = max(1, limit // max(info.n_symbols, 1) - (info.window - 1))
+    if len(days) <= per_block:
+        return [selection]
+    return [
+        Selection(selection.split, selection.min_valid, days[i : i + per_block])
+        for i in range(0, len(days), per_block)
+    ]
+
+
+def _concat_batches(pieces: list[Batch]) -> Batch:
+    """One batch of the rows of several, in order."""
+    return {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -69,6 +69,7 @@ __all__ = [
     "select_factors",
     "sort_bars",
     "stitch_raw",
+    "typed_feature_frame",
     "write_feature_table",
 ]
 
@@ -286,11 +287,16 @@ def load_feature_table(out_dir: Location, symbols: list[str] | None = None) -> F
     _require_columns(frame, [*_KEY_COLUMNS, *names, *_TARGET_COLUMNS], str(data_path))
     if symbols is None and "n_rows" in meta and len(frame) != meta["n_rows"]:
         raise ValueError(f"{data_path}: {len(frame)} rows, metadata says {meta['n_rows']}")
+    frame = typed_feature_frame(frame, names)
+    return FeatureTable(frame, names, meta["stats"], meta["split_dates"], meta.get("calendar"))
+
+
+def typed_feature_frame(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Rows of a saved feature table with the table's dtypes (as `load_feature_table` returns)."""
     frame["date"] = frame["date"].astype("datetime64[ns]")
-    frame = frame.astype(
+    return frame.astype(
         {**dict.fromkeys(names, np.float32), "label": np.int8, "fwd_return": np.float32}
     ).astype({"split": np.int8})
-    return FeatureTable(frame, names, meta["stats"], meta["split_dates"], meta.get("calendar"))
 
 
 # ----------------------------------------------------------------------------------------------

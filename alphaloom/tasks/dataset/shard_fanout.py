@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -40,7 +41,13 @@ from alphaloom.tasks.common.storage import (
     output_problem,
     parts_dir,
 )
-from alphaloom.tasks.data.features import FEATURES_FILE, META_FILE, load_feature_table
+from alphaloom.tasks.data.features import (
+    FEATURES_FILE,
+    META_FILE,
+    FeatureTable,
+    load_feature_table,
+    typed_feature_frame,
+)
 from alphaloom.tasks.dataset.feature_rows import FeatureRows, calendar_rows_per_symbol
 from alphaloom.tasks.dataset.row_layout import InstrumentLayout, ShardBuildError, label_coverage
 from alphaloom.tasks.dataset.shard_writer import (
@@ -56,6 +63,8 @@ from alphaloom.tasks.orchestration.caching import StageRef, stage_task
 from alphaloom.tasks.orchestration.retries import retry_transient
 
 log = logging.getLogger(__name__)
+
+BUCKET_ROWS = 500_000  # feature-table rows read at once by `build_shard_set`
 
 
 class ShardJob(BaseModel):
@@ -113,6 +122,13 @@ def write_shard_job(
 ) -> WrittenShard:
     """Write one shard of the plan from its symbols' rows; return its manifest entry."""
     table = load_feature_table(features.location, symbols=job.symbols)
+    return write_shard_rows(job, table, features, market, cfg)
+
+
+def write_shard_rows(
+    job: ShardJob, table: FeatureTable, features: StageRef, market: StageRef, cfg: PipelineConfig
+) -> WrittenShard:
+    """Write one shard of the plan from `table`, its symbols' rows of the feature table."""
     rows = FeatureRows.check(table.frame, table.feature_names, table.split_dates, table.calendar)
     found = [str(s) for s in rows.symbols]
     if found != sorted(job.symbols):
@@ -175,6 +191,60 @@ def finish_shard_set(
             checksums[name] = sha256_file(local / name)
     complete_parts(parts, ref.location, checksums)
     return ref
+
+
+def build_shard_set(
+    features: StageRef,
+    text: StageRef,
+    market: StageRef,
+    cfg: PipelineConfig,
+    batch_rows: int = BUCKET_ROWS,
+) -> StageRef:
+    """The whole shard set in this process, in bounded memory: the same plan, shard files and
+    manifest as the fan-out (so the same set as the single task always wrote), but the feature
+    table is read once, `batch_rows` rows at a time, and each batch's rows are spread to local
+    per-shard pieces; each shard is then written from its pieces alone. Peak memory is one
+    batch or one shard, not the table (which at 3000 symbols x 5000 days is ~10 GB)."""
+    ref = shards_location(features, text, market, cfg)
+    jobs = plan_shard_jobs(features, text, market, cfg)
+    if not jobs:
+        return ref
+    meta = json.loads(features.file(META_FILE).read_text())
+    names = list(meta["feature_names"])
+    number_of = {symbol: job.number for job in jobs for symbol in job.symbols}
+    pieces: list[list[Path]] = [[] for _ in jobs]
+    with tempfile.TemporaryDirectory(prefix="alphaloom-shard-pieces-") as staging:
+        with features.file(FEATURES_FILE).open("rb") as source:
+            reader = pq.ParquetFile(source)
+            for batch_no, batch in enumerate(reader.iter_batches(batch_size=batch_rows)):
+                frame = batch.to_pandas()
+                shard = frame["symbol"].map(number_of).to_numpy()
+                if pd.isna(shard).any():
+                    raise ShardBuildError(f"{features.path}: rows of symbols the plan lacks")
+                shard = shard.astype(np.int64)
+                for number in np.unique(shard):
+                    piece = Path(staging) / f"{number:05d}-{batch_no:05d}.parquet"
+                    frame[shard == number].to_parquet(piece, index=False)
+                    pieces[number].append(piece)
+                del frame, batch
+        written = []
+        for job in jobs:
+            frame = pd.concat(
+                [pd.read_parquet(piece) for piece in pieces[job.number]], ignore_index=True
+            )
+            for piece in pieces[job.number]:
+                piece.unlink()
+            table = FeatureTable(
+                typed_feature_frame(frame, names),
+                names,
+                meta["stats"],
+                meta["split_dates"],
+                meta.get("calendar"),
+            )
+            del frame
+            written.append(write_shard_rows(job, table, features, market, cfg))
+            del table
+    return finish_shard_set(features, text, market, written, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ set, and two writers of the same set cannot corrupt each other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -174,22 +173,12 @@ def shards_location(
 def run_shards_stage(
     features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
 ) -> StageRef:
-    """Write the shard set of a feature table under `<work_dir>/shards/<key>`."""
-    from alphaloom.tasks.data.features import load_feature_table
-    from alphaloom.tasks.dataset.text import load_text_vectors
+    """Write the shard set of a feature table under `<work_dir>/shards/<key>`, shard by shard
+    (`shard_fanout.build_shard_set`: the set `build_shards_from` writes from the table in
+    memory, without ever holding the table)."""
+    from alphaloom.tasks.dataset.shard_fanout import build_shard_set
 
-    ref = shards_location(features, text, market, cfg)
-    meta = json.loads(market.file("meta.json").read_text())
-    build_shards_from(
-        load_feature_table(features.location),
-        pd.read_parquet(str(market.file("instruments.parquet"))),
-        load_text_vectors(text.dir),
-        cfg.shards,
-        FsPath.of(cfg.work_dir) / "shards",
-        meta["source_hash"],
-        key=ref.key,
-    )
-    return ref
+    return build_shard_set(features, text, market, cfg)
 
 
 @stage_task("shards", shards_location)
