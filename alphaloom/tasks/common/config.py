@@ -227,6 +227,21 @@ class TrainSection(Section):
     max_batches_per_epoch: int | None = Field(
         240, ge=1, description="~123k of the default market's ~315k training windows an epoch"
     )
+    samples_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="training windows an epoch sees (whole batches, all DDP ranks together), "
+        "in place of max_batches_per_epoch; each epoch takes the first of its own seeded "
+        "permutation, so epochs see different windows. Fixed cost per epoch on any market: "
+        "early stopping on validation decides how many epochs, i.e. how much data, it needs",
+    )
+    epoch_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="the fraction of the training windows an epoch sees, in place of "
+        "max_batches_per_epoch (1.0: every window); cost per epoch grows with the market",
+    )
     num_threads: int | None = Field(
         1,
         ge=1,
@@ -235,6 +250,12 @@ class TrainSection(Section):
     )
     checkpoint_every_batches: int | None = Field(None, ge=1, description="also mid-epoch")
     progress_every_batches: int = Field(10, ge=1, description="progress callback cadence")
+
+    @model_validator(mode="after")
+    def _one_epoch_size(self) -> TrainSection:
+        if self.samples_per_epoch is not None and self.epoch_fraction is not None:
+            raise ValueError("set train.samples_per_epoch or train.epoch_fraction, not both")
+        return self
 
 
 class EvaluateSection(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from typing import Any
 
@@ -60,3 +61,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (the model itself otherwise): its
     weights are what checkpoints hold and what validation and the caller get."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def epoch_batch_limit(cfg: Any, info: Any) -> int | None:
+    """Batches this rank trains an epoch at most (None: the whole training split).
+
+    `train.samples_per_epoch` (a fixed number of windows, whatever the market's size) or
+    `train.epoch_fraction` (a share of the training windows) when set, else
+    `train.max_batches_per_epoch`. Both count the windows of every DDP rank together.
+    """
+    train, (_, world) = cfg.train, dist_info()
+    per_step = cfg.loader.batch_size * world
+    if train.samples_per_epoch is not None:
+        return max(1, math.ceil(train.samples_per_epoch / per_step))
+    if train.epoch_fraction is not None:
+        windows = info.window_count("train", cfg.loader.min_valid_days)
+        return max(1, math.ceil(train.epoch_fraction * windows / per_step))
+    return train.max_batches_per_epoch

@@ -55,6 +55,7 @@ from alphaloom.tasks.training.runtime import (
     autocast_for,
     broadcast_from_rank0,
     dist_info,
+    epoch_batch_limit,
     seed_everything,
     select_device,
     unwrap,
@@ -283,7 +284,7 @@ def train_epoch(
         loader.load_state_dict({"epoch": state.epoch, "batches": state.batch})
     parts.model.train()
     parts.loss.train()
-    limit = cfg.train.max_batches_per_epoch
+    limit = epoch_batch_limit(cfg, parts.info)
     every = cfg.train.progress_every_batches
     acc = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=parts.device)
     stream = iter(loader)
@@ -482,7 +483,8 @@ def batches_per_epoch(shard_dir: str | Path, cfg: PipelineConfig) -> int:
     from alphaloom.model.shard_set import ShardSetInfo
 
     _, world = dist_info()
-    windows = ShardSetInfo.open(shard_dir).window_count("train", cfg.loader.min_valid_days)
+    info = ShardSetInfo.open(shard_dir)
+    windows = info.window_count("train", cfg.loader.min_valid_days)
     batches = math.ceil(windows / world / cfg.loader.batch_size)
-    cap = cfg.train.max_batches_per_epoch
+    cap = epoch_batch_limit(cfg, info)
     return batches if cap is None else min(batches, cap)
