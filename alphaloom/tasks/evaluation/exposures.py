@@ -60,7 +60,7 @@ def exposure_metrics(preds: pd.DataFrame, exposures: pd.DataFrame) -> dict[str, 
 
 
 def market_exposures(market: StageRef) -> pd.DataFrame:
-    """`risk_exposures` of an ingested market's canonical bars."""
-    from alphaloom.tasks.data.ingest import load_saved_market
+    """`risk_exposures` of an ingested market's canonical bars (only the bars are read)."""
+    from alphaloom.tasks.data.ingest import load_saved_bars
 
-    return risk_exposures(load_saved_market(market.dir).bars)
+    return risk_exposures(load_saved_bars(market.dir))
