@@ -52,12 +52,17 @@ def visible_gpus(cfg: PipelineConfig) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def take_gpu(counter: Any, n_gpus: int) -> None:
-    """Worker initializer: this worker process sees one GPU, the next in round robin."""
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(index % n_gpus)
+def prepare_worker(counter: Any, n_gpus: int) -> None:
+    """Worker process initializer: signals handled as in a command (a stopped command's fits
+    mark their runs KILLED); with several GPUs, this worker sees one, the next in round robin."""
+    from alphaloom.tasks.orchestration.shutdown import handle_signals_in_worker
+
+    handle_signals_in_worker()
+    if n_gpus > 1:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % n_gpus)
 
 
 def fit_task_runner(cfg: PipelineConfig, workers: int) -> Any:
@@ -68,13 +73,10 @@ def fit_task_runner(cfg: PipelineConfig, workers: int) -> Any:
         return task_runner_for(cfg.runner.model_copy(update={"workers": workers}))
     from prefect.task_runners import ProcessPoolTaskRunner
 
-    n_gpus = visible_gpus(cfg)
-    if n_gpus > 1:
-        counter = multiprocessing.get_context("spawn").Value("i", 0)
-        return ProcessPoolTaskRunner(
-            max_workers=workers, initializer=take_gpu, initargs=(counter, n_gpus)
-        )
-    return ProcessPoolTaskRunner(max_workers=workers)
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    return ProcessPoolTaskRunner(
+        max_workers=workers, initializer=prepare_worker, initargs=(counter, visible_gpus(cfg))
+    )
 
 
 @dataclass

@@ -15,8 +15,9 @@ signal a thread, not the interrupted main thread, stops the command:
 1. every stop hook registered with `on_stop` runs: tasks/tracking/runs.py registers each open
    MLflow run, which is marked KILLED with the reason in `alphaloom.died`;
 2. every child process (Prefect's temporary server, torchrun and its ranks, loader or Dask
-   workers; not the reaper, which ends with this process) gets SIGTERM, and SIGKILL if it is
-   still there after CHILD_GRACE seconds;
+   workers, the fit pool's workers, which handle the signal the same way and so mark their
+   own runs KILLED; not the reaper, which ends with this process) gets SIGTERM, and SIGKILL if
+   it is still there after CHILD_GRACE seconds;
 3. the temporaries this process was writing are removed (tasks/common/storage.py), so no partial
    output is left;
 4. the process exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
@@ -127,6 +128,18 @@ def handling_signals() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _installed_in = installed_before
+
+
+def handle_signals_in_worker() -> None:
+    """Handle SIGTERM and SIGINT as a command does, for the rest of this process's life: for
+    a task runner's worker process (tasks/orchestration/fits.py), so a stopped command's fits
+    also mark their MLflow runs KILLED and remove their temporaries when the command's stop
+    thread ends them."""
+    global _installed_in
+    for signum in SIGNALS:
+        signal.signal(signum, _handle)
+    _installed_in = os.getpid()
+    _route_prefect_handlers()
 
 
 def _route_prefect_handlers() -> Callable[[], None]:
