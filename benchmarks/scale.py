@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         run_stage(args.stage, work, symbols, days, args.epochs, args.batches)
         seconds = time.perf_counter() - started
-        (work / f"bench-{args.stage}.json").write_text(json.dumps({"seconds": seconds}))
+        (work / f"bench-seconds-{args.stage}.json").write_text(json.dumps({"seconds": seconds}))
         return
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                        "--work-dir", str(work), "--epochs", str(args.epochs),
                        "--batches", str(args.batches)]  # fmt: skip
                 wall, sampled, high_water = measure(cmd, work / "bench.log")
-                seconds = json.loads((work / f"bench-{stage}.json").read_text())["seconds"]
+                seconds = json.loads((work / f"bench-seconds-{stage}.json").read_text())["seconds"]
                 peak = max(sampled, high_water)
                 total, peak_all = total + seconds, max(peak_all, peak)
                 walls += wall
