@@ -92,13 +92,17 @@ def numbers(rows: dict) -> dict:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["synthetic", "sp500-dev"], default="synthetic")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", choices=["backtest", "compare"], default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.data == "sp500-dev":
         if not SP500_DEV.is_dir():
             sys.exit(f"{SP500_DEV} is absent: nothing to measure on real data")
