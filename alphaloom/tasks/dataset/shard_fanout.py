@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -193,6 +195,23 @@ def finish_shard_set(
     return ref
 
 
+def _table_batches(features: StageRef, batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The feature table's rows, one row group (or `batch_rows` of one) at a time.
+
+    Row groups are read one by one and pyarrow's pool is released after each: the reader's
+    `iter_batches` reads ahead, and measured on 4.5M rows it held 3.4 GB (RSS growing by
+    ~0.5 GB a batch at 15M rows) where this holds one row group (~0.9 GB peak).
+    """
+    with features.file(FEATURES_FILE).open("rb") as source:
+        reader = pq.ParquetFile(source, pre_buffer=False)
+        for group in range(reader.metadata.num_row_groups):
+            table = reader.read_row_group(group)
+            for start in range(0, table.num_rows, batch_rows):
+                yield table.slice(start, batch_rows).to_pandas()
+            del table
+            pa.default_memory_pool().release_unused()
+
+
 def build_shard_set(
     features: StageRef,
     text: StageRef,
@@ -214,19 +233,16 @@ def build_shard_set(
     number_of = {symbol: job.number for job in jobs for symbol in job.symbols}
     pieces: list[list[Path]] = [[] for _ in jobs]
     with tempfile.TemporaryDirectory(prefix="alphaloom-shard-pieces-") as staging:
-        with features.file(FEATURES_FILE).open("rb") as source:
-            reader = pq.ParquetFile(source)
-            for batch_no, batch in enumerate(reader.iter_batches(batch_size=batch_rows)):
-                frame = batch.to_pandas()
-                shard = frame["symbol"].map(number_of).to_numpy()
-                if pd.isna(shard).any():
-                    raise ShardBuildError(f"{features.path}: rows of symbols the plan lacks")
-                shard = shard.astype(np.int64)
-                for number in np.unique(shard):
-                    piece = Path(staging) / f"{number:05d}-{batch_no:05d}.parquet"
-                    frame[shard == number].to_parquet(piece, index=False)
-                    pieces[number].append(piece)
-                del frame, batch
+        for batch_no, frame in enumerate(_table_batches(features, batch_rows)):
+            shard = frame["symbol"].map(number_of).to_numpy()
+            if pd.isna(shard).any():
+                raise ShardBuildError(f"{features.path}: rows of symbols the plan lacks")
+            shard = shard.astype(np.int64)
+            for number in np.unique(shard):
+                piece = Path(staging) / f"{number:05d}-{batch_no:05d}.parquet"
+                frame[shard == number].to_parquet(piece, index=False)
+                pieces[number].append(piece)
+            del frame
         written = []
         for job in jobs:
             frame = pd.concat(
