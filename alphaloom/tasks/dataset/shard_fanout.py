@@ -56,11 +56,11 @@ from alphaloom.tasks.dataset.shard_writer import (
     ManifestInfo,
     plan_shards,
     shard_file,
+    shards_location,
     write_feature_shard,
     write_manifest,
     write_side_tables,
 )
-from alphaloom.tasks.dataset.shards import shards_location
 from alphaloom.tasks.orchestration.caching import StageRef, stage_task
 from alphaloom.tasks.orchestration.retries import retry_transient
 

@@ -39,7 +39,7 @@ from alphaloom.model.shard_format import (
     shard_table,
     window_histograms,
 )
-from alphaloom.tasks.common.config import ShardsSection
+from alphaloom.tasks.common.config import PipelineConfig, ShardsSection
 from alphaloom.tasks.common.hashing import code_version, hash_frame, hash_json, sha256_file
 from alphaloom.tasks.dataset.feature_rows import FeatureRows
 from alphaloom.tasks.dataset.row_layout import (
@@ -50,7 +50,7 @@ from alphaloom.tasks.dataset.row_layout import (
     calendar_rows,
     split_of_days,
 )
-from alphaloom.tasks.orchestration.caching import stage_key
+from alphaloom.tasks.orchestration.caching import StageRef, stage_key
 
 __all__ = ["ShardBuildError", "TextLike"]
 
@@ -382,3 +382,22 @@ def _shard_arrays(
     return ShardArrays(
         **{name: columns[name] for name in ShardArrays.__dataclass_fields__ if name != "x"}, x=x
     )
+
+
+def shards_location(
+    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
+) -> StageRef:
+    """The shards stage's output: key = the features' and text's keys + shards section + code
+    version.
+
+    The market is a parameter only for its instruments and source hash, which those two keys
+    already cover.
+    """
+    key = stage_key(
+        "shards",
+        [features.key, text.key],
+        cfg.shards,
+        shard_code_modules(),
+        extra=f"schema{SCHEMA_VERSION}",
+    )
+    return StageRef.at(cfg.work_dir, "shards", key)

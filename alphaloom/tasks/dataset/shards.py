@@ -38,7 +38,7 @@ import pandas as pd
 
 from alphaloom.model.dataset import ShardedWindowDataset
 from alphaloom.model.device_loader import WindowLoader
-from alphaloom.model.shard_format import SCHEMA_VERSION, SPLIT_CODES
+from alphaloom.model.shard_format import SPLIT_CODES
 from alphaloom.tasks.common.config import LoaderSection, PipelineConfig, ShardsSection
 from alphaloom.tasks.common.storage import FsPath, Location, atomic_dir
 from alphaloom.tasks.dataset.feature_rows import FeatureRows
@@ -46,14 +46,14 @@ from alphaloom.tasks.dataset.row_layout import InstrumentLayout, TextLike, label
 from alphaloom.tasks.dataset.shard_writer import (
     ManifestInfo,
     plan_shards,
-    shard_code_modules,
     shard_file,
     shard_set_key,
+    shards_location,
     write_feature_shard,
     write_manifest,
     write_side_tables,
 )
-from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
+from alphaloom.tasks.orchestration.caching import StageRef, stage_task
 
 
 class FeatureTableLike(Protocol):
@@ -149,25 +149,6 @@ def build_shards_from(
         key,
         getattr(table, "calendar", None),
     )
-
-
-def shards_location(
-    features: StageRef, text: StageRef, market: StageRef, cfg: PipelineConfig
-) -> StageRef:
-    """The shards stage's output: key = the features' and text's keys + shards section + code
-    version.
-
-    The market is a parameter only for its instruments and source hash, which those two keys
-    already cover.
-    """
-    key = stage_key(
-        "shards",
-        [features.key, text.key],
-        cfg.shards,
-        shard_code_modules(),
-        extra=f"schema{SCHEMA_VERSION}",
-    )
-    return StageRef.at(cfg.work_dir, "shards", key)
 
 
 def run_shards_stage(
