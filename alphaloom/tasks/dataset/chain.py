@@ -17,7 +17,7 @@ from prefect import flow, unmapped
 
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.data.features import features_task
-from alphaloom.tasks.data.ingest import ingest_task, load_saved_market
+from alphaloom.tasks.data.ingest import ingest_task, load_saved_bars
 from alphaloom.tasks.data.partitions import (
     Partition,
     assemble_features_task,
@@ -88,7 +88,7 @@ def market_factors(market: StageRef, cfg: PipelineConfig) -> list[StageRef]:
     Their keys hold the bars and the factor list, not the splits, so the periods of a backtest
     share them: each period only labels, normalises on its own training days and writes its
     shards (`period_shards`)."""
-    bars = load_saved_market(market.dir).bars
+    bars = load_saved_bars(market.dir)
     partitions = partitions_of_bars(bars, market.path, cfg.runner.partitions)
     del bars
     if len(partitions) == 1:

@@ -19,7 +19,7 @@ signal a thread, not the interrupted main thread, stops the command:
    own runs KILLED; not the reaper, which ends with this process) gets SIGTERM, and SIGKILL if
    it is still there after CHILD_GRACE seconds;
 3. the temporaries this process was writing are removed (tasks/common/storage.py), so no partial
-   output is left;
+   output is left (before the children are ended, and again after);
 4. the process exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
 
 Meanwhile the main thread carries on until it reaches `park_if_stopping` (a run ending, a new
@@ -205,9 +205,13 @@ def _stop(signum: int) -> None:
     runner = threading.Thread(target=run_hooks, name="alphaloom-stop-hooks", daemon=True)
     runner.start()
     runner.join(HOOKS_DEADLINE)  # a hung tracking server must not keep the children running
+    # temporaries first: a fit pool worker is itself a child of the command, which kills it
+    # CHILD_GRACE seconds after its SIGTERM, possibly while it still waits for its own children
+    # (the multiprocessing resource tracker ignores SIGTERM); once more after the children end
+    removed = set(remove_live_temps())
     left = EXIT_DEADLINE - 2.0 - (time.monotonic() - started)
     ended = end_children(grace=max(0.5, min(CHILD_GRACE, left)))
-    removed = remove_live_temps()
+    removed |= set(remove_live_temps())
     log.warning(
         "stopped by %s: %d MLflow run(s) marked KILLED, %d child process(es) ended, %d partial "
         "output(s) removed; exit status %d",
