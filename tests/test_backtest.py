@@ -197,7 +197,7 @@ FAST = [
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_backtest_flow_resumes_after_a_crash_in_one_parent_run(
+def test_backtest_flow_resumes_after_a_crash_and_a_dask_cluster_gives_the_same_table(
     tmp_path: Path, mlflow_uri: str, monkeypatch
 ) -> None:
     from alphaloom.flows.backtest import backtest
@@ -262,6 +262,25 @@ def test_backtest_flow_resumes_after_a_crash_in_one_parent_run(
     assert network["date"].min() >= first  # nothing before the first period is scored
     assert report.markdown_of_run(cfg, parent.info.run_id) == summary["markdown"]
 
+    # the same backtest with its periods on a Dask LocalCluster of 2 worker processes, from
+    # scratch (its own work dir and store): every period trained there, the same table
+    pytest.importorskip("prefect_dask")
+    dask_store = f"sqlite:///{tmp_path / 'dask.db'}"
+    mlflow.MlflowClient(dask_store).search_experiments()  # created once, before workers share it
+    dask = config(
+        *FAST,
+        f"work_dir={tmp_path / 'dask'}",
+        f"tracking.tracking_uri={dask_store}",
+        "runner.kind=dask",
+        "runner.fit_workers=2",
+    )
+    fanned, dask_states = run_with_states(backtest, dask)
+    assert [dask_states[f"period{n}"] for n in (1, 2, 3)] == ["Completed"] * 3
+    on_dask = pd.DataFrame(fanned["table"])
+    numeric = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    assert "network_rank_ic" in numeric and table["network_rank_ic"].notna().all()
+    pd.testing.assert_frame_equal(table[numeric], on_dask[numeric])  # every cell, every period
+
 
 def test_backtest_table_of_an_unknown_run_exits_2_and_says_why(mlflow_uri: str, capsys) -> None:
     from alphaloom.flows.cli import main
@@ -285,33 +304,3 @@ def test_backtest_command_names_an_impossible_plan(tmp_path: Path, mlflow_uri: s
     args = ["backtest", "--config", str(REPO / "configs" / "smoke.yaml")]
     assert main([*args, *(t for item in sets for t in ("--set", item))]) == 2
     assert "no period to score" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("prefect_harness")
-def test_backtest_periods_on_a_dask_cluster_give_the_sequential_result(
-    tmp_path: Path, mlflow_uri: str
-) -> None:
-    pytest.importorskip("prefect_dask")
-    from alphaloom.flows.backtest import backtest
-    from tests.test_flows import run_with_states
-
-    base = [*FAST, "backtest.lightgbm=false"]
-    one_store = f"tracking.tracking_uri={mlflow_uri}"
-    sequential = backtest(config=config(*base, one_store, f"work_dir={tmp_path / 'one'}"))
-    dask_store = f"sqlite:///{tmp_path / 'dask.db'}"
-    mlflow.MlflowClient(dask_store).search_experiments()  # created once, before workers share it
-    dask = config(
-        *base,
-        f"tracking.tracking_uri={dask_store}",
-        f"work_dir={tmp_path / 'dask'}",
-        "runner.kind=dask",
-        "runner.fit_workers=2",
-    )
-    fanned, states = run_with_states(backtest, dask)
-    assert [states[f"period{n}"] for n in (1, 2, 3)] == ["Completed"] * 3  # trained, not cached
-    one, two = pd.DataFrame(sequential["table"]), pd.DataFrame(fanned["table"])
-    assert len(one) == 4 and one["period"].tolist() == two["period"].tolist()
-    numeric = [c for c in one.columns if pd.api.types.is_float_dtype(one[c])]
-    assert "network_rank_ic" in numeric and one["network_rank_ic"].notna().all()
-    pd.testing.assert_frame_equal(one[numeric], two[numeric])  # the same numbers, every period
