@@ -95,6 +95,34 @@ def scratch_dir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="alphaloom-features-")
 
 
+def partition_rows(
+    symbols: np.ndarray,
+    dates: np.ndarray,
+    part: pd.DataFrame,
+    number: int,
+    filled: np.ndarray,
+    names: list[str],
+    error: type[Exception],
+) -> np.ndarray:
+    """The rows of the sorted bars (`symbols`/`dates`) that partition `number` covers, after
+    checking it matches them, repeats no row already `filled` and has every factor column."""
+    rows = np.flatnonzero(np.isin(symbols, part["symbol"].unique()))
+    same = len(rows) == len(part) and np.array_equal(
+        dates[rows], part["date"].to_numpy("datetime64[ns]")
+    )
+    if not same or not np.array_equal(symbols[rows], part["symbol"].to_numpy()):
+        raise error(
+            f"raw factors of partition {number} do not match the market's bars of its "
+            "symbols (stale or foreign partition output); delete raw_factors/ and rerun"
+        )
+    if filled[rows].any():
+        raise error(f"partition {number} repeats symbols of another partition")
+    missing = [name for name in names if name not in part.columns]
+    if missing:
+        raise error(f"raw factors of partition {number} lack columns {missing}")
+    return rows
+
+
 def write_chunks_from_parts(
     scratch: Scratch,
     symbols: np.ndarray,
@@ -115,20 +143,7 @@ def write_chunks_from_parts(
     pieces: list[list[tuple[Path, np.ndarray]]] = [[] for _ in scratch.bounds]
     for number, source in enumerate(parts):
         part = pd.read_parquet(str(source)) if not isinstance(source, pd.DataFrame) else source
-        rows = np.flatnonzero(np.isin(symbols, part["symbol"].unique()))
-        same = len(rows) == len(part) and np.array_equal(
-            dates[rows], part["date"].to_numpy("datetime64[ns]")
-        )
-        if not same or not np.array_equal(symbols[rows], part["symbol"].to_numpy()):
-            raise error(
-                f"raw factors of partition {number} do not match the market's bars of its "
-                "symbols (stale or foreign partition output); delete raw_factors/ and rerun"
-            )
-        if filled[rows].any():
-            raise error(f"partition {number} repeats symbols of another partition")
-        missing = [name for name in names if name not in part.columns]
-        if missing:
-            raise error(f"raw factors of partition {number} lack columns {missing}")
+        rows = partition_rows(symbols, dates, part, number, filled, names, error)
         filled[rows] = True
         chunk_of = np.searchsorted(starts, rows, side="right") - 1
         for chunk in np.unique(chunk_of):

@@ -42,6 +42,7 @@ from alphaloom.tasks.data.feature_chunks import (
     TableWriter,
     chunk_bounds,
     fit_stats_from_chunks,
+    partition_rows,
     scratch_dir,
     write_chunks_from_parts,
 )
@@ -204,20 +205,7 @@ def stitch_raw(bars: pd.DataFrame, parts: Sequence[pd.DataFrame], names: list[st
     symbols = bars["symbol"].to_numpy()
     dates = bars["date"].to_numpy("datetime64[ns]")
     for number, part in enumerate(parts):
-        rows = np.flatnonzero(np.isin(symbols, part["symbol"].unique()))
-        same = len(rows) == len(part) and np.array_equal(
-            dates[rows], part["date"].to_numpy("datetime64[ns]")
-        )
-        if not same or not np.array_equal(symbols[rows], part["symbol"].to_numpy()):
-            raise PartitionError(
-                f"raw factors of partition {number} do not match the market's bars of its "
-                "symbols (stale or foreign partition output); delete raw_factors/ and rerun"
-            )
-        if filled[rows].any():
-            raise PartitionError(f"partition {number} repeats symbols of another partition")
-        missing = [name for name in names if name not in part.columns]
-        if missing:
-            raise PartitionError(f"raw factors of partition {number} lack columns {missing}")
+        rows = partition_rows(symbols, dates, part, number, filled, names, PartitionError)
         for row, name in zip(block, names, strict=True):
             row[rows] = part[name].to_numpy(np.float32)
         filled[rows] = True
