@@ -152,3 +152,26 @@ def test_config_command_prints_what_a_run_resolves_to(capsys, tmp_path: Path) ->
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == load_config(None, ["train.epochs=3"]).model_dump(mode="json")
     assert printed["train"]["epochs"] == 3
+
+
+def test_strategy_settings_default_in_one_place_and_reject_bad_books() -> None:
+    from alphaloom.tasks.common import config as config_module
+
+    evaluate = load_config().evaluate
+    assert (evaluate.topk, evaluate.n_drop, evaluate.smoothing_half_life) == (
+        config_module.DEFAULT_TOPK,
+        config_module.DEFAULT_N_DROP,
+        config_module.DEFAULT_SMOOTHING_HALF_LIFE,
+    )
+    cfg = config_from_dict({}, ["evaluate.topk=10", "evaluate.n_drop=10"])
+    assert (cfg.evaluate.topk, cfg.evaluate.n_drop) == (10, 10)  # a full daily rebalance
+    with pytest.raises(ConfigError, match=r"evaluate\.n_drop \(11\) must be <= evaluate\.topk"):
+        config_from_dict({}, ["evaluate.topk=10", "evaluate.n_drop=11"])
+    with pytest.raises(ConfigError, match=r"invalid value for 'evaluate\.topk'"):
+        config_from_dict({}, ["evaluate.topk=0"])
+    with pytest.raises(ConfigError, match=r"invalid value for 'evaluate\.n_drop'"):
+        config_from_dict({}, ["evaluate.n_drop=-1"])
+    for bad in ("-1", ".nan", ".inf"):
+        with pytest.raises(ConfigError, match=r"invalid value for 'evaluate\.smoothing_half_life'"):
+            config_from_dict({}, [f"evaluate.smoothing_half_life={bad}"])
+    assert config_from_dict({}, ["evaluate.smoothing_half_life=2.5"]).evaluate.smoothing_half_life

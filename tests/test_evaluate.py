@@ -10,8 +10,10 @@ import pytest
 from scipy import stats
 
 from alphaloom.tasks.common.config import EvaluateSection
+from alphaloom.tasks.data.ingest import MarketData, load_market, save_market
+from alphaloom.tasks.evaluation import evaluate as evaluate_module
 from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
-from alphaloom.tasks.evaluation.exposures import exposure_metrics, risk_exposures
+from alphaloom.tasks.evaluation.exposures import exposure_metrics, market_exposures, risk_exposures
 from alphaloom.tasks.evaluation.metrics import (
     EvaluationError,
     classification_metrics,
@@ -22,6 +24,11 @@ from alphaloom.tasks.evaluation.metrics import (
     quantile_metrics,
     quantile_returns,
 )
+from alphaloom.tasks.evaluation.neutral import neutral_exposures, neutral_ic_metrics
+from alphaloom.tasks.evaluation.plots import drawdown
+from alphaloom.tasks.evaluation.portfolio import topk_dropout
+from alphaloom.tasks.evaluation.smoothing import smooth_scores
+from alphaloom.tasks.orchestration.caching import StageRef
 
 
 def _preds(n_days: int = 5, n_symbols: int = 10, seed: int = 0) -> pd.DataFrame:
@@ -179,6 +186,7 @@ def test_figures_and_the_quantile_table_are_rendered() -> None:
         "calibration.png",
         "quantile_returns.png",
         "quantile_returns.csv",
+        "topk_excess_cumulative.png",
     }
     table = artifacts["quantile_returns.csv"]
     assert metrics["q1_return"] == pytest.approx(table["mean_return"].iloc[0])
@@ -256,3 +264,144 @@ def test_a_volatility_loving_score_shows_in_score_vol_corr() -> None:
     assert result["score_size_corr"] < -0.5  # the volatile names are also the thin ones
     neutral = preds.assign(score=np.random.default_rng(3).normal(size=len(preds)))
     assert abs(exposure_metrics(neutral, exposures)["score_vol_corr"]) < 0.15
+
+
+# ----------------------------------------------------------------------------------------------
+# the TopkDropout book, score smoothing and the factor-neutral Rank IC, wired in
+
+
+BOOK = EvaluateSection(topk=3, n_drop=1, cost_bps=10.0, long_short_quantile=0.2)
+
+
+def test_topk_dropout_metrics_are_the_strategy_on_the_labelled_rows() -> None:
+    preds = _preds(n_days=25, n_symbols=12)
+    preds.loc[preds.index[-12:], "fwd_return"] = np.nan  # the newest day: no outcome yet
+    metrics, artifacts = evaluate_predictions(preds, BOOK)
+    daily, expected = topk_dropout(preds.iloc[:-12], 3, 1, 10.0, 252)
+    assert {key for key in metrics if key.startswith("topk_")} == set(expected)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, nan_ok=True), key
+    assert metrics["topk_excess_ann_return_net"] < metrics["topk_excess_ann_return_gross"]
+    assert "rank_ic_smoothed" not in metrics  # smoothing is off by default
+    # the figure's drawdown is the one the metric reports
+    wealth = daily["excess_net"].cumsum()
+    assert drawdown(wealth).min() == pytest.approx(metrics["topk_excess_max_drawdown_net"])
+    figure = artifacts["topk_excess_cumulative.png"]
+    lines = {line.get_label(): line for line in figure.axes[0].lines}
+    np.testing.assert_allclose(lines["net of costs"].get_ydata(), wealth.to_numpy())
+    np.testing.assert_allclose(
+        lines["gross"].get_ydata(), daily["excess_gross"].cumsum().to_numpy()
+    )
+    # a different book (n_drop) gives different figures: the config is what is traded
+    wide, _ = evaluate_predictions(preds, BOOK.model_copy(update={"n_drop": 3}), with_figures=False)
+    assert wide["topk_excess_turnover"] > metrics["topk_excess_turnover"]
+
+
+def test_smoothing_changes_the_books_but_not_the_models_rank_ic() -> None:
+    preds = _preds(n_days=30, n_symbols=12, seed=4)
+    raw, _ = evaluate_predictions(preds, BOOK, with_figures=False)
+    smooth_cfg = BOOK.model_copy(update={"smoothing_half_life": 3.0})
+    smoothed, _ = evaluate_predictions(preds, smooth_cfg, with_figures=False)
+    for key in ("rank_ic", "ic", "rank_icir", "icir", "q5_minus_q1"):
+        assert smoothed[key] == raw[key], key
+    traded = smooth_scores(preds, 3.0)
+    assert smoothed["rank_ic_smoothed"] == pytest.approx(daily_ic(traded, "spearman").mean())
+    assert smoothed["rank_ic_smoothed"] != pytest.approx(raw["rank_ic"])
+    _, book = topk_dropout(traded, 3, 1, 10.0, 252)
+    assert smoothed["topk_ls_sharpe_net"] == pytest.approx(book["topk_ls_sharpe_net"])
+    assert smoothed["topk_excess_turnover"] == pytest.approx(book["topk_excess_turnover"])
+    decile = long_short_returns(traded, 0.2, 10.0)
+    assert smoothed["ls_turnover"] == pytest.approx(decile["turnover"].mean())
+    assert smoothed["ls_turnover"] < raw["ls_turnover"]  # the point of smoothing
+
+
+def test_history_gives_the_smoothing_its_past_as_one_series_would() -> None:
+    preds = _preds(n_days=30, n_symbols=12, seed=5)
+    first_day = preds["date"].unique()[15]
+    early, late = preds[preds["date"] < first_day], preds[preds["date"] >= first_day]
+    cfg = BOOK.model_copy(update={"smoothing_half_life": 5.0})
+    with_past, _ = evaluate_predictions(late, cfg, with_figures=False, history=preds)
+    alone, _ = evaluate_predictions(late, cfg, with_figures=False)
+    whole = smooth_scores(preds, 5.0)
+    expected = daily_ic(whole[whole["date"] >= first_day], "spearman").mean()
+    assert with_past["rank_ic_smoothed"] == pytest.approx(expected)
+    assert alone["rank_ic_smoothed"] != pytest.approx(expected)
+    assert with_past["rank_ic"] == alone["rank_ic"]  # history never touches the raw score
+    assert early["date"].max() < first_day
+
+
+def test_evaluate_splits_smooths_test_on_the_validation_scores(monkeypatch) -> None:
+    preds = _preds(n_days=30, n_symbols=12, seed=6)
+    first_day = preds["date"].unique()[15]
+    by_split = {
+        "valid": preds[preds["date"] < first_day],
+        "test": preds[preds["date"] >= first_day],
+    }
+    monkeypatch.setattr(
+        evaluate_module, "predict", lambda _m, _d, split, *_a, **_k: by_split[split]
+    )
+
+    class Coverage:
+        @staticmethod
+        def open(_dir):
+            return Coverage()
+
+        def label_coverage(self, split):
+            return {"rows": float(len(by_split[split]))}
+
+    monkeypatch.setattr(evaluate_module, "ShardSetInfo", Coverage)
+    from alphaloom.tasks.common.config import PipelineConfig
+
+    cfg = PipelineConfig(evaluate=BOOK.model_copy(update={"smoothing_half_life": 5.0}))
+    out = evaluate_module.evaluate_splits(None, "unused", cfg)
+    expected, _ = evaluate_predictions(
+        by_split["test"], cfg.evaluate, with_figures=False, history=by_split["valid"]
+    )
+    assert out["test"][0]["topk_ls_sharpe_net"] == pytest.approx(expected["topk_ls_sharpe_net"])
+    assert out["test"][0]["rank_ic_smoothed"] == pytest.approx(expected["rank_ic_smoothed"])
+    first, _ = evaluate_predictions(by_split["valid"], cfg.evaluate, with_figures=False)
+    assert out["valid"][0]["rank_ic_smoothed"] == pytest.approx(first["rank_ic_smoothed"])
+
+
+def _instruments(bars: pd.DataFrame) -> pd.DataFrame:
+    symbols = sorted(bars["symbol"].unique())
+    return pd.DataFrame({"symbol": symbols, "industry": [f"I{i % 3}" for i in range(len(symbols))]})
+
+
+def test_neutral_rank_ic_is_logged_when_the_exposures_carry_the_factors() -> None:
+    bars = _bars_with_two_regimes()
+    exposures = neutral_exposures(bars, _instruments(bars))
+    known = exposures.dropna()
+    rng = np.random.default_rng(7)
+    preds = known[["symbol", "date"]].reset_index(drop=True)
+    preds["fwd_return"] = rng.normal(0, 0.02, len(preds))
+    preds["score"] = preds["fwd_return"] + np.log(known["vol20"].to_numpy()) * 0.01
+    for k in range(4):
+        preds[f"p{k}"] = 0.25
+    preds["label"] = 0
+    metrics, _ = evaluate_predictions(preds, BOOK, exposures=exposures, with_figures=False)
+    expected = neutral_ic_metrics(preds, exposures)
+    assert metrics["rank_ic_neutral"] == pytest.approx(expected["rank_ic_neutral"])
+    assert metrics["rank_icir_neutral"] == pytest.approx(expected["rank_icir_neutral"])
+    assert metrics["rank_ic_neutral"] != pytest.approx(metrics["rank_ic"])
+    assert metrics["score_vol_corr"] == pytest.approx(
+        exposure_metrics(preds, exposures)["score_vol_corr"]
+    )
+    # volatility and size only (no reversal, no industry): no neutral Rank IC, no error
+    plain, _ = evaluate_predictions(preds, BOOK, exposures=risk_exposures(bars), with_figures=False)
+    assert "rank_ic_neutral" not in plain and plain["score_vol_corr"] == metrics["score_vol_corr"]
+
+
+def test_market_exposures_are_the_neutral_exposures_of_the_saved_market(tmp_path) -> None:
+    from alphaloom.tasks.common.config import DataSection, SyntheticSection
+
+    market = load_market(
+        DataSection(synthetic=SyntheticSection(n_symbols=12, n_days=100, seed=3)), min_history=10
+    )
+    assert isinstance(market, MarketData)
+    out = save_market(market, tmp_path / "market" / "m")
+    exposures = market_exposures(StageRef(stage="market", key="m", path=str(out)))
+    expected = neutral_exposures(market.bars, market.instruments)
+    pd.testing.assert_frame_equal(exposures, expected)
+    assert exposures["industry"].nunique() > 1  # the instruments' industries, not one group
+    assert {"vol20", "log_dollar_volume", "reversal5"} <= set(exposures.columns)

@@ -258,12 +258,41 @@ class TrainSection(Section):
         return self
 
 
+# The strategy's defaults, in one place: to be chosen by the walk-forward numbers (issue 21).
+DEFAULT_TOPK = 50
+DEFAULT_N_DROP = 5
+DEFAULT_SMOOTHING_HALF_LIFE = 0.0
+
+
 class EvaluateSection(Section):
-    """Metrics and the long-short backtest."""
+    """Metrics and the books they trade: the decile long-short (`long_short_quantile`) and
+    Qlib's TopkDropout (hold `topk`, replace at most `n_drop` a day), both at `cost_bps` per side.
+
+    With `smoothing_half_life` > 0 both books trade the causal EMA of the daily score ranks
+    (tasks/evaluation/smoothing.py), while the IC family stays the model's raw score.
+    """
 
     long_short_quantile: float = Field(0.1, gt=0.0, le=0.5)
-    cost_bps: float = Field(10.0, ge=0.0)
+    cost_bps: float = Field(10.0, ge=0.0, description="cost in bp per side of traded weight")
     annualization_days: int = Field(252, ge=1)
+    topk: int = Field(DEFAULT_TOPK, ge=1, description="TopkDropout: names held per leg")
+    n_drop: int = Field(
+        DEFAULT_N_DROP, ge=0, description="TopkDropout: most names replaced a day (<= topk)"
+    )
+    smoothing_half_life: float = Field(
+        DEFAULT_SMOOTHING_HALF_LIFE,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="half-life in market days of the score EMA the books trade; 0 = off",
+    )
+
+    @model_validator(mode="after")
+    def _drop_within_book(self) -> EvaluateSection:
+        if self.n_drop > self.topk:
+            raise ValueError(
+                f"evaluate.n_drop ({self.n_drop}) must be <= evaluate.topk ({self.topk})"
+            )
+        return self
 
 
 class BacktestSection(Section):

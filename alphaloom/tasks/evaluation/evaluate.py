@@ -1,10 +1,15 @@
-"""Evaluation: ranking quality (IC family), classification quality and a long-short backtest.
+"""Evaluation: ranking quality (IC family), classification quality and two books traded on it.
 
 Definitions follow Qlib so numbers are comparable with its benchmarks: the IC of a day is the
 cross-sectional Pearson correlation between score and forward return, the Rank IC its Spearman
 counterpart, ICIR / Rank ICIR are mean / std (ddof=1) of the daily series, not annualised. The
 long-short book and its risk figures use Qlib's additive ("sum") convention for cumulative return
-and drawdown.
+and drawdown; so does the TopkDropout book (tasks/evaluation/portfolio.py).
+
+Two scores, on purpose: the IC family (`rank_ic`, `ic`, ...) and the factor-neutral Rank IC judge
+the model's raw score, its skill; the books (decile long-short, TopkDropout) trade the signal
+actually traded, which with `evaluate.smoothing_half_life` > 0 is the causal EMA of the daily
+score ranks (tasks/evaluation/smoothing.py), whose Rank IC is `rank_ic_smoothed`.
 
 `predict` turns a trained model plus a shard split into a predictions frame; everything else works
 on that frame, so hand-made frames test the metrics exactly.
@@ -33,6 +38,7 @@ from alphaloom.tasks.evaluation.metrics import (
     confusion_matrix,
     daily_ic,
     ic_metrics,
+    ic_summary,
     labelled_rows,
     long_short_returns,
     oracle_metrics,
@@ -42,7 +48,10 @@ from alphaloom.tasks.evaluation.metrics import (
     quantile_returns,
     require_columns,
 )
+from alphaloom.tasks.evaluation.neutral import FACTORS, neutral_ic_metrics
+from alphaloom.tasks.evaluation.portfolio import topk_dropout
 from alphaloom.tasks.evaluation.predictions import predict
+from alphaloom.tasks.evaluation.smoothing import smooth_scores
 
 QUANTILES = 5  # score quintiles in the quantile-return table
 
@@ -56,14 +65,21 @@ def evaluate_predictions(
     oracle: pd.DataFrame | None = None,
     with_figures: bool = True,
     exposures: pd.DataFrame | None = None,
+    history: pd.DataFrame | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """All metrics of one split's predictions, plus artifacts keyed by file name (matplotlib
     figures, and tables as DataFrames).
 
     Metric keys carry no split prefix (the tracker adds `valid/` or `test/`). Always: the IC
-    family, classification, the long-short book, and the mean forward return of each score
-    quintile (`q1_return` .. `q5_return`, `q5_minus_q1`; table `quantile_returns.csv`). With
-    `exposures` (tasks/evaluation/exposures.py): `score_vol_corr` and `score_size_corr`.
+    family of the raw score, classification, the decile long-short book (`ls_*`), the
+    TopkDropout books (`topk_excess_*`, `topk_ls_*`, gross and net; tasks/evaluation/portfolio.py)
+    and the mean forward return of each score quintile (`q1_return` .. `q5_return`,
+    `q5_minus_q1`; table `quantile_returns.csv`). With `evaluate.smoothing_half_life` > 0 the
+    two books trade the smoothed score and `rank_ic_smoothed` is its Rank IC; `history`
+    (earlier predictions, e.g. the validation split's for the test split) gives the EMA its
+    first days' past. With `exposures` (tasks/evaluation/exposures.py): `score_vol_corr` and
+    `score_size_corr`, and when they carry the neutral factors and industry
+    (`market_exposures` does) `rank_ic_neutral` and `rank_icir_neutral` of the raw score.
     With the oracle: its Rank IC and the model's share of it.
     """
     require_columns(preds, PRED_COLUMNS, "predictions")
@@ -74,12 +90,19 @@ def evaluate_predictions(
     labelled = known[known["label"] >= 0]
     cm = confusion_matrix(labelled["label"].to_numpy(), predicted_class(labelled))
     metrics.update(classification_metrics(cm))
-    daily = long_short_returns(known, cfg.long_short_quantile, cfg.cost_bps)
+    traded = labelled_rows(traded_scores(preds, cfg.smoothing_half_life, history))
+    if cfg.smoothing_half_life:
+        metrics["rank_ic_smoothed"] = ic_summary(daily_ic(traded, "spearman"))[0]
+    daily = long_short_returns(traded, cfg.long_short_quantile, cfg.cost_bps)
     metrics.update(portfolio_metrics(daily, cfg.annualization_days))
+    book, topk = topk_dropout(traded, cfg.topk, cfg.n_drop, cfg.cost_bps, cfg.annualization_days)
+    metrics.update(topk)
     quantiles = quantile_returns(known, QUANTILES)
     metrics.update(quantile_metrics(quantiles))
     if exposures is not None:
         metrics.update(exposure_metrics(known, exposures))
+        if has_neutral_factors(exposures):
+            metrics.update(neutral_ic_metrics(known, exposures))
     if oracle is not None:
         metrics.update(oracle_metrics(known, oracle))
         ratio = metrics["rank_ic"] / metrics["oracle_rank_ic"]
@@ -96,9 +119,32 @@ def evaluate_predictions(
                 probs=labelled[PROB_COLUMNS].to_numpy(dtype=float),
                 labels=labelled["label"].to_numpy(),
                 quantiles=quantiles,
+                topk_daily=book,
             )
         )
     return metrics, artifacts
+
+
+def traded_scores(
+    preds: pd.DataFrame, half_life: float, history: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """`preds` with the score the books trade: itself when `half_life` is 0, else the causal
+    EMA of its daily ranks (`smooth_scores`), started on `history`'s days before `preds`'."""
+    if not half_life:
+        return preds
+    if history is None or history.empty or preds.empty:
+        return smooth_scores(preds, half_life)
+    require_columns(history, ["symbol", "date", "score"], "history")
+    columns = ["symbol", "date", "score"]
+    past = history.loc[history["date"] < preds["date"].min(), columns]
+    both = pd.concat([past, preds[columns]], ignore_index=True)
+    smoothed = smooth_scores(both, half_life)["score"].to_numpy()[len(past) :]
+    return preds.assign(score=smoothed)
+
+
+def has_neutral_factors(exposures: pd.DataFrame) -> bool:
+    """Whether `exposures` carry what the factor-neutral Rank IC needs (`neutral_exposures`)."""
+    return all(column in exposures for column in (*FACTORS, "industry"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,13 +170,19 @@ def evaluate_splits(
     device: torch.device | str = "cpu",
     exposures: pd.DataFrame | None = None,
 ) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
-    """(metrics, figures) of each split, scored by the in-memory model."""
+    """(metrics, figures) of each split, scored by the in-memory model; with smoothing on, each
+    split's EMA starts on the previous split's scores (valid before test)."""
     out = {}
     coverage = ShardSetInfo.open(shard_dir)
+    history = None  # the previous split's scores start the next split's smoothing
     for split in splits:
         preds = predict(model, shard_dir, split, cfg, device=device)
-        out[split] = evaluate_predictions(preds, cfg.evaluate, oracle=oracle, exposures=exposures)
+        out[split] = evaluate_predictions(
+            preds, cfg.evaluate, oracle=oracle, exposures=exposures, history=history
+        )
         out[split][0].update(coverage.label_coverage(split))  # rows, rows_no_fwd_return
+        if cfg.evaluate.smoothing_half_life:
+            history = preds[["symbol", "date", "score"]]
     return out
 
 

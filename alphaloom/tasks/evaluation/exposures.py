@@ -9,6 +9,10 @@ happened to do well; a quant checks this before anything else. From the canonica
 
 `exposure_metrics` gives the mean daily Spearman correlation of the score with each
 (`score_vol_corr`, `score_size_corr`), on the prediction rows that have both.
+
+`market_exposures` computes, once per market, the wider table of `neutral.neutral_exposures`
+(these two plus the 5-day reversal and the point-in-time industry), so the same frame serves
+`exposure_metrics` and the factor-neutral Rank IC.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def exposure_metrics(preds: pd.DataFrame, exposures: pd.DataFrame) -> dict[str, 
     left = preds[["symbol", "date", "score"]].assign(
         symbol=lambda f: f["symbol"].astype(str), date=lambda f: normalise_dates(f["date"])
     )
-    joined = left.merge(exposures, on=["symbol", "date"], how="inner", validate="one_to_one")
+    right = exposures[["symbol", "date", *EXPOSURES]]
+    joined = left.merge(right, on=["symbol", "date"], how="inner", validate="one_to_one")
     out = {}
     for column, metric in EXPOSURES.items():
         series = daily_ic(joined, "spearman", score="score", target=column)
@@ -60,7 +65,11 @@ def exposure_metrics(preds: pd.DataFrame, exposures: pd.DataFrame) -> dict[str, 
 
 
 def market_exposures(market: StageRef) -> pd.DataFrame:
-    """`risk_exposures` of an ingested market's canonical bars (only the bars are read)."""
+    """`neutral_exposures` of an ingested market's canonical bars and instruments (volatility,
+    size, reversal, industry): what both `exposure_metrics` and the neutral Rank IC need."""
     from alphaloom.tasks.data.ingest import load_saved_bars
+    from alphaloom.tasks.evaluation.neutral import neutral_exposures  # it imports this module
 
-    return risk_exposures(load_saved_bars(market.dir))
+    directory = market.dir
+    bars = load_saved_bars(directory)  # verifies every file's checksum, instruments' too
+    return neutral_exposures(bars, pd.read_parquet(directory / "instruments.parquet"))

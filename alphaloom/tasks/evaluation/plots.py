@@ -35,6 +35,33 @@ def cumulative_return_figure(daily: pd.DataFrame) -> Figure:
     return fig
 
 
+def topk_excess_figure(daily: pd.DataFrame) -> Figure:
+    """The TopkDropout long-only book's cumulative (additive) excess return over the
+    equal-weighted universe, gross and net of costs, and its drawdown: how much of the signal
+    survives trading, and how deep it fell on the way."""
+    fig = _figure(7.0, 5.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    for column, label in (("excess_gross", "gross"), ("excess_net", "net of costs")):
+        wealth = daily[column].cumsum()
+        top.plot(daily.index, wealth.to_numpy(), label=label)
+        bottom.plot(daily.index, drawdown(wealth).to_numpy(), label=label)
+    top.axhline(0.0, color="grey", lw=0.5)
+    top.set_title("TopkDropout long-only: cumulative excess return")
+    top.set_ylabel("cumulative excess (sum)")
+    top.legend()
+    bottom.set_ylabel("drawdown (sum)")
+    bottom.legend()
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
+def drawdown(wealth: pd.Series) -> pd.Series:
+    """Additive drawdown of a cumulative return: distance below its running peak (the start,
+    0, counts as a peak), as `metrics.portfolio_metrics` measures max drawdown."""
+    return wealth - wealth.cummax().clip(lower=0.0)
+
+
 def ic_figure(rank_ic: pd.Series, window: int = 20) -> Figure:
     """Daily Rank IC with its rolling mean: is the signal stable or one lucky stretch?"""
     fig = _figure()
@@ -118,6 +145,7 @@ def evaluation_figures(
     probs: np.ndarray,
     labels: np.ndarray,
     quantiles: pd.DataFrame | None = None,
+    topk_daily: pd.DataFrame | None = None,
 ) -> dict[str, Figure]:
     """All evaluation figures keyed by their artifact file name."""
     figures = {
@@ -128,4 +156,6 @@ def evaluation_figures(
     }
     if quantiles is not None:
         figures["quantile_returns.png"] = quantile_return_figure(quantiles)
+    if topk_daily is not None:
+        figures["topk_excess_cumulative.png"] = topk_excess_figure(topk_daily)
     return figures
