@@ -27,6 +27,7 @@ from alphaloom.tasks.tracking.report import publish_summary, run_summary
 from alphaloom.tasks.tracking.resume import resumable_run
 from alphaloom.tasks.tracking.runs import TrackedRun, run_tags
 from alphaloom.tasks.training.distributed import Backend, train_ddp_task
+from alphaloom.tasks.training.ensemble import fit_ensemble
 from alphaloom.tasks.training.train import TrainResult, checkpoint_dir_for, train_task
 
 
@@ -44,14 +45,16 @@ def model_stages(
     train: Callable[..., TrainResult] = train_task,
     resume_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Train (`train_task`, or e.g. the DDP launcher), evaluate and register inside one MLflow
-    run (FAILED if any stage fails): `resume_run_id`, else the unfinished run of the same work
-    (its checkpoint resumes), else a new run (tasks/tracking/resume.py)."""
+    """Train (`train_task`, or e.g. the DDP launcher; K members when `train.ensemble` is K),
+    evaluate and register inside one MLflow run (FAILED if any stage fails): `resume_run_id`,
+    else the unfinished run of the same work (its checkpoint resumes), else a new run
+    (tasks/tracking/resume.py)."""
     with resumable_run(cfg, run_tags(shards), resume_run_id) as run_id:
         run = TrackedRun.of(cfg, run_id)
         run.log_shard_dataset(shards.path)
         notes = log_data_quality(run, market)
-        result = train(shards.path, cfg, str(checkpoint_dir_for(cfg, run_id)), run_id)
+        checkpoints = str(checkpoint_dir_for(cfg, run_id))
+        result = fit_ensemble(train, shards.path, cfg, checkpoints, run_id)
         oracle, exposures = load_saved_oracle(market), market_exposures(market)
         splits = evaluated_splits(shards.path)
         metrics = evaluate_task(result.model, shards.path, cfg, run_id, oracle, exposures, splits)

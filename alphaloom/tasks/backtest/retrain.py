@@ -11,7 +11,9 @@ the others; an interrupted period continues its child run and training checkpoin
 
 Each model runs in its own child run of the backtest's parent (tasks/backtest/tracking.py),
 trained with `train_model` / `train_lightgbm` and scored with `predict` / `predict_lightgbm` on
-the period's `test` split, its metrics logged as `test/*` like every other run's. Nothing is
+the period's `test` split, its metrics logged as `test/*` like every other run's. With
+`train.ensemble` K > 1 the period's network is the seed ensemble (tasks/training/ensemble.py):
+its members train one after another in the network's run, and it is scored as one model. Nothing is
 registered: a backtest never moves the champion.
 """
 
@@ -33,7 +35,7 @@ from alphaloom.tasks.comparison import baselines
 from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
 from alphaloom.tasks.orchestration.caching import StageRef, stage_key, stage_task
 from alphaloom.tasks.tracking import runs
-from alphaloom.tasks.training.train import fingerprint
+from alphaloom.tasks.training.train import TrainResult, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def period_location(
         "lightgbm": with_lightgbm(cfg),
         "lightgbm_params": cfg.backtest.lightgbm_params,
     }
+    if cfg.train.ensemble > 1:  # the fingerprint leaves it out; one network keeps its old key
+        section["ensemble"] = cfg.train.ensemble
     extra = fingerprint(cfg, shards.path) + runs.model_code_version()
     modules = (sys.modules[__name__], baselines)
     key = stage_key("backtest-period", [shards.key], section, modules, extra=extra)
@@ -81,23 +85,33 @@ def log_test(cfg: PipelineConfig, run: runs.TrackedRun, preds: pd.DataFrame) -> 
     return metrics
 
 
-def retrain_network(cfg: PipelineConfig, shards: StageRef, run_id: str, label: str) -> Scored:
-    """Train on the period's train split (early stopping on valid) and score its test split."""
-    from alphaloom.tasks.evaluation.predictions import predict
+def train_network(cfg: PipelineConfig, shards: StageRef, run_id: str, label: str) -> TrainResult:
+    """The period's network: one, or a seed ensemble of `train.ensemble` members trained one
+    after another (the period is already one fit of the backtest's pool)."""
+    from alphaloom.tasks.training import ensemble
     from alphaloom.tasks.training.progress import ProgressReporter
     from alphaloom.tasks.training.train import checkpoint_dir_for, train_model
 
+    checkpoints = str(checkpoint_dir_for(cfg, run_id))
+    if cfg.train.ensemble > 1:
+        return ensemble.train_members(shards.path, cfg, checkpoints, run_id, label)
     reporter = ProgressReporter(cfg.train.epochs, None, artifact=False, label=label)
     try:
-        result = train_model(
-            shards.path, cfg, checkpoint_dir_for(cfg, run_id), run_id, progress=reporter
-        )
+        return train_model(shards.path, cfg, checkpoints, run_id, progress=reporter)
     finally:
         reporter.close()
+
+
+def retrain_network(cfg: PipelineConfig, shards: StageRef, run_id: str, label: str) -> Scored:
+    """Train on the period's train split (early stopping on valid) and score its test split."""
+    from alphaloom.tasks.evaluation.predictions import predict
+    from alphaloom.tasks.training.ensemble import fit_details
+
+    result = train_network(cfg, shards, run_id, label)
     preds = predict(result.model, shards.path, "test", cfg, device=result.device)
-    fit = {"best_epoch": float(result.best_epoch), "best_valid_rank_ic": result.best_val_rank_ic}
+    fit = fit_details(result)
     run = runs.TrackedRun.of(cfg, run_id)
-    run.log_metrics(fit)
+    run.log_metrics({k: v for k, v in fit.items() if k != "members"})
     return Scored(preds, {"run_id": run_id, **fit, "test": log_test(cfg, run, preds)})
 
 

@@ -98,7 +98,14 @@ def predict(
     device: torch.device | str = "cpu",
     dates: Iterable[Any] | None = None,
 ) -> pd.DataFrame:
-    """`predict_with` for an in-memory network."""
+    """`predict_with` for an in-memory network; a seed ensemble is scored member by member
+    and combined per day (tasks/evaluation/ensemble.py)."""
+    from alphaloom.model.ensemble import SeedEnsemble
+
+    if isinstance(model, SeedEnsemble):
+        from alphaloom.tasks.evaluation.ensemble import predict_ensemble
+
+        return predict_ensemble(model, shard_dir, split, cfg, device, dates)
     return predict_with(torch_scorer(model, device), shard_dir, split, cfg, dates)
 
 

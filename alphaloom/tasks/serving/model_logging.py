@@ -25,6 +25,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec
 
+from alphaloom.model.ensemble import members_of
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.serving.bundle import write_bundle
 from alphaloom.tasks.tracking.runs import TrackedRun
@@ -41,7 +42,8 @@ MODEL_TYPE = "alphaloom-ranker"  # the logged model's type, to search for in the
 _MODEL_CODE = '''"""alphaloom ranker: MLflow pyfunc model from code.
 
 Written by alphaloom.tasks.serving.model_logging. Rebuilds alphaloom.model.network.SequenceModel
-from spec.json and loads state_dict.pt with torch.load(weights_only=True): nothing is unpickled.
+(or a SeedEnsemble of spec["ensemble"] of them) from spec.json and loads state_dict.pt with
+torch.load(weights_only=True): nothing is unpickled.
 The serving bundle (preprocess.json, symbols.parquet, text_vectors.npy) holds the preprocessing
 of the shard set it was trained on. Input: a DataFrame of raw bars (symbol, date, open, high,
 low, close, volume[, amount]) or raw factor rows, plus optional industry / index / description,
@@ -65,7 +67,16 @@ class AlphaloomRanker(PythonModel):
 
         with open(context.artifacts["spec"]) as handle:
             spec = json.load(handle)
-        model = SequenceModel(spec=SimpleNamespace(**spec["model"]), **spec["dims"])
+        def network():
+            return SequenceModel(spec=SimpleNamespace(**spec["model"]), **spec["dims"])
+
+        members = int(spec.get("ensemble", 1))  # a seed ensemble: all members' weights in one
+        if members == 1:
+            model = network()
+        else:
+            from alphaloom.model.ensemble import SeedEnsemble
+
+            model = SeedEnsemble([network() for _ in range(members)])
         state = torch.load(context.artifacts["state_dict"], map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         self.model = model.eval()
@@ -138,8 +149,13 @@ def pip_requirements() -> list[str]:
 def _signature() -> ModelSignature:
     """Params only: the model takes two input shapes (a frame of raw rows, or a dict of batch
     arrays, tasks/serving/ranking.py) and a signature holds one input schema, which MLflow would
-    then enforce on both; the inputs are checked by the model itself, naming every problem."""
-    return ModelSignature(params=ParamSchema([ParamSpec("all_dates", "boolean", False)]))
+    then enforce on both; the inputs are checked by the model itself, naming every problem.
+    `member` (>= 0) scores with one member of a seed ensemble only (tasks/serving/ranking.py)."""
+    return ModelSignature(
+        params=ParamSchema(
+            [ParamSpec("all_dates", "boolean", False), ParamSpec("member", "long", -1)]
+        )
+    )
 
 
 def log_ranker(
@@ -168,6 +184,10 @@ def log_ranker(
         "input_keys": list(example),
         "feature_names": list(feature_names),
     }
+    members = members_of(model)
+    if len(members) > 1:  # one model holding every member's weights (state_dict.pt)
+        seeds = [cfg.train.seed + i for i in range(len(members))]
+        spec |= {"ensemble": len(members), "member_seeds": seeds}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory(prefix="alphaloom-model-") as tmp:
         tmp_dir = Path(tmp)

@@ -35,14 +35,13 @@ from prefect.cache_policies import NO_CACHE
 from alphaloom.tasks.common.config import PipelineConfig, RegistrySection
 from alphaloom.tasks.dataset.split_windows import DateWindow, promotion_window
 from alphaloom.tasks.evaluation.metrics import daily_ic, paired_t
-from alphaloom.tasks.evaluation.predictions import predict_with
 from alphaloom.tasks.orchestration.retries import is_transient, retry_transient
 from alphaloom.tasks.serving.promotion_lock import promotion_lock
 from alphaloom.tasks.serving.registry import (
     CHAMPION,
     current_champion,
+    predict_registered,
     register_once,
-    registered_score_fn,
     version_uri,
 )
 from alphaloom.tasks.tracking import runs
@@ -151,15 +150,15 @@ def decide(
 
 def window_scorer(shard_dir: str | Path, cfg: PipelineConfig) -> tuple[DateWindow, WindowScorer]:
     """The promotion window of `shard_dir`, and a scorer that loads a registered model through
-    pyfunc and returns its daily Rank IC there (days with a known forward return)."""
+    pyfunc and returns its daily Rank IC there (days with a known forward return); a seed
+    ensemble is scored as one model (its members combined per day)."""
     from alphaloom.model.shard_set import read_manifest
 
     window = promotion_window(shard_dir)
     feature_names = list(read_manifest(shard_dir)["feature_names"])
 
     def score(model_uri: str) -> pd.Series:
-        score_fn = registered_score_fn(model_uri, feature_names)
-        preds = predict_with(score_fn, shard_dir, None, cfg, dates=window.dates())
+        preds = predict_registered(model_uri, shard_dir, None, cfg, feature_names, window.dates())
         return daily_ic(preds, "spearman")
 
     return window, score

@@ -13,7 +13,10 @@ Inputs (see tasks/serving/requests.py for the frame columns):
   already normalised, as the registry sends shard-set batches: returns `score, p0..p3` per row.
 
 The score is always the network's `score(logits)` (the ordinal head's utility, or the class
-values it was trained with), computed by the same scorer evaluation uses.
+values it was trained with), computed by the same scorer evaluation uses. A seed ensemble's score
+is the per-day mean of its members' percentile ranks over the request's rows of that day
+(tasks/evaluation/ensemble.py; a tensor request is one cross-section, or one per value of its
+optional `date` array); the parameter `member` (>= 0) scores with that member alone.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from alphaloom.model.batch import NUM_CLASSES
+from alphaloom.model.ensemble import members_of
 from alphaloom.tasks.data.alpha158 import compute_alpha158
 from alphaloom.tasks.data.features import apply_normalizer
+from alphaloom.tasks.evaluation.ensemble import combine_members
 from alphaloom.tasks.evaluation.metrics import PROB_COLUMNS
 from alphaloom.tasks.evaluation.predictions import torch_scorer
 from alphaloom.tasks.serving import requests
@@ -59,7 +64,22 @@ TENSOR_DTYPES = {
 }
 
 
-def score_tensors(model: torch.nn.Module, inputs: Mapping[str, Any]) -> pd.DataFrame:
+def scoring_members(model: torch.nn.Module, member: int | None) -> list[torch.nn.Module]:
+    """The networks a request is scored with: all (combined), or the one `member` names."""
+    members = members_of(model)
+    if member is None:
+        return members
+    if not 0 <= member < len(members):
+        raise requests.RequestError(
+            f"request: parameter member={member} names no member of this model "
+            f"(0..{len(members) - 1})"
+        )
+    return [members[member]]
+
+
+def score_tensors(
+    model: torch.nn.Module, inputs: Mapping[str, Any], member: int | None = None
+) -> pd.DataFrame:
     """`score, p0..p3` of a batch dict (only the network's input keys are read)."""
     missing = [key for key in model.input_keys if key not in inputs]
     if missing:
@@ -68,10 +88,18 @@ def score_tensors(model: torch.nn.Module, inputs: Mapping[str, Any]) -> pd.DataF
         key: torch.as_tensor(np.asarray(inputs[key], dtype=TENSOR_DTYPES.get(key)))
         for key in model.input_keys
     }
-    score, probs = torch_scorer(model)(batch)
-    out = pd.DataFrame(np.asarray(probs, np.float64), columns=PROB_COLUMNS[:NUM_CLASSES])
-    out.insert(0, "score", np.asarray(score, np.float64))
-    return out
+    frames = []
+    for network in scoring_members(model, member):
+        score, probs = torch_scorer(network)(batch)
+        out = pd.DataFrame(np.asarray(probs, np.float64), columns=PROB_COLUMNS[:NUM_CLASSES])
+        out.insert(0, "score", np.asarray(score, np.float64))
+        frames.append(out)
+    if len(frames) == 1:
+        return frames[0]
+    rows = len(frames[0])
+    day = np.asarray(inputs["date"]) if "date" in inputs else np.zeros(rows, np.int64)
+    combined = combine_members([frame.assign(date=day) for frame in frames])
+    return combined.drop(columns="date")
 
 
 def normalised_table(bundle: ServingBundle, frame: pd.DataFrame) -> pd.DataFrame:
@@ -95,7 +123,11 @@ def rank_by_date(scored: pd.DataFrame) -> pd.DataFrame:
 
 
 def score_frame(
-    model: torch.nn.Module, bundle: ServingBundle, frame: pd.DataFrame, all_dates: bool = False
+    model: torch.nn.Module,
+    bundle: ServingBundle,
+    frame: pd.DataFrame,
+    all_dates: bool = False,
+    member: int | None = None,
 ) -> pd.DataFrame:
     """Ranked scores of a raw-bars or raw-factor request (see the module docstring)."""
     normed = normalised_table(bundle, frame)
@@ -112,19 +144,22 @@ def score_frame(
         )
     _warn_short_histories(panel.symbol, rows, names, bundle.history_bars)
     table = SymbolTable(text=inputs.text, has_text=inputs.has_text.astype(np.float32))
-    scorer = torch_scorer(model)
-    parts = [scorer(batch) for batch in window_batches(panel, rows, table, BATCH_SIZE)]
-    probs = np.concatenate([p for _, p in parts]).astype(np.float64)
-    scored = pd.DataFrame(
-        {
-            "symbol": np.asarray(names, dtype=object)[panel.symbol[rows]],
-            "date": pd.to_datetime(panel.date[rows].astype("datetime64[D]")),
-            "score": np.concatenate([s for s, _ in parts]).astype(np.float64),
-        }
-    )
-    for k, column in enumerate(PROB_COLUMNS):
-        scored[column] = probs[:, k]
-    return rank_by_date(scored)
+    frames = []
+    for network in scoring_members(model, member):
+        scorer = torch_scorer(network)
+        parts = [scorer(batch) for batch in window_batches(panel, rows, table, BATCH_SIZE)]
+        probs = np.concatenate([p for _, p in parts]).astype(np.float64)
+        scored = pd.DataFrame(
+            {
+                "symbol": np.asarray(names, dtype=object)[panel.symbol[rows]],
+                "date": pd.to_datetime(panel.date[rows].astype("datetime64[D]")),
+                "score": np.concatenate([s for s, _ in parts]).astype(np.float64),
+            }
+        )
+        for k, column in enumerate(PROB_COLUMNS):
+            scored[column] = probs[:, k]
+        frames.append(scored)
+    return rank_by_date(combine_members(frames))
 
 
 def _warn_short_histories(
@@ -143,6 +178,14 @@ def _warn_short_histories(
         )  # fmt: skip
 
 
+def requested_member(params: Mapping[str, Any] | None) -> int | None:
+    """The `member` parameter: one ensemble member's index, or None (-1, absent: all)."""
+    member = (params or {}).get("member")
+    if member is None or int(member) < 0:
+        return None
+    return int(member)
+
+
 def predict(
     model: torch.nn.Module,
     bundle: ServingBundle,
@@ -155,11 +198,12 @@ def predict(
     `mlflow models serve` answers with HTTP 400.
     """
     try:
+        member = requested_member(params)
         if isinstance(model_input, pd.DataFrame):
             all_dates = bool((params or {}).get("all_dates", False))
-            return score_frame(model, bundle, model_input, all_dates)
+            return score_frame(model, bundle, model_input, all_dates, member)
         if isinstance(model_input, Mapping) and "x" in model_input:
-            return score_tensors(model, model_input)
+            return score_tensors(model, model_input, member)
         raise requests.RequestError(
             f"request: expected a DataFrame of raw bars or factor rows, or a dict of batch "
             f"arrays (x, mask, ...); got {type(model_input).__name__}"

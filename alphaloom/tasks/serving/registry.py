@@ -10,15 +10,19 @@ the registry holds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.evaluation.predictions import ScoreFn, eval_dataset
+from alphaloom.tasks.evaluation.ensemble import combine_members
+from alphaloom.tasks.evaluation.predictions import ScoreFn, eval_dataset, predict_with
 from alphaloom.tasks.serving import model_logging
 from alphaloom.tasks.tracking import store
 from alphaloom.tasks.training.train import TrainResult
@@ -67,8 +71,9 @@ def version_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
 
 
-def registered_score_fn(model_uri: str, feature_names: list[str]) -> ScoreFn:
-    """Load a logged ranker through MLflow and score batches with it (CPU, float32).
+def registered_score_fns(model_uri: str, feature_names: list[str]) -> list[ScoreFn]:
+    """Load a logged ranker through MLflow; one batch scorer per network it holds (CPU, float32):
+    one for a single network, one per member of a seed ensemble (its `member` parameter).
 
     Raises IncompatibleChampion when the model's recorded feature names differ from
     `feature_names` (scoring it would silently feed it the wrong columns).
@@ -83,12 +88,41 @@ def registered_score_fn(model_uri: str, feature_names: list[str]) -> ScoreFn:
             f"features; e.g. {diff or 'same names, different order'})"
         )
     keys = list(spec["input_keys"])
+    size = int(spec.get("ensemble", 1))
 
-    def score_batch(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        out = loaded.predict({k: batch[k].cpu().numpy() for k in keys})
-        return out["score"].to_numpy(), out[["p0", "p1", "p2", "p3"]].to_numpy()
+    def scorer(member: int | None) -> ScoreFn:
+        params = None if member is None else {"member": member}
 
-    return score_batch
+        def score_batch(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+            out = loaded.predict({k: batch[k].cpu().numpy() for k in keys}, params=params)
+            return out["score"].to_numpy(), out[["p0", "p1", "p2", "p3"]].to_numpy()
+
+        return score_batch
+
+    return [scorer(None)] if size == 1 else [scorer(i) for i in range(size)]
+
+
+def registered_score_fn(model_uri: str, feature_names: list[str]) -> ScoreFn:
+    """The batch scorer of a logged single network (see `registered_score_fns`)."""
+    fns = registered_score_fns(model_uri, feature_names)
+    if len(fns) > 1:
+        raise ValueError(f"{model_uri} is a seed ensemble: score it with `predict_registered`")
+    return fns[0]
+
+
+def predict_registered(
+    model_uri: str,
+    shard_dir: str | Path,
+    split: str | None,
+    cfg: PipelineConfig,
+    feature_names: list[str],
+    dates: Iterable[Any] | None = None,
+) -> pd.DataFrame:
+    """The registered model's predictions of a split (or `dates`) as `predict` makes them: each
+    network over the whole cross-section, an ensemble's members combined per day."""
+    days = None if dates is None else list(dates)
+    fns = registered_score_fns(model_uri, feature_names)
+    return combine_members([predict_with(fn, shard_dir, split, cfg, days) for fn in fns])
 
 
 def version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> str | None:

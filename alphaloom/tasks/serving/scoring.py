@@ -16,8 +16,7 @@ from prefect import task
 from alphaloom.model.shard_set import ShardSetInfo
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.storage import FsPath, atomic_file
-from alphaloom.tasks.evaluation.predictions import predict_with
-from alphaloom.tasks.serving.registry import CHAMPION, champion_uri, registered_score_fn
+from alphaloom.tasks.serving.registry import CHAMPION, champion_uri, predict_registered
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,7 @@ def score_latest_date(
     info = ShardSetInfo.open(shard_dir)
     latest = pd.Timestamp(info.last_date)
     model_uri = champion_uri(cfg)
-    score_fn = registered_score_fn(model_uri, info.feature_names)
-    preds = predict_with(score_fn, shard_dir, None, cfg, dates=[latest])
+    preds = predict_registered(model_uri, shard_dir, None, cfg, info.feature_names, [latest])
     ranked = rank_scores(preds)
     out_dir = FsPath.of(cfg.work_dir) / "scores"
     stem = f"scores_{latest:%Y-%m-%d}"

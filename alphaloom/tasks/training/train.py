@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ class TrainResult:
     feature_names: list[str]
     device: str
     resumed_at: tuple[int, int] | None = None  # (epoch, batch) a retry resumed from
+    members: list[dict[str, float]] = field(default_factory=list)  # a seed ensemble's fits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ def fingerprint(cfg: PipelineConfig, shard_dir: str | Path) -> str:
     }
     for volatile in ("device", "num_threads", "checkpoint_every_batches", "progress_every_batches"):
         sections["train"].pop(volatile, None)  # resuming on another device is fine
+    sections["train"].pop("ensemble", None)  # a member trains what a single run would
     sections["loader"].pop("num_workers", None)
     sections["loader"].pop("prefetch", None)
     manifest_hash = (FsPath.of(shard_dir) / "manifest.json").sha256()
