@@ -17,6 +17,9 @@ from alphaloom.tasks.backtest.periods import BacktestError, period_config, plan_
 from alphaloom.tasks.common.config import EvaluateSection, SplitSection, load_config
 from alphaloom.tasks.data.splits import assign_splits
 from alphaloom.tasks.evaluation.metrics import ic_metrics, long_short_returns
+from alphaloom.tasks.evaluation.neutral import neutral_daily_rank_ic
+from alphaloom.tasks.evaluation.portfolio import topk_dropout_metrics, topk_dropout_returns
+from alphaloom.tasks.evaluation.smoothing import smooth_scores
 
 REPO = Path(__file__).resolve().parent.parent
 CALENDAR = pd.bdate_range("2019-01-01", periods=700)
@@ -158,6 +161,93 @@ def test_period_rows_are_the_evaluation_metrics_of_the_concatenated_predictions(
     assert f"{table.loc['all', 'network_rank_ic']:.4f}" in lines[-1]
 
 
+def _exposures(preds: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Random factor exposures and three industries for every scored (symbol, date)."""
+    rng = np.random.default_rng(seed)
+    frame = preds[["symbol", "date"]].drop_duplicates().reset_index(drop=True)
+    for column in ("vol20", "log_dollar_volume", "reversal5"):
+        frame[column] = rng.normal(size=len(frame))
+    frame["industry"] = "I" + (frame["symbol"].str[1:].astype(int) % 3).astype(str)
+    return frame
+
+
+def test_the_strategy_columns_are_the_building_blocks_on_the_smoothed_concatenation() -> None:
+    days = pd.bdate_range("2021-01-04", periods=40)
+    periods = [
+        {"number": 1, "test_start": days[0].date(), "test_end": days[19].date()},
+        {"number": 2, "test_start": days[20].date(), "test_end": days[39].date()},
+    ]
+    preds = {"network": _predictions(days, 0, 0.8), "lightgbm": _predictions(days, 1, 0.3)}
+    exposures = _exposures(preds["network"], 2)
+    # the score loads on the volatility exposure, so neutralising it changes the Rank IC
+    network = preds["network"].merge(exposures[["symbol", "date", "vol20"]], how="left")
+    preds["network"]["score"] += 0.02 * network["vol20"].to_numpy()
+    cfg = EvaluateSection(long_short_quantile=0.2, topk=5, n_drop=2, smoothing_half_life=3.0)
+    table = report.period_rows(periods, preds, cfg, exposures=exposures).set_index("period")
+    raw = report.period_rows(
+        periods, preds, cfg.model_copy(update={"smoothing_half_life": 0.0})
+    ).set_index("period")
+
+    for model, frame in preds.items():
+        traded = smooth_scores(frame, 3.0)  # over both periods: period 2 has period 1's past
+        daily = topk_dropout_returns(traded, 5, 2, 10.0)
+        for name, rows in (("2", daily.iloc[20:]), ("all", daily)):
+            expected = topk_dropout_metrics(rows, 252)
+            for key in report.TOPK_COLUMNS:
+                assert table.loc[name, f"{model}_{key}"] == pytest.approx(expected[key]), key
+        second = traded[traded["date"] >= days[20]]
+        alone = topk_dropout_returns(smooth_scores(frame[frame["date"] >= days[20]], 3.0), 5, 2, 10)
+        assert topk_dropout_returns(second, 5, 2, 10.0)["long_turnover"].iloc[0] == pytest.approx(
+            alone["long_turnover"].iloc[0]
+        )  # both start from an empty book: only the scores differ ...
+        assert table.loc["2", f"{model}_topk_excess_turnover"] != pytest.approx(
+            topk_dropout_metrics(alone, 252)["topk_excess_turnover"]
+        )  # ... and the table's period 2 inherits period 1's book and smoothed history
+        decile = long_short_returns(traded, 0.2, 10.0)
+        assert table.loc["all", f"{model}_ls_turnover"] == pytest.approx(decile["turnover"].mean())
+        neutral = neutral_daily_rank_ic(frame, exposures)
+        assert table.loc["all", f"{model}_rank_ic_neutral"] == pytest.approx(neutral.mean())
+        assert table.loc["2", f"{model}_rank_ic_neutral"] == pytest.approx(neutral.iloc[20:].mean())
+        # smoothing moves the books, never the model's own Rank IC
+        assert table.loc["all", f"{model}_rank_ic"] == raw.loc["all", f"{model}_rank_ic"]
+        assert table.loc["all", f"{model}_ls_turnover"] < raw.loc["all", f"{model}_ls_turnover"]
+    assert table.loc["all", "network_rank_ic_neutral"] != pytest.approx(
+        table.loc["all", "network_rank_ic"]
+    )
+    assert "network_rank_ic_neutral" not in raw  # no exposures, no neutral column
+
+    cfg_all = config("evaluate.topk=5", "evaluate.n_drop=2", "evaluate.smoothing_half_life=3")
+    markdown = report.backtest_markdown(table.reset_index(), cfg_all)
+    header, *_, last = markdown.splitlines()[2:]
+    assert "network TopK net excess ann. (IR)" in header and "LightGBM neutral Rank IC" in header
+    cells = [cell.strip() for cell in last.split("|")]
+    all_row = table.loc["all"]
+    excess = f"{all_row['network_topk_excess_ann_return_net']:.3f}"
+    assert f"{excess} ({all_row['network_topk_excess_ir_net']:.2f})" in cells
+    assert f"{all_row['lightgbm_topk_ls_sharpe_net']:.2f}" in cells
+    assert f"{all_row['network_rank_ic_neutral']:.4f}" in cells
+    assert "holding 5, replacing at most 2" in markdown and "half-life 3 days" in markdown
+
+    flat, steps = report.parent_metrics(table.reset_index())
+    assert flat["test/topk_excess_ir_net"] == all_row["network_topk_excess_ir_net"]
+    assert flat["test/lightgbm_topk_ls_sharpe_net"] == all_row["lightgbm_topk_ls_sharpe_net"]
+    assert flat["test/rank_ic_neutral"] == all_row["network_rank_ic_neutral"]
+    assert flat["test/rank_ic_smoothed"] == all_row["network_rank_ic_smoothed"]
+    step_2 = dict(steps)[2]
+    assert (
+        step_2["period/network_topk_excess_turnover"]
+        == table.loc["2", "network_topk_excess_turnover"]
+    )
+    assert "period/lightgbm_rank_ic_neutral" in step_2
+
+    series = {m: report.daily_series(f, cfg, exposures) for m, f in preds.items()}
+    figure = report.backtest_figure(table.reset_index(), series)
+    line = figure.axes[2].lines[0]
+    np.testing.assert_allclose(
+        line.get_ydata(), series["network"].topk["excess_net"].cumsum().to_numpy()
+    )
+
+
 def test_a_model_missing_from_some_period_is_left_out_of_the_table() -> None:
     days = pd.bdate_range("2021-01-04", periods=10)
     loaded = [
@@ -251,6 +341,12 @@ def test_backtest_flow_resumes_after_a_crash_and_a_dask_cluster_gives_the_same_t
 
     metrics = client.get_run(parent.info.run_id).data.metrics
     assert metrics["test/rank_ic"] == pytest.approx(table.iloc[-1]["network_rank_ic"])
+    # the flow passes the market's exposures: the neutral Rank IC is in the table and the run
+    assert table["network_rank_ic_neutral"].notna().all()
+    assert metrics["test/rank_ic_neutral"] == pytest.approx(
+        table.iloc[-1]["network_rank_ic_neutral"]
+    )
+    assert "test/topk_excess_turnover" in metrics and "test/topk_ls_sharpe_net" in metrics
     if lightgbm_available():
         assert "test/lightgbm_rank_ic" in metrics and "test/rank_ic_difference_t" in metrics
     network = pd.read_parquet(

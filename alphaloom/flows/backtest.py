@@ -28,6 +28,7 @@ from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.data.ingest import ingest_task, load_saved_oracle
 from alphaloom.tasks.dataset.chain import market_factors, period_shards
 from alphaloom.tasks.dataset.text import text_task
+from alphaloom.tasks.evaluation.exposures import market_exposures
 from alphaloom.tasks.orchestration.fits import fit_pool
 from alphaloom.tasks.training.progress import elapsed_text
 
@@ -65,7 +66,8 @@ def backtest(
         if failed:  # the first failure's own error (the finished periods are cached)
             failed[0][1].result()
         loaded = [load_period(state.result()) for _, state in states]
-        oracle, wall = load_saved_oracle(market), time.time() - started
-        summary = log_backtest(cfg, parent_id, *concatenate(loaded), oracle, wall)
+        oracle, exposures = load_saved_oracle(market), market_exposures(market)
+        wall = time.time() - started
+        summary = log_backtest(cfg, parent_id, *concatenate(loaded), oracle, wall, exposures)
     print(summary["markdown"])
     return summary

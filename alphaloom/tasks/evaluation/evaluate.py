@@ -100,6 +100,7 @@ def evaluate_predictions(
     quantiles = quantile_returns(known, QUANTILES)
     metrics.update(quantile_metrics(quantiles))
     if exposures is not None:
+        exposures = within_dates(exposures, known["date"])  # the market's history: join less
         metrics.update(exposure_metrics(known, exposures))
         if has_neutral_factors(exposures):
             metrics.update(neutral_ic_metrics(known, exposures))
@@ -140,6 +141,12 @@ def traded_scores(
     both = pd.concat([past, preds[columns]], ignore_index=True)
     smoothed = smooth_scores(both, half_life)["score"].to_numpy()[len(past) :]
     return preds.assign(score=smoothed)
+
+
+def within_dates(frame: pd.DataFrame, dates: pd.Series) -> pd.DataFrame:
+    """The rows of `frame` (with a `date` column) between the first and last of `dates`."""
+    first, last = pd.Timestamp(dates.min()).normalize(), pd.Timestamp(dates.max()).normalize()
+    return frame[(frame["date"] >= first) & (frame["date"] <= last)]
 
 
 def has_neutral_factors(exposures: pd.DataFrame) -> bool:
