@@ -42,7 +42,10 @@ FAST = [
     "train.device=cpu",
 ]
 DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-TINY_LGBM = {"max_rounds": 12, "early_stopping_rounds": 4, "num_leaves": 7, "min_data_in_leaf": 20}
+TINY_LGBM = {  # Qlib's L1 of 205 leaves a tiny market's trees without a split
+    "max_rounds": 12, "early_stopping_rounds": 4, "num_leaves": 7, "min_data_in_leaf": 20,
+    "lambda_l1": 0.0, "lambda_l2": 10.0,
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +264,11 @@ def test_bucket_probabilities_follow_class_shares():
         assert np.all(np.diff(ordered) >= 0)  # a higher score never gets a lower class
 
 
-@pytest.mark.parametrize("objective", ["regression", "lambdarank"])
-def test_lightgbm_baseline_scores_the_networks_rows(tiny, objective):
+@pytest.mark.parametrize(
+    ("objective", "stop_on"),
+    [("regression", "loss"), ("regression", "rank_ic"), ("lambdarank", "loss")],
+)
+def test_lightgbm_baseline_scores_the_networks_rows(tiny, objective, stop_on):
     from alphaloom.model.shard_set import ShardSetInfo
     from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
     from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
@@ -270,10 +276,16 @@ def test_lightgbm_baseline_scores_the_networks_rows(tiny, objective):
     from alphaloom.tasks.evaluation.predictions import predict
     from alphaloom.tasks.training.train import build_model
 
-    params = {**TINY_LGBM, "objective": objective}
+    params = {**TINY_LGBM, "objective": objective, "stop_on": stop_on}
     fit = train_lightgbm(tiny.shard_dir, tiny.cfg, params, seed=3)
     assert 1 <= fit.best_iteration <= len(fit.history) <= TINY_LGBM["max_rounds"]
-    assert fit.best_val_rank_ic == pytest.approx(max(fit.history))
+    assert fit.best_val_rank_ic == pytest.approx(fit.history[fit.best_iteration - 1])
+    if stop_on == "rank_ic":  # the round with the best validation Rank IC, and no loss curve
+        assert fit.best_val_rank_ic == pytest.approx(max(fit.history)) and not fit.loss_history
+    else:  # the round with the best validation loss (L2 lowest, NDCG highest)
+        assert len(fit.loss_history) == len(fit.history)
+        best = np.argmin if objective == "regression" else np.argmax
+        assert fit.best_iteration == int(best(fit.loss_history)) + 1
     preds = predict_lightgbm(fit, tiny.shard_dir, "test", tiny.cfg)
     assert list(preds.columns) == PRED_COLUMNS
     metrics, _ = evaluate_predictions(preds, tiny.cfg.evaluate, tiny.oracle, with_figures=False)
