@@ -93,6 +93,11 @@ def test_smoke_pipeline_end_to_end(first_run, mlflow_store) -> None:
     assert run.info.status == "FINISHED"
     assert {"test/rank_ic", "test/oracle_rank_ic", "valid/rank_ic"} <= set(run.data.metrics)
     assert not any(name.startswith("val/") for name in run.data.metrics)  # one prefix per split
+    # the strategy and the neutral Rank IC (exposures with the instruments' industry) per split
+    wired = {"topk_excess_ir_net", "topk_ls_sharpe_net", "rank_ic_neutral", "score_vol_corr"}
+    assert {f"{split}/{key}" for split in ("valid", "test") for key in wired} <= set(
+        run.data.metrics
+    )
     assert summary["metrics"]["test/oracle_rank_ic"] > 0
     # The summary's validation figure is the run's: the final evaluation of the selected model.
     assert summary["metrics"]["valid/rank_ic"] == run.data.metrics["valid/rank_ic"]
