@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -165,3 +166,40 @@ def test_a_served_ensemble_combines_a_tensor_request_and_scores_one_member_on_re
     expected = combine_members([f.assign(date=days) for f in each]).drop(columns="date")
     pd.testing.assert_frame_equal(out, expected)
     assert serve(trained.model, None, inputs)["score"].between(0, 1).all()
+
+
+def test_another_trainer_trains_the_same_members_one_after_another(
+    tiny: TinyData, trained: TrainResult, tmp_path: Path
+) -> None:
+    """The DDP launcher's path: `train` per member, its config and directory, no run id."""
+    cfg = tiny_config(*FIT, "train.ensemble=2", "train.seed=3")
+    seen = []
+
+    def train(shard_dir, member_cfg, checkpoint_dir, run_id):
+        seen.append((member_cfg.train.seed, Path(checkpoint_dir).name, run_id))
+        return train_model(shard_dir, member_cfg, checkpoint_dir)
+
+    result = ensemble.fit_ensemble(train, str(tiny.shard_dir), cfg, str(tmp_path), None)
+    assert seen == [(3, "member-0", None), (4, "member-1", None)]
+    ours = predict(result.model, tiny.shard_dir, "valid", cfg)
+    pd.testing.assert_frame_equal(ours, predict(trained.model, tiny.shard_dir, "valid", cfg))
+
+
+def test_a_backtest_period_network_is_the_ensemble(
+    tiny: TinyData, trained: TrainResult, mlflow_uri: str
+) -> None:
+    from alphaloom.tasks.backtest.retrain import retrain_network
+    from alphaloom.tasks.tracking import runs
+
+    cfg = tiny_config(*FIT, "train.ensemble=2", "train.seed=3", f"work_dir={tiny.shard_dir.parent}")
+    cfg = cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": mlflow_uri})}
+    )
+    shards = StageRef(stage="shards", key="tiny", path=str(tiny.shard_dir))
+    with runs.tracked_run(cfg) as run_id:
+        scored = retrain_network(cfg, shards, run_id, "period 1/1")
+    pd.testing.assert_frame_equal(scored.preds, predict(trained.model, tiny.shard_dir, "test", cfg))
+    assert [m["seed"] for m in scored.record["members"]] == [3.0, 4.0]
+    metrics = mlflow.MlflowClient(mlflow_uri).get_run(run_id).data.metrics
+    assert metrics["ensemble/member1/best_epoch"] == scored.record["members"][1]["best_epoch"]
+    assert "test/rank_ic" in metrics
