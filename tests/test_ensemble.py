@@ -203,3 +203,23 @@ def test_a_backtest_period_network_is_the_ensemble(
     metrics = mlflow.MlflowClient(mlflow_uri).get_run(run_id).data.metrics
     assert metrics["ensemble/member1/best_epoch"] == scored.record["members"][1]["best_epoch"]
     assert "test/rank_ic" in metrics
+
+
+def test_raw_bars_are_ranked_by_the_ensemble_as_the_pipeline_ranks_them(
+    tiny: TinyData, trained: TrainResult, tmp_path: Path
+) -> None:
+    from alphaloom.tasks.data.synthetic import generate_market
+    from alphaloom.tasks.serving.bundle import load_bundle, write_bundle
+
+    cfg = tiny.cfg
+    bundle = load_bundle(write_bundle(tiny.shard_dir, cfg, tmp_path / "bundle"))
+    bars = generate_market(cfg.data.synthetic).bars
+    last = bars["date"].max()
+    keys = ["symbol", "date"]
+    for member, model in [(None, trained.model), (1, members_of(trained.model)[1])]:
+        ranked = serve(trained.model, bundle, bars, None if member is None else {"member": member})
+        expected = predict(model, tiny.shard_dir, None, cfg, dates=[last])
+        merged = expected.merge(ranked, on=keys, suffixes=("_pipeline", "_served"))
+        assert len(merged) == len(expected) == len(ranked)
+        np.testing.assert_array_equal(merged["score_served"], merged["score_pipeline"])
+        assert ranked["score"].is_monotonic_decreasing and ranked["rank"].iloc[0] == 1
