@@ -224,12 +224,8 @@ class TrainSection(Section):
     patience: int = Field(3, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0
-    ensemble: int = Field(
-        1,
-        ge=1,
-        description="seed ensemble: K networks trained with seeds seed .. seed+K-1, scored by "
-        "the per-day mean of their percentile ranks (tasks/evaluation/ensemble.py); 1: one",
-    )
+    ensemble: int = Field(1, ge=1, description="K networks, seeds seed..seed+K-1, scored by "
+                          "the per-day mean of their percentile ranks; 1: one")  # fmt: skip
     max_batches_per_epoch: int | None = Field(
         240, ge=1, description="~123k of the default market's ~315k training windows an epoch"
     )

@@ -5,24 +5,19 @@ rank among the day's scores (`rank(pct=True)` per date, the convention of smooth
 class probabilities are the members' mean. Ranks, not raw scores: members' scores have no common
 scale, and everything downstream (Rank IC, the books) uses only the order. The rank is taken
 over the day's whole cross-section, never within a batch, so every member scores the whole split
-before anything is combined. One member is returned as it is (not ranked), so an ensemble of one
+before anything is combined (as `predict` of a SeedEnsemble, registry.predict_registered and
+ranking.score_frame do). One member is returned as it is (not ranked), so an ensemble of one
 is exactly the single model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
-from alphaloom.model.ensemble import members_of
-from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.evaluation.metrics import PROB_COLUMNS, EvaluationError, require_columns
-from alphaloom.tasks.evaluation.predictions import predict
 
 ROW_KEYS = ("symbol", "date")
 
@@ -57,17 +52,3 @@ def combine_members(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     if probs:
         out[probs] = np.mean([frame[probs].to_numpy(np.float64) for frame in frames], axis=0)
     return out
-
-
-def predict_ensemble(
-    model: torch.nn.Module,
-    shard_dir: str | Path,
-    split: str | None,
-    cfg: PipelineConfig,
-    device: torch.device | str = "cpu",
-    dates: Iterable[Any] | None = None,
-) -> pd.DataFrame:
-    """`predict` of every member over the split, combined per day (`combine_members`)."""
-    days = None if dates is None else list(dates)
-    frames = [predict(member, shard_dir, split, cfg, device, days) for member in members_of(model)]
-    return combine_members(frames)

@@ -100,12 +100,14 @@ def predict(
 ) -> pd.DataFrame:
     """`predict_with` for an in-memory network; a seed ensemble is scored member by member
     and combined per day (tasks/evaluation/ensemble.py)."""
-    from alphaloom.model.ensemble import SeedEnsemble
+    from alphaloom.model.ensemble import members_of
 
-    if isinstance(model, SeedEnsemble):
-        from alphaloom.tasks.evaluation.ensemble import predict_ensemble
+    members = members_of(model)
+    if len(members) > 1:
+        from alphaloom.tasks.evaluation.ensemble import combine_members
 
-        return predict_ensemble(model, shard_dir, split, cfg, device, dates)
+        days = None if dates is None else list(dates)
+        return combine_members([predict(m, shard_dir, split, cfg, device, days) for m in members])
     return predict_with(torch_scorer(model, device), shard_dir, split, cfg, dates)
 
 
