@@ -102,14 +102,6 @@ def registered_score_fns(model_uri: str, feature_names: list[str]) -> list[Score
     return [scorer(None)] if size == 1 else [scorer(i) for i in range(size)]
 
 
-def registered_score_fn(model_uri: str, feature_names: list[str]) -> ScoreFn:
-    """The batch scorer of a logged single network (see `registered_score_fns`)."""
-    fns = registered_score_fns(model_uri, feature_names)
-    if len(fns) > 1:
-        raise ValueError(f"{model_uri} is a seed ensemble: score it with `predict_registered`")
-    return fns[0]
-
-
 def predict_registered(
     model_uri: str,
     shard_dir: str | Path,
