@@ -223,3 +223,22 @@ def test_raw_bars_are_ranked_by_the_ensemble_as_the_pipeline_ranks_them(
         assert len(merged) == len(expected) == len(ranked)
         np.testing.assert_array_equal(merged["score_served"], merged["score_pipeline"])
         assert ranked["score"].is_monotonic_decreasing and ranked["rank"].iloc[0] == 1
+
+
+def test_a_rerun_finds_every_members_finished_checkpoint(
+    tiny: TinyData, trained: TrainResult, monkeypatch
+) -> None:
+    import alphaloom.tasks.training.train as train_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished member trained again")
+
+    monkeypatch.setattr(train_module, "train_epoch", no_training)
+    cfg = tiny_config(*FIT, "train.ensemble=2", "train.seed=3")
+    checkpoints = str(Path(trained.model_state_path).parent)
+    again = ensemble.train_members(str(tiny.shard_dir), cfg, checkpoints)
+    assert again.members == trained.members
+    pd.testing.assert_frame_equal(
+        predict(again.model, tiny.shard_dir, "valid", cfg),
+        predict(trained.model, tiny.shard_dir, "valid", cfg),
+    )

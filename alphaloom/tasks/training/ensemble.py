@@ -10,7 +10,8 @@ the single network, trained exactly as before.
 
 Members train without a run id (their per-epoch metrics would collide under one run's keys);
 their histories are logged afterwards as `ensemble/member<i>/<metric>` per epoch, with each
-member's `best_epoch` and `best_valid_rank_ic`.
+member's `best_epoch` and `best_valid_rank_ic`, and `ensemble/size` (K; also the run's param
+`train.ensemble`).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def log_members(cfg: PipelineConfig, run_id: str | None, fits: list[MemberFit]) 
     from alphaloom.tasks.tracking import runs
 
     run = runs.TrackedRun.of(cfg, run_id)
-    run.log_metrics({"train/ensemble": float(len(fits))})
+    run.log_metrics({"ensemble/size": float(len(fits))})
     for fit in fits:
         prefix = f"ensemble/member{fit.index}"
         run.log_metrics({f"{prefix}/{key}": value for key, value in member_record(fit).items()})
