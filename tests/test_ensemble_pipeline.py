@@ -34,6 +34,7 @@ FAST = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_two_seed_ensemble_is_registered_served_and_scored_as_one_model(
     tmp_path: Path, mlflow_uri: str
