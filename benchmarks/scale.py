@@ -166,7 +166,7 @@ def run_stage(stage: str, work: Path, symbols: int, days: int, epochs: int, batc
         from alphaloom.tasks.data.ingest import load_saved_oracle
         from alphaloom.tasks.dataset.split_windows import evaluated_splits
         from alphaloom.tasks.evaluation.evaluate import evaluate_and_log
-        from alphaloom.tasks.evaluation.exposures import market_exposures
+        from alphaloom.tasks.evaluation.neutral import market_exposures
 
         model, saved = _trained(cfg, shards.path, work)
         oracle, exposures = load_saved_oracle(market), market_exposures(market)

@@ -155,7 +155,7 @@ def test_config_command_prints_what_a_run_resolves_to(capsys, tmp_path: Path) ->
 
 
 def test_strategy_settings_default_in_one_place_and_reject_bad_books() -> None:
-    from alphaloom.tasks.common import config as config_module
+    from alphaloom.tasks.common import research_config as config_module
 
     evaluate = load_config().evaluate
     assert (evaluate.topk, evaluate.n_drop, evaluate.smoothing_half_life) == (

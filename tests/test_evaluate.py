@@ -13,7 +13,7 @@ from alphaloom.tasks.common.config import EvaluateSection
 from alphaloom.tasks.data.ingest import MarketData, load_market, save_market
 from alphaloom.tasks.evaluation import evaluate as evaluate_module
 from alphaloom.tasks.evaluation.evaluate import evaluate_predictions
-from alphaloom.tasks.evaluation.exposures import exposure_metrics, market_exposures, risk_exposures
+from alphaloom.tasks.evaluation.exposures import exposure_metrics, risk_exposures
 from alphaloom.tasks.evaluation.metrics import (
     EvaluationError,
     classification_metrics,
@@ -24,7 +24,11 @@ from alphaloom.tasks.evaluation.metrics import (
     quantile_metrics,
     quantile_returns,
 )
-from alphaloom.tasks.evaluation.neutral import neutral_exposures, neutral_ic_metrics
+from alphaloom.tasks.evaluation.neutral import (
+    market_exposures,
+    neutral_exposures,
+    neutral_ic_metrics,
+)
 from alphaloom.tasks.evaluation.plots import drawdown
 from alphaloom.tasks.evaluation.portfolio import topk_dropout
 from alphaloom.tasks.evaluation.smoothing import smooth_scores

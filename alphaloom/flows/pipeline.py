@@ -19,7 +19,7 @@ from alphaloom.tasks.data.ingest import load_saved_oracle
 from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.dataset.split_windows import evaluated_splits
 from alphaloom.tasks.evaluation.evaluate import evaluate_task
-from alphaloom.tasks.evaluation.exposures import market_exposures
+from alphaloom.tasks.evaluation.neutral import market_exposures
 from alphaloom.tasks.orchestration.caching import StageRef
 from alphaloom.tasks.serving.promotion import register_task
 from alphaloom.tasks.tracking.data_quality import log_data_quality

@@ -322,7 +322,7 @@ def log_backtest(
     """Build the table from the concatenated predictions and log it (backtest.md, .csv, .png,
     the predictions, metrics) to the parent run; return the flow's summary. `wall_seconds` of
     the invocation that first finishes the backtest (after a crash: its last leg) is a tag;
-    `exposures` (`exposures.market_exposures`) add the neutral Rank IC."""
+    `exposures` (`neutral.market_exposures`) add the neutral Rank IC."""
     series = {model: daily_series(frame, cfg.evaluate, exposures) for model, frame in preds.items()}
     table = period_rows(periods, preds, cfg.evaluate, oracle, series=series)
     markdown = backtest_markdown(table, cfg)

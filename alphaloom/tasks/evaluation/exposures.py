@@ -10,9 +10,9 @@ happened to do well; a quant checks this before anything else. From the canonica
 `exposure_metrics` gives the mean daily Spearman correlation of the score with each
 (`score_vol_corr`, `score_size_corr`), on the prediction rows that have both.
 
-`market_exposures` computes, once per market, the wider table of `neutral.neutral_exposures`
-(these two plus the 5-day reversal and the point-in-time industry), so the same frame serves
-`exposure_metrics` and the factor-neutral Rank IC.
+`neutral.market_exposures` computes, once per market, the wider table of
+`neutral.neutral_exposures` (these two plus the 5-day reversal and the point-in-time industry),
+so the same frame serves `exposure_metrics` and the factor-neutral Rank IC.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from alphaloom.tasks.evaluation.metrics import daily_ic, normalise_dates, require_columns
-from alphaloom.tasks.orchestration.caching import StageRef
 
 WINDOW = 20
 MIN_DAYS = 10
@@ -62,14 +61,3 @@ def exposure_metrics(preds: pd.DataFrame, exposures: pd.DataFrame) -> dict[str, 
         series = daily_ic(joined, "spearman", score="score", target=column)
         out[metric] = float(series.mean()) if len(series) else float("nan")
     return out
-
-
-def market_exposures(market: StageRef) -> pd.DataFrame:
-    """`neutral_exposures` of an ingested market's canonical bars and instruments (volatility,
-    size, reversal, industry): what both `exposure_metrics` and the neutral Rank IC need."""
-    from alphaloom.tasks.data.ingest import load_saved_bars
-    from alphaloom.tasks.evaluation.neutral import neutral_exposures  # it imports this module
-
-    directory = market.dir
-    bars = load_saved_bars(directory)  # verifies every file's checksum, instruments' too
-    return neutral_exposures(bars, pd.read_parquet(directory / "instruments.parquet"))

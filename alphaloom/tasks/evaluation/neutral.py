@@ -32,6 +32,7 @@ from alphaloom.tasks.evaluation.metrics import (
     normalise_dates,
     require_columns,
 )
+from alphaloom.tasks.orchestration.caching import StageRef
 
 REVERSAL_DAYS = 5
 FACTORS = ("vol20", "log_dollar_volume", "reversal5")
@@ -139,3 +140,13 @@ def neutral_ic_metrics(preds: pd.DataFrame, exposures: pd.DataFrame) -> dict[str
     series = neutral_daily_rank_ic(preds, exposures)
     mean, ir = ic_summary(series)
     return {"rank_ic_neutral": mean, "rank_icir_neutral": ir}
+
+
+def market_exposures(market: StageRef) -> pd.DataFrame:
+    """`neutral_exposures` of an ingested market's canonical bars and instruments (volatility,
+    size, reversal, industry): what both `exposure_metrics` and the neutral Rank IC need."""
+    from alphaloom.tasks.data.ingest import load_saved_bars
+
+    directory = market.dir
+    bars = load_saved_bars(directory)  # verifies every file's checksum, instruments' too
+    return neutral_exposures(bars, pd.read_parquet(directory / "instruments.parquet"))
