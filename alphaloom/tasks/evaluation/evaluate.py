@@ -220,7 +220,13 @@ def evaluate_and_log(
     return flat
 
 
-@task(name="evaluate", retries=1, timeout_seconds=3600, persist_result=False, cache_policy=NO_CACHE)
+@task(
+    name="evaluate",
+    retries=1,
+    timeout_seconds=12 * 3600,  # a hang guard, as training's: it scores every valid/test window
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
 def evaluate_task(
     model: torch.nn.Module,
     shard_dir: str,

@@ -337,7 +337,7 @@ def register_and_promote(
     name="register-model",
     retries=1,
     retry_condition_fn=retry_transient,
-    timeout_seconds=1800,
+    timeout_seconds=12 * 3600,  # a hang guard: it rescores the whole promotion window (or test)
     persist_result=False,
     cache_policy=NO_CACHE,
 )
