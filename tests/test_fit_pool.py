@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,35 @@ def test_one_worker_or_one_fit_runs_inline_without_a_task_runner(monkeypatch) ->
     assert pool.runner is None and submitted.state() == "final state"
     with fits.fit_pool(load_config(SMOKE), n_fits=1) as pool:  # 8 workers, but one fit
         assert pool.runner is None and pool.workers == 1
+
+
+def test_a_worker_imports_the_warm_modules_when_it_starts(monkeypatch) -> None:
+    import sys
+
+    from alphaloom.tasks.orchestration import shutdown
+
+    monkeypatch.setattr(shutdown, "handle_signals_in_worker", lambda: None)  # not in pytest
+    name = "alphaloom.tasks.evaluation.smoothing"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    fits.prepare_worker(None, 0, (name,))
+    assert name in sys.modules
+
+
+def test_a_local_pool_spawns_every_worker_when_it_opens() -> None:
+    import multiprocessing
+
+    from prefect import flow
+
+    before = set(multiprocessing.active_children())
+
+    @flow
+    def opened() -> tuple[int, set[int]]:
+        cfg = load_config(SMOKE, ["runner.fit_workers=2"])
+        with fits.fit_pool(cfg, n_fits=3) as pool:
+            pids = {probe.state().result() for probe in pool.started}
+            spawned = set(multiprocessing.active_children()) - before  # no fit submitted yet
+        return len(spawned), pids
+
+    spawned, pids = opened()
+    assert spawned == 2  # both workers started on entry, not the second at the second fit
+    assert pids and os.getpid() not in pids  # the probes ran in the workers

@@ -28,9 +28,13 @@ from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.data.ingest import ingest_task, load_saved_oracle
 from alphaloom.tasks.dataset.chain import market_factors, period_shards
 from alphaloom.tasks.dataset.text import text_task
-from alphaloom.tasks.evaluation.exposures import market_exposures
+from alphaloom.tasks.evaluation.neutral import market_exposures
 from alphaloom.tasks.orchestration.fits import fit_pool
 from alphaloom.tasks.training.progress import elapsed_text
+
+# what a period's worker imports when it starts, while this process computes the factors
+WARM_MODULES = ("alphaloom.tasks.backtest.retrain", "alphaloom.tasks.training.train",
+                "alphaloom.tasks.evaluation.predictions")  # fmt: skip
 
 
 @flow(name="backtest", log_prints=True)
@@ -43,10 +47,10 @@ def backtest(
     periods = plan_periods(trading_calendar(market), cfg)
     started = time.time()
     with parent_run(cfg, backtest_key(cfg, market, periods), periods) as parent_id:
-        factors, text = market_factors(market, cfg), text_task(market, cfg)
-        with fit_pool(cfg, len(periods)) as pool:
+        with fit_pool(cfg, len(periods), WARM_MODULES) as pool:  # workers start meanwhile
             if pool.workers > 1:
                 print(f"{len(periods)} periods on {pool.workers} workers")
+            factors, text = market_factors(market, cfg), text_task(market, cfg)
             submitted = []
             for period in periods:
                 label = f"period {period.number}/{len(periods)} {period.label}"

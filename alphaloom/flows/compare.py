@@ -34,10 +34,14 @@ from alphaloom.tasks.comparison.variants import (
 )
 from alphaloom.tasks.data.ingest import load_saved_oracle
 from alphaloom.tasks.dataset.chain import data_stages
-from alphaloom.tasks.evaluation.exposures import market_exposures
+from alphaloom.tasks.evaluation.neutral import market_exposures
 from alphaloom.tasks.orchestration.fits import fit_pool
 from alphaloom.tasks.tracking.runs import TrackedRun, run_tags, tracked_run
 from alphaloom.tasks.training.progress import elapsed_text
+
+# what a fit's worker imports when it starts, while this process builds the data
+WARM_MODULES = ("alphaloom.tasks.comparison.compare", "alphaloom.tasks.training.train",
+                "alphaloom.tasks.evaluation.predictions")  # fmt: skip
 
 
 @flow(name="compare-models", log_prints=True)
@@ -57,21 +61,21 @@ def compare_models(
     chosen = check_variants(variants or DEFAULT_VARIANTS)
     seed_values = seed_list(cfg, seeds)
     skipped = skipped_variants(chosen)
-    data = data_stages(cfg)
-    market, shards = data.market, data.shards
-    oracle = load_saved_oracle(market)
-    exposures = market_exposures(market)
-    shard_tags = run_tags(shards)
-    with tracked_run(cfg, parent_tags(shard_tags, seed_values), "compare") as parent_id:
-        parent = TrackedRun.of(cfg, parent_id)
-        parent.log_shard_dataset(shards.path)
-        log_plan(parent, chosen, seed_values)
-        runnable = [v for v in chosen if v.name not in skipped]
-        for name, reason in skipped.items():
-            print(f"skipping {name}: {reason}")
-        jobs = [(variant, seed) for variant in runnable for seed in seed_values]
-        started = time.time()
-        with fit_pool(cfg, len(jobs)) as pool:
+    runnable = [v for v in chosen if v.name not in skipped]
+    jobs = [(variant, seed) for variant in runnable for seed in seed_values]
+    with fit_pool(cfg, len(jobs), WARM_MODULES) as pool:  # workers start during the data stages
+        data = data_stages(cfg)
+        market, shards = data.market, data.shards
+        oracle = load_saved_oracle(market)
+        exposures = market_exposures(market)
+        shard_tags = run_tags(shards)
+        with tracked_run(cfg, parent_tags(shard_tags, seed_values), "compare") as parent_id:
+            parent = TrackedRun.of(cfg, parent_id)
+            parent.log_shard_dataset(shards.path)
+            log_plan(parent, chosen, seed_values)
+            for name, reason in skipped.items():
+                print(f"skipping {name}: {reason}")
+            started = time.time()
             if pool.workers > 1:
                 print(f"{len(jobs)} fits on {pool.workers} workers")
             submitted = []
@@ -89,7 +93,7 @@ def compare_models(
                 outcome = outcome_from_state(fit.state(), variant, seed)
                 outcomes.append(outcome)
                 print(f"{label}: {outcome_line(outcome)}")
-        summary = log_comparison(cfg, parent, chosen, outcomes, seed_values, skipped, reference)
+            summary = log_comparison(cfg, parent, chosen, outcomes, seed_values, skipped, reference)
     publish_comparison(summary)
     print(summary["markdown"])
     return summary
