@@ -50,8 +50,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -90,8 +90,7 @@ N_DROPS = (1, 2, 5, 10)
 HALF_LIVES = (0.0, 2.0, 5.0, 10.0, 20.0)
 
 
-@dataclass
-class Signal:
+class Signal(NamedTuple):
     """A scored out-of-sample history: its name, the model family and the predictions."""
 
     name: str
