@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,21 +59,53 @@ def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> 
     return score
 
 
+# Windows a scorer is called with at once on a CPU: consecutive loader batches (the same windows
+# in the same order) concatenated. On a CPU the network scores each window on its own, to the
+# same bits at any batch size (checked on every window of a 1500 x 3000 validation split), and a
+# call of 16k windows costs ~2.5x less CPU per window than calls of 512 (the LSTM's per-step
+# kernels on small batches). On CUDA the kernels may depend on the batch size, so an in-memory
+# network there is called with the loader's batches, as before.
+SCORE_WINDOWS = 16_384
+
+
+def _chunks(batches: Iterable[Batch], windows: int) -> Iterator[Batch]:
+    """The batches in order, consecutive ones concatenated until a chunk holds >= `windows`."""
+    pending: list[Batch] = []
+    rows = 0
+    for batch in batches:
+        pending.append(batch)
+        rows += len(batch["symbol"])
+        if rows >= windows:
+            yield _concat(pending)
+            pending, rows = [], 0
+    if pending:
+        yield _concat(pending)
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+
+
 def predict_with(
     score_fn: ScoreFn,
     shard_dir: str | Path,
     split: str | None,
     cfg: PipelineConfig,
     dates: Iterable[Any] | None = None,
+    windows: int = SCORE_WINDOWS,
 ) -> pd.DataFrame:
-    """Score every window of `split` (or ending on `dates`) with `score_fn`.
+    """Score every window of `split` (or ending on `dates`) with `score_fn`, called with
+    consecutive loader batches joined into chunks of at least `windows` windows (1: each
+    loader batch on its own).
 
     Returns one row per window in (date, symbol) order: symbol (str), date (datetime64),
     score (the model's ranking score), p0..p3, label and fwd_return (-1 / NaN when unknown).
     """
     dataset = eval_dataset(shard_dir, split, cfg, dates)
     parts: list[dict[str, np.ndarray]] = []
-    for batch in dataset:
+    for batch in _chunks(dataset, windows):
         score, probs = score_fn(batch)
         parts.append(
             {
@@ -108,7 +140,8 @@ def predict(
 
         days = None if dates is None else list(dates)
         return combine_members([predict(m, shard_dir, split, cfg, device, days) for m in members])
-    return predict_with(torch_scorer(model, device), shard_dir, split, cfg, dates)
+    windows = SCORE_WINDOWS if torch.device(device).type == "cpu" else 1
+    return predict_with(torch_scorer(model, device), shard_dir, split, cfg, dates, windows)
 
 
 def _frame_from_parts(parts: list[dict[str, np.ndarray]], symbols: np.ndarray) -> pd.DataFrame:
