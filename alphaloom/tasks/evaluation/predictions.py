@@ -62,10 +62,12 @@ def torch_scorer(model: torch.nn.Module, device: torch.device | str = "cpu") -> 
 # Windows a scorer is called with at once on a CPU: consecutive loader batches (the same windows
 # in the same order) concatenated. On a CPU the network scores each window on its own, to the
 # same bits at any batch size (checked on every window of a 1500 x 3000 validation split), and a
-# call of 16k windows costs ~2.5x less CPU per window than calls of 512 (the LSTM's per-step
-# kernels on small batches). On CUDA the kernels may depend on the batch size, so an in-memory
-# network there is called with the loader's batches, as before.
-SCORE_WINDOWS = 16_384
+# call of 8k windows costs ~2x less CPU per window than calls of 512 (the LSTM's per-step
+# kernels on small batches; 32k windows: 11-12 s vs 16-29 s of CPU). The price is memory: a
+# call's activations are ~0.7 GB at 8k windows (~1.4 GB at 16k, for ~15 % less CPU). On CUDA
+# the kernels may depend on the batch size, so an in-memory network there is called with the
+# loader's batches, as before.
+SCORE_WINDOWS = 8_192
 
 
 def _chunks(batches: Iterable[Batch], windows: int) -> Iterator[Batch]:
