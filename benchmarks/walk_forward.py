@@ -96,6 +96,7 @@ class Signal(NamedTuple):
     name: str
     family: str  # "single", "ensemble", "lightgbm"
     preds: pd.DataFrame
+    note: str = ""  # e.g. a LightGBM candidate's rounds kept per period
 
 
 def load_predictions(tracking_uri: str, run_id: str) -> dict[str, pd.DataFrame]:
@@ -145,19 +146,20 @@ def period_shards(work_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def lightgbm_candidates(work_dir: Path, cfg) -> dict[str, pd.DataFrame]:
+def lightgbm_candidates(work_dir: Path, cfg) -> list[Signal]:
     """Each LightGBM candidate's out-of-sample predictions, fitted period by period."""
     from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
 
-    out = {}
+    out = []
     for name, params in LIGHTGBM_CANDIDATES.items():
         frames, rounds = [], []
         for number, shards in period_shards(work_dir):
             fit = train_lightgbm(shards, cfg, params, seed=0)
             frames.append(predict_lightgbm(fit, shards, "test", cfg).assign(period=number))
             rounds.append(f"{fit.best_iteration}/{len(fit.history)}")
-        out[name] = pd.concat(frames, ignore_index=True)
-        print(f"{name}: rounds kept per period {' '.join(rounds)}", flush=True)
+        note = f"{name}: rounds kept / run per period {' '.join(rounds)}"
+        out.append(Signal(name, "lightgbm", pd.concat(frames, ignore_index=True), note))
+        print(note, flush=True)
     return out
 
 
@@ -285,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from alphaloom.tasks.evaluation.neutral import market_exposures
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.data == "sp500-dev":
         if not SP500_DEV.is_dir():
             sys.exit(f"{SP500_DEV} is absent: nothing to measure on real data")
@@ -301,14 +304,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         sigs = signals(runs)
         if args.lightgbm:
             cfg = load_config(config, overrides)
-            for name, preds in lightgbm_candidates(work, cfg).items():
-                sigs.append(Signal(name, "lightgbm", preds))
-        report(sigs, runs, exposures, args)
+            sigs += lightgbm_candidates(work, cfg)
+        lines = report(sigs, runs, exposures, args)
+    if args.doc:
+        write_doc(Path(args.doc), lines, run_ids, store, args)
     return 0
 
 
-def report(sigs: list[Signal], runs, exposures, args) -> None:
-    """Choose on the first periods, print the tables, the pairs and the ratio line."""
+def write_doc(path: Path, lines: list[str], run_ids: Sequence[str], store: str, args) -> None:
+    """The report as the page's walk-forward section (tasks/common/doc_sections.py)."""
+    from alphaloom.tasks.common.doc_sections import with_section
+    from alphaloom.tasks.common.storage import write_text_atomic
+
+    header = [
+        f"## Walk-forward on {args.data}: seeds, ensembles, smoothing and the TopkDropout book",
+        "",
+        f"- Command: `.venv/bin/python benchmarks/walk_forward.py {' '.join(args.argv)}`",
+        f"- Backtest parent runs (one per seed): {', '.join(f'`{r}`' for r in run_ids)} "
+        f"in `{store}`",
+        "",
+    ]
+    body = "\n".join([*header, *lines[:-1], "", f"**{lines[-1]}**"])
+    old = path.read_text() if path.is_file() else ""
+    write_text_atomic(path, with_section(old, "walk-forward", body))
+    path.chmod(0o644)
+    print(f"wrote the walk-forward section of {path}")
+
+
+def report(sigs: list[Signal], runs, exposures, args) -> list[str]:
+    """Choose on the first periods; the tables, the pairs and the ratio line (printed too)."""
+    lines: list[str] = []
+
+    def emit(text: str) -> None:  # printed, and kept for --doc
+        lines.append(text)
+        print(text, flush=True)
+
     periods = sorted(int(p) for p in runs[0]["network"]["period"].unique())
     half = args.choose_periods or max(1, len(periods) // 2)
     first = [p for p in periods if p <= half]
@@ -317,7 +347,7 @@ def report(sigs: list[Signal], runs, exposures, args) -> None:
     choose_days = pd.Index(day_of[day_of.isin(first)].index)
     held_days = pd.Index(day_of[~day_of.isin(first)].index)
     all_days = pd.Index(day_of.index)
-    print(f"{len(runs)} seeds, periods {periods}; choose on {first} ({len(choose_days)} days), "
+    emit(f"{len(runs)} seeds, periods {periods}; choose on {first} ({len(choose_days)} days), "
           f"report on the rest ({len(held_days)} days)")  # fmt: skip
 
     books = [(k, n) for k, n in itertools.product(TOPKS, N_DROPS) if n <= k]
@@ -337,7 +367,7 @@ def report(sigs: list[Signal], runs, exposures, args) -> None:
         ),
     )
     h_star, book_star = choice
-    print(f"chosen on periods {first}: half-life {h_star:g} days, topk {book_star[0]}, "
+    emit(f"chosen on periods {first}: half-life {h_star:g} days, topk {book_star[0]}, "
           f"n_drop {book_star[1]}")  # fmt: skip
 
     report = []
@@ -350,11 +380,11 @@ def report(sigs: list[Signal], runs, exposures, args) -> None:
             for label, (h, book) in settings.items():
                 row = summary(grid[(sig.name, h, book)], days)
                 report.append({"signal": sig.name, "days": span, "setting": label, **row})
-    print("\n## Signals (held-out periods, all periods, choice periods)\n")
-    print(_markdown(report, columns))
+    emit("\n### Signals (held-out periods, all periods, choice periods)\n")
+    emit(_markdown(report, columns))
 
     # grid of the choice periods: net IR by (half-life, book), mean over single seeds
-    print("\n## Net IR of the TopkDropout excess book by setting, choice periods, mean of seeds\n")
+    emit("\n### Net IR of the TopkDropout excess book by setting, choice periods, mean of seeds\n")
     table = pd.DataFrame(
         {
             f"h={h:g}": {f"k={k} n={n}": mean_over(singles, h, (k, n), choose_days, "ir_net")
@@ -362,7 +392,7 @@ def report(sigs: list[Signal], runs, exposures, args) -> None:
             for h in HALF_LIVES
         }
     )  # fmt: skip
-    print(table.to_markdown(floatfmt=".2f"))
+    emit(table.to_markdown(floatfmt=".2f"))
 
     # the strongest LightGBM: the best Rank IC on the choice periods (raw scores)
     lightgbms = [s.name for s in sigs if s.family == "lightgbm"]
@@ -370,9 +400,12 @@ def report(sigs: list[Signal], runs, exposures, args) -> None:
         lightgbms, key=lambda n: summary(grid[(n, 0.0, QLIB_BOOK)], choose_days)["rank_ic"],
         default=None,
     )  # fmt: skip
+    for sig in sigs:
+        if sig.note:
+            emit(f"- {sig.note}")
     if strongest:
-        print(f"strongest LightGBM on periods {first}: {strongest}")
-    print("\n## Paired daily differences: mean (t, days)\n")
+        emit(f"- strongest LightGBM on periods {first} (Rank IC): {strongest}")
+    emit("\n### Paired daily differences: mean (t, days)\n")
     pairs = []
     ens = [s.name for s in sigs if s.family == "ensemble"]
     for span, days in (("held-out", held_days), ("all", all_days)):
@@ -385,12 +418,13 @@ def report(sigs: list[Signal], runs, exposures, args) -> None:
                 pairs.append(
                     _pair(name, span, label, grid[(a, h, book)], grid[(b, b_h, book)], days)
                 )
-    print(_markdown(pairs, ["pair", "days", "setting", "rank_ic", "excess_net"]))
+    emit(_markdown(pairs, ["pair", "days", "setting", "rank_ic", "excess_net"]))
 
     chosen = mean_over(singles, h_star, book_star, held_days, "ir_net")
     before = mean_over(singles, 0.0, QLIB_BOOK, held_days, "ir_net")
-    print(f"held-out net IR, mean of seeds: chosen {chosen:.2f} vs raw at Qlib's book "
+    emit(f"held-out net IR, mean of seeds: chosen {chosen:.2f} vs raw at Qlib's book "
           f"{before:.2f}: ratio {chosen / before if before else math.nan:.2f}")  # fmt: skip
+    return lines
 
 
 def _pair(name, span, label, a, b, days) -> dict:
@@ -416,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--choose-periods", type=int, help="choose on periods 1..N (default: the first half)"
     )
     parser.add_argument("--cost-bps", type=float, default=10.0, help="cost per side, in bp")
+    parser.add_argument("--doc", help="also write the report as this page's walk-forward section")
     return parser
 
 

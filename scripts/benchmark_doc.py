@@ -39,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from alphaloom.tasks.common.config import PipelineConfig, config_from_dict, load_config
+from alphaloom.tasks.common.doc_sections import keep_sections
 from alphaloom.tasks.common.storage import write_text_atomic
 from alphaloom.tasks.evaluation.metrics import paired_t
 
@@ -464,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_id = run_section(plan, section, command)
         results.append(load_section(section, run_id))
-    write_text_atomic(args.out, render(plan, results, missing, command))
+    page = render(plan, results, missing, command)
+    if Path(args.out).is_file():  # the walk-forward section is benchmarks/walk_forward.py's
+        page = keep_sections(Path(args.out).read_text(), page)
+    write_text_atomic(args.out, page)
     Path(args.out).chmod(0o644)  # a page in the repo, not a private temp file
     print(f"wrote {args.out}")
     return 0
