@@ -6,7 +6,9 @@ synthetic markets of the given sizes (symbols x days). Every stage runs in its o
 its peak RSS is its own: the peak is the larger of the summed RSS of the stage's process tree
 sampled every 0.2 s (children included) and the kernel's high-water mark of the process
 (`wait4`'s ru_maxrss). `seconds` is the stage's own work, timed inside the child; `process s`
-adds the child's start (Python, torch, Prefect and MLflow imports: ~10 s here). Nothing is
+adds the child's start (Python, torch, Prefect and MLflow imports: ~10 s here); `cpu s` is the
+child's CPU time (user + system, all its threads, imports included: `wait4`'s rusage), the figure
+to compare on a shared, loaded machine where the wall times stretch with the load. Nothing is
 asserted; the last line prints the ratio of the stages' seconds per bar at the largest size to
 the smallest (1.0 = linear cost).
 
@@ -214,8 +216,9 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def measure(args: list[str], log_file: Path) -> tuple[float, int, int]:
-    """Run a child; return (seconds, peak summed tree RSS sampled, kernel high-water mark)."""
+def measure(args: list[str], log_file: Path) -> tuple[float, int, int, float]:
+    """Run a child; return (seconds, peak summed tree RSS sampled, kernel high-water mark,
+    the child's CPU seconds: user + system of all its threads, from `wait4`)."""
     started = time.perf_counter()
     with log_file.open("ab") as log:
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -236,7 +239,8 @@ def measure(args: list[str], log_file: Path) -> tuple[float, int, int]:
     seconds = time.perf_counter() - started
     if child.returncode != 0:
         raise SystemExit(f"stage failed ({child.returncode}): {' '.join(args)}; see {log_file}")
-    return seconds, peak[0], int(usage.ru_maxrss) * 1024  # Linux: ru_maxrss is in KiB
+    cpu = usage.ru_utime + usage.ru_stime
+    return seconds, peak[0], int(usage.ru_maxrss) * 1024, cpu  # Linux: ru_maxrss is in KiB
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -275,28 +279,28 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="alphaloom-scale-"))
     per_bar: list[tuple[int, float]] = []
     print(f"{'size':>10} {'bars':>11} {'stage':>9} {'seconds':>9} {'process s':>9} "
-          f"{'peak RSS GB':>12}")  # fmt: skip
+          f"{'cpu s':>9} {'peak RSS GB':>12}")  # fmt: skip
     try:
         for symbols, days in parse_sizes(args.sizes):
             work = root / f"{symbols}x{days}"
             work.mkdir(parents=True, exist_ok=True)
-            total, walls, peak_all = 0.0, 0.0, 0
+            total, walls, cpus, peak_all = 0.0, 0.0, 0.0, 0
             bars = None
             for stage in stages:
                 cmd = [sys.executable, __file__, "--stage", stage, "--size", f"{symbols}x{days}",
                        "--work-dir", str(work), "--epochs", str(args.epochs),
                        "--batches", str(args.batches)]  # fmt: skip
-                wall, sampled, high_water = measure(cmd, work / "bench.log")
+                wall, sampled, high_water, cpu = measure(cmd, work / "bench.log")
                 seconds = json.loads((work / f"bench-seconds-{stage}.json").read_text())["seconds"]
                 peak = max(sampled, high_water)
                 total, peak_all = total + seconds, max(peak_all, peak)
-                walls += wall
+                walls, cpus = walls + wall, cpus + cpu
                 if bars is None:
                     bars = _bars_of(work)
                 print(f"{symbols}x{days:<5} {bars:>11,} {stage:>9} {seconds:>9.1f} {wall:>9.1f} "
-                      f"{peak / 1e9:>12.2f}", flush=True)  # fmt: skip
+                      f"{cpu:>9.1f} {peak / 1e9:>12.2f}", flush=True)  # fmt: skip
             print(f"{symbols}x{days:<5} {bars:>11,} {'all':>9} {total:>9.1f} {walls:>9.1f} "
-                  f"{peak_all / 1e9:>12.2f}", flush=True)  # fmt: skip
+                  f"{cpus:>9.1f} {peak_all / 1e9:>12.2f}", flush=True)  # fmt: skip
             per_bar.append((bars or symbols * days, total / max(bars or symbols * days, 1)))
     finally:
         if args.work_dir is None:
