@@ -147,18 +147,33 @@ def period_shards(work_dir: Path) -> list[tuple[int, Path]]:
 
 
 def lightgbm_candidates(work_dir: Path, cfg) -> list[Signal]:
-    """Each LightGBM candidate's out-of-sample predictions, fitted period by period."""
+    """Each LightGBM candidate's out-of-sample predictions, fitted period by period; kept
+    under `work_dir/lightgbm/` by candidate and period shard sets, so a rerun reads them."""
+    import hashlib
+
     from alphaloom.tasks.comparison.baselines import predict_lightgbm, train_lightgbm
 
+    periods = period_shards(work_dir)
+    key = hashlib.sha256(repr([(n, s.name) for n, s in periods]).encode()).hexdigest()[:12]
     out = []
     for name, params in LIGHTGBM_CANDIDATES.items():
-        frames, rounds = [], []
-        for number, shards in period_shards(work_dir):
-            fit = train_lightgbm(shards, cfg, params, seed=0)
-            frames.append(predict_lightgbm(fit, shards, "test", cfg).assign(period=number))
-            rounds.append(f"{fit.best_iteration}/{len(fit.history)}")
-        note = f"{name}: rounds kept / run per period {' '.join(rounds)}"
-        out.append(Signal(name, "lightgbm", pd.concat(frames, ignore_index=True), note))
+        saved = work_dir / "lightgbm" / f"{name}-{key}.parquet"
+        if saved.is_file():
+            preds = pd.read_parquet(saved)
+            note = preds.attrs.get("note", name)
+        else:
+            frames, rounds = [], []
+            for number, shards in periods:
+                fit = train_lightgbm(shards, cfg, params, seed=0)
+                frames.append(predict_lightgbm(fit, shards, "test", cfg).assign(period=number))
+                rounds.append(f"{fit.best_iteration}/{len(fit.history)}")
+            note = f"{name}: rounds kept / run per period {' '.join(rounds)}"
+            preds = pd.concat(frames, ignore_index=True)
+            preds.attrs["note"] = note
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            preds.to_parquet(saved.with_suffix(".tmp"), index=False)
+            saved.with_suffix(".tmp").rename(saved)
+        out.append(Signal(name, "lightgbm", preds, note))
         print(note, flush=True)
     return out
 
