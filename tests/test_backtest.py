@@ -130,7 +130,7 @@ def test_period_rows_are_the_evaluation_metrics_of_the_concatenated_predictions(
         {"number": 2, "test_start": days[20].date(), "test_end": days[39].date()},
     ]
     preds = {"network": _predictions(days, 0, 0.8), "lightgbm": _predictions(days, 1, 0.3)}
-    evaluate = EvaluateSection(long_short_quantile=0.2, cost_bps=10.0)
+    evaluate = EvaluateSection(long_short_quantile=0.2, cost_bps=10.0, smoothing_half_life=0.0)
     table = report.period_rows(periods, preds, evaluate).set_index("period")
     network = preds["network"]
     second = network[network["date"] >= days[20]]

@@ -120,7 +120,9 @@ def test_long_short_returns_turnover_and_costs_by_hand() -> None:
 
 def test_portfolio_summary_by_hand() -> None:
     preds = _preds(n_days=30, n_symbols=20, seed=5)
-    cfg = EvaluateSection(long_short_quantile=0.1, cost_bps=10.0, annualization_days=252)
+    cfg = EvaluateSection(
+        long_short_quantile=0.1, cost_bps=10.0, annualization_days=252, smoothing_half_life=0
+    )
     metrics, _ = evaluate_predictions(preds, cfg, with_figures=False)
     net = long_short_returns(preds, 0.1, 10.0)["net"].to_numpy()
     wealth = np.concatenate([[0.0], np.cumsum(net)])
@@ -274,7 +276,9 @@ def test_a_volatility_loving_score_shows_in_score_vol_corr() -> None:
 # the TopkDropout book, score smoothing and the factor-neutral Rank IC, wired in
 
 
-BOOK = EvaluateSection(topk=3, n_drop=1, cost_bps=10.0, long_short_quantile=0.2)
+BOOK = EvaluateSection(  # an unsmoothed book; the smoothing tests turn it on
+    topk=3, n_drop=1, cost_bps=10.0, long_short_quantile=0.2, smoothing_half_life=0.0
+)
 
 
 def test_topk_dropout_metrics_are_the_strategy_on_the_labelled_rows() -> None:
@@ -286,7 +290,7 @@ def test_topk_dropout_metrics_are_the_strategy_on_the_labelled_rows() -> None:
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, nan_ok=True), key
     assert metrics["topk_excess_ann_return_net"] < metrics["topk_excess_ann_return_gross"]
-    assert "rank_ic_smoothed" not in metrics  # smoothing is off by default
+    assert "rank_ic_smoothed" not in metrics  # smoothing is off in this book
     # the figure's drawdown is the one the metric reports
     wealth = daily["excess_net"].cumsum()
     assert drawdown(wealth).min() == pytest.approx(metrics["topk_excess_max_drawdown_net"])
