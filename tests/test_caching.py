@@ -306,3 +306,37 @@ def test_a_stage_removes_the_stale_temporaries_of_its_own_key_only(tmp_path, cap
     assert all(str(path) in caplog.text for path in stale)
     leftovers = {p.name for p in market.iterdir()} - {key} - {p.name for p in kept}
     assert not any(".tmp-" in name for name in leftovers), leftovers  # the build's own is gone
+
+
+def test_after_a_stop_the_dead_writers_temporaries_anywhere_in_the_work_dir_are_removed(
+    tmp_path,
+) -> None:
+    """A fit worker killed by a stop cannot remove its temporaries: the command removes those of
+    gone writers at any depth of the work dir, and leaves a live writer's and finished outputs."""
+    import subprocess
+    import sys
+
+    from alphaloom.tasks.common.storage import HOST_TAG
+    from alphaloom.tasks.orchestration.caching import remove_dead_writers_temps
+
+    work = tmp_path / "work"
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        dead = [
+            _temp(work / "backtest", f".abc.tmp-{HOST_TAG}-{exited.pid}-x1"),
+            _temp(work / "checkpoints" / "p2", f".checkpoint.pt.tmp-{HOST_TAG}-{exited.pid}-x2"),
+            _temp(work / "shards", f".key.parts-{HOST_TAG}-{exited.pid}-x3"),
+        ]
+        kept = [
+            _temp(work / "backtest", f".def.tmp-{HOST_TAG}-{live.pid}-y1"),
+            _temp(work / "shards", "finished"),
+        ]
+        removed = remove_dead_writers_temps(work)
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(removed) == sorted(dead)
+    assert [path for path in dead if path.exists()] == []
+    assert [path for path in kept if not path.exists()] == []

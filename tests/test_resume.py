@@ -146,3 +146,25 @@ def test_a_signal_raised_in_a_run_ends_it_killed_and_a_rerun_continues_it(
     finished = runs.TrackedRun.of(cfg, stopped)
     assert not finished.mark_stopped("late")  # a finished run is left as it ended
     assert status(cfg, stopped) == "FINISHED"
+
+
+def test_a_stop_marks_the_runs_its_dead_fit_workers_left_running(cfg: PipelineConfig) -> None:
+    """A stop's after-children hook marks KILLED the runs of fit workers started inside the
+    block that died without marking them; older dead owners' runs are not its business."""
+    gone = dead_owner()
+    started_before = psutil.Process().create_time() - 60  # a process older than this one
+    older = orphan_run(cfg, resume.Owner(gone.host, gone.pid, started_before))
+    from alphaloom.tasks.orchestration import shutdown
+
+    with resume.marking_orphaned_runs(cfg):
+        worker = orphan_run(cfg, dead_owner(), {**WORK, runs.TAG_SHARD_KEY: "period-2"})
+        live = orphan_run(cfg, resume.Owner.this_process(), {**WORK, runs.TAG_SHARD_KEY: "p3"})
+        marked: list[int] = []
+        shutdown._run_hooks("stopped by SIGTERM (test)", marked, deadline=0.0, after_children=True)
+        before_children: list[int] = []
+        shutdown._run_hooks("early", before_children, deadline=0.0, after_children=False)
+    assert marked == [1] and before_children == []  # only in the after-children phase
+    assert status(cfg, worker) == "KILLED"
+    died = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(worker).data.tags
+    assert died[resume.TAG_DIED].startswith("stopped by SIGTERM (test): its process")
+    assert status(cfg, older) == status(cfg, live) == "RUNNING"

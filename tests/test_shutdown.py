@@ -5,6 +5,7 @@ output. Each command runs as a real `alphaloom` process that gets a real signal 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import pytest
 
 from alphaloom.tasks.common import storage
 from alphaloom.tasks.orchestration import shutdown
-from alphaloom.tasks.tracking import runs
+from alphaloom.tasks.tracking import resume, runs
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -143,6 +144,28 @@ def assert_runs_killed(env: dict[str, str], signum: int, at_least: int) -> None:
         assert run.data.tags[runs.TAG_DIED].startswith(f"stopped by {signal.Signals(signum).name}")
 
 
+def stall_a_fit_worker(one: Launched) -> None:
+    """Freeze (SIGSTOP) the fit worker that owns an open period run once two are open, as a
+    worker stuck in a long call that holds the GIL is: it cannot mark its run KILLED itself."""
+    client = mlflow.MlflowClient(one.env["MLFLOW_TRACKING_URI"])
+
+    def open_period_runs() -> list[mlflow.entities.Run]:
+        return [
+            run
+            for experiment in client.search_experiments()
+            for run in client.search_runs(
+                [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
+            )
+            if run.info.run_name.startswith("period ")
+        ]
+
+    wait_until(lambda: len(open_period_runs()) >= 2, one.process, one.log)
+    owners = [json.loads(run.data.tags[resume.TAG_OWNER])["pid"] for run in open_period_runs()]
+    workers = {child.pid for child in psutil.Process(one.process.pid).children(recursive=True)}
+    stalled = max(pid for pid in owners if pid in workers)
+    os.kill(stalled, signal.SIGSTOP)
+
+
 def assert_no_partial_output(work: Path) -> None:
     partial = [p for p in work.rglob(".*") if ".tmp-" in p.name or ".parts-" in p.name]
     assert not partial, partial
@@ -234,6 +257,8 @@ def test_a_signal_stops_a_long_command(command: str, launched: dict[str, Launche
         wait_until(lambda: "being served" in one.log.read_text(), one.process, one.log)
     else:
         wait_until(in_training(one.work), one.process, one.log)
+    if command == "backtest":  # a fit worker too busy to mark its own run: the command does
+        stall_a_fit_worker(one)
     signal_and_check(one.process, signum, one.log, server_expected=command in OWN_SERVER)
     if runs_open:
         assert_runs_killed(one.env, signum, at_least=runs_open)
@@ -280,3 +305,45 @@ def test_live_temporaries_name_their_writer_and_are_removed_on_a_stop(tmp_path: 
     release.set()
     writer.join(10)
     assert not target.exists()
+
+
+def test_a_run_being_made_when_a_stop_begins_is_still_marked_killed(tmp_path: Path) -> None:
+    """The signal falls between a run's creation and its stop hook (a fit worker starting its
+    period's run as the command is stopped): the stop waits for the run and marks it KILLED."""
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("stops")
+    created: list[str] = []
+    made, release, inside, leave = (threading.Event() for _ in range(4))
+
+    def make_run() -> str:
+        created.append(client.create_run(experiment_id).info.run_id)
+        made.set()
+        release.wait(30)  # RUNNING, its hook not yet registered
+        return created[0]
+
+    def work() -> None:
+        with runs.owned_run(client, make_run):
+            inside.set()
+            leave.wait(30)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    assert made.wait(60)
+    first_pass = threading.Event()
+    marked: list[int] = []
+    stopper = threading.Thread(
+        target=shutdown._run_hooks,
+        args=("stopped by SIGTERM (test)", marked, time.monotonic() + 30, False),
+    )
+    with shutdown.on_stop(lambda _why: first_pass.set()):
+        stopper.start()
+        assert first_pass.wait(10)  # the hooks registered at the signal have run
+        release.set()
+        stopper.join(30)
+    assert inside.wait(10)
+    killed = client.get_run(created[0])
+    leave.set()
+    worker.join(30)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags[runs.TAG_DIED] == "stopped by SIGTERM (test)"
+    assert sum(marked) == 1  # the made run; the first hook marks nothing

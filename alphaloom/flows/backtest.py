@@ -30,6 +30,7 @@ from alphaloom.tasks.dataset.chain import market_factors, period_shards
 from alphaloom.tasks.dataset.text import text_task
 from alphaloom.tasks.evaluation.neutral import market_exposures
 from alphaloom.tasks.orchestration.fits import fit_pool
+from alphaloom.tasks.tracking.resume import marking_orphaned_runs
 from alphaloom.tasks.training.progress import elapsed_text
 
 # what a period's worker imports when it starts, while this process computes the factors
@@ -47,7 +48,7 @@ def backtest(
     periods = plan_periods(trading_calendar(market), cfg)
     started = time.time()
     with parent_run(cfg, backtest_key(cfg, market, periods), periods) as parent_id:
-        with fit_pool(cfg, len(periods), WARM_MODULES) as pool:  # workers start meanwhile
+        with marking_orphaned_runs(cfg), fit_pool(cfg, len(periods), WARM_MODULES) as pool:
             if pool.workers > 1:
                 print(f"{len(periods)} periods on {pool.workers} workers")
             factors, text = market_factors(market, cfg), text_task(market, cfg)

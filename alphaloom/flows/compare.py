@@ -36,6 +36,7 @@ from alphaloom.tasks.data.ingest import load_saved_oracle
 from alphaloom.tasks.dataset.chain import data_stages
 from alphaloom.tasks.evaluation.neutral import market_exposures
 from alphaloom.tasks.orchestration.fits import fit_pool
+from alphaloom.tasks.tracking.resume import marking_orphaned_runs
 from alphaloom.tasks.tracking.runs import TrackedRun, run_tags, tracked_run
 from alphaloom.tasks.training.progress import elapsed_text
 
@@ -63,7 +64,8 @@ def compare_models(
     skipped = skipped_variants(chosen)
     runnable = [v for v in chosen if v.name not in skipped]
     jobs = [(variant, seed) for variant in runnable for seed in seed_values]
-    with fit_pool(cfg, len(jobs), WARM_MODULES) as pool:  # workers start during the data stages
+    # workers start during the data stages
+    with marking_orphaned_runs(cfg), fit_pool(cfg, len(jobs), WARM_MODULES) as pool:
         data = data_stages(cfg)
         market, shards = data.market, data.shards
         oracle = load_saved_oracle(market)

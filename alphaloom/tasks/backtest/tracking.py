@@ -78,17 +78,19 @@ def continued_run(
     experiment_id = store.ensure_experiment(client, cfg)
     resume.mark_dead_runs(client, experiment_id)
     run = find_run(client, experiment_id, match, unfinished_only)
-    if run is None:
-        owner = {resume.TAG_OWNER: resume.Owner.this_process().tag()}
-        run_id = runs.start_run(cfg, {**tags, **match, **owner}, run_name)
-    elif run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+    if run is not None and run.info.status == RunStatus.to_string(RunStatus.RUNNING):
         raise RuntimeError(
             f"MLflow run {run.info.run_id} ({run_name}) is still running in another process "
             f"({run.data.tags.get(resume.TAG_OWNER, 'owner unknown')}); wait for it or end it"
         )
-    else:
-        run_id = resume.reopen(client, run)
-    with runs.ending_run(runs.TrackedRun(client, run_id)):
+
+    def make_run() -> str:
+        if run is not None:
+            return resume.reopen(client, run)
+        owner = {resume.TAG_OWNER: resume.Owner.this_process().tag()}
+        return runs.start_run(cfg, {**tags, **match, **owner}, run_name)
+
+    with runs.owned_run(client, make_run) as run_id:
         yield run_id
 
 

@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alphaloom.tasks.common.config import ConfigError, PipelineConfig
 from alphaloom.tasks.comparison.variants import Variant, variant_config
-from alphaloom.tasks.tracking import runs
+from alphaloom.tasks.tracking import resume, runs
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,11 @@ def run_variant(
         vcfg, bad_config = cfg, err  # still open a child run, so the failure is on record
     run_id: str | None = None
     try:
+        owner = {resume.TAG_OWNER: resume.Owner.this_process().tag()}  # the fit worker's
         with runs.tracked_run(
-            vcfg, child_tags(parent_run_id, variant, seed, tags), f"{variant.name} seed={seed}"
+            vcfg,
+            {**child_tags(parent_run_id, variant, seed, tags), **owner},
+            f"{variant.name} seed={seed}",
         ) as run_id:
             if bad_config is not None:
                 raise bad_config

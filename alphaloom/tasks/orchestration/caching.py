@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,6 +224,26 @@ def remove_stale_temps(output: Location) -> list[Path]:
                 removed.append(temp)
     if removed:
         run_logger().info("removed %s: left by a writer that is gone", ", ".join(map(str, removed)))
+    return removed
+
+
+def remove_dead_writers_temps(root: Location) -> list[Path]:
+    """Remove every temporary under the local directory `root` whose writer is gone (as
+    `remove_stale_temps` does beside one output): what a fit worker killed by a stop left, since
+    a worker too busy to handle the signal cannot remove its own. Returns those removed."""
+    base = FsPath.of(root).local
+    if base is None:
+        return []
+    removed = []
+    for folder, dirs, files in os.walk(base):
+        for name in [*dirs, *files]:
+            for kind in (".tmp-", ".parts-"):
+                _, found, tag = name.partition(kind)
+                temp = Path(folder) / name
+                if name.startswith(".") and found and not _writer_alive(temp, tag):
+                    remove_temp(temp)
+                    removed.append(temp)
+        dirs[:] = [name for name in dirs if not name.startswith(".")]  # not into temporaries
     return removed
 
 

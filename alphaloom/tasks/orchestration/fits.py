@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from alphaloom.tasks.common.config import PipelineConfig
-from alphaloom.tasks.orchestration.caching import StageTask
+from alphaloom.tasks.orchestration import shutdown
+from alphaloom.tasks.orchestration.caching import StageTask, remove_dead_writers_temps
+
+log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
@@ -150,10 +154,24 @@ def fit_pool(
     if workers == 1 and cfg.runner.kind != "dask":
         yield FitPool(None, 1)
         return
-    with fit_task_runner(cfg, workers, warm_modules) as runner:
+    with (
+        shutdown.on_stop(lambda _why: _remove_workers_temps(cfg), after_children=True),
+        fit_task_runner(cfg, workers, warm_modules) as runner,
+    ):
         pool = FitPool(runner, workers)
         if cfg.runner.kind != "dask":  # a cluster's workers are already running
             pool.start_workers()
         yield pool
         for probe in pool.started:  # settled before the runner shuts down
             probe.state()
+
+
+def _remove_workers_temps(cfg: PipelineConfig) -> int:
+    """After a stop has ended the workers: remove the temporaries a killed one left under the
+    work dir (logged; returns 0, no MLflow run marked)."""
+    removed = remove_dead_writers_temps(cfg.work_dir)
+    if removed:
+        log.warning(
+            "removed %s: left by a fit worker ended by the stop", ", ".join(map(str, removed))
+        )
+    return 0

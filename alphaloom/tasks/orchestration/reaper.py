@@ -90,12 +90,19 @@ def reap(processes: list[psutil.Process], grace: float = GRACE_SECONDS) -> list[
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    _, stubborn = psutil.wait_procs(alive, timeout=grace)
+    return kill_stragglers(alive, grace)
+
+
+def kill_stragglers(processes: list[psutil.Process], grace: float) -> list[int]:
+    """Wait up to `grace` seconds for processes already sent SIGTERM, SIGKILL those still
+    running (a second SIGTERM would cut short the cleanup of one that handles the first);
+    returns their pids."""
+    _, stubborn = psutil.wait_procs(processes, timeout=grace)
     for process in stubborn:
         with contextlib.suppress(psutil.Error):
             process.kill()
     psutil.wait_procs(stubborn, timeout=1.0)
-    return [p.pid for p in alive]
+    return [p.pid for p in processes]
 
 
 def watch(pid: int, started: float, interval: float = 0.5) -> list[int]:

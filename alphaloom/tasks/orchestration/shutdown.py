@@ -12,15 +12,21 @@ SIGINT are handled here and nowhere else (Prefect's flow-engine SIGTERM bridge a
 handler of `alphaloom serve` are pointed at the same handler for the duration). On the first
 signal a thread, not the interrupted main thread, stops the command:
 
-1. every stop hook registered with `on_stop` runs: tasks/tracking/runs.py registers each open
-   MLflow run, which is marked KILLED with the reason in `alphaloom.died`;
-2. every child process (Prefect's temporary server, torchrun and its ranks, loader or Dask
+1. every child process (Prefect's temporary server, torchrun and its ranks, loader or Dask
    workers, the fit pool's workers, which handle the signal the same way and so mark their
-   own runs KILLED; not the reaper, which ends with this process) gets SIGTERM, and SIGKILL if
-   it is still there after CHILD_GRACE seconds;
+   own runs KILLED; not the reaper, which ends with this process) gets SIGTERM at once, so a
+   fit worker marks its runs while this process marks its own;
+2. every stop hook registered with `on_stop` runs: tasks/tracking/runs.py registers each open
+   MLflow run, which is marked KILLED with the reason in `alphaloom.died`. A run being made
+   when the signal came (`making_run`) is waited for and marked too, so no run is left RUNNING
+   because the signal fell between its creation and its hook;
 3. the temporaries this process was writing are removed (tasks/common/storage.py), so no partial
-   output is left (before the children are ended, and again after);
-4. the process exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+   output is left (before the children are gone, and again after);
+4. children still running get SIGKILL, AFTER_CHILDREN seconds before the exit deadline;
+5. the `after_children` stop hooks run: the flows that fan fits out mark KILLED the runs a
+   worker left RUNNING (one busy in a long call that holds the GIL cannot mark its own in
+   time; tasks/tracking/resume.py `marking_orphaned_runs`);
+6. the process exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
 
 Meanwhile the main thread carries on until it reaches `park_if_stopping` (a run ending, a new
 run starting), where it waits for the exit instead of ending a run FINISHED or FAILED. Whatever
@@ -51,16 +57,18 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EXIT_DEADLINE = 8.0  # seconds from the signal to the exit, whatever the cleanup is doing
-CHILD_GRACE = 3.0  # seconds a child has to end after SIGTERM before SIGKILL
 HOOKS_DEADLINE = 3.0  # seconds the stop hooks (MLflow) get before the children are ended
+AFTER_CHILDREN = 3.5  # seconds kept, after the children's SIGKILL, for the after-children hooks
 
 # The commands a signal stops this way: the ones that run flows (and may hold MLflow runs,
 # Prefect's temporary server, torchrun).
 STOPPABLE = ("run", "score", "nightly", "compare", "backtest", "train-ddp", "serve")
 
-_hooks: dict[int, Callable[[str], Any]] = {}
+_hooks: dict[int, tuple[Callable[[str], Any], bool]] = {}  # key -> (hook, after_children)
 _hook_ids = itertools.count()
 _lock = threading.Lock()
+_made = threading.Condition(_lock)  # notified when a `making_run` block ends
+_making = 0  # `making_run` blocks in progress
 _stopping = threading.Event()
 _installed_in: int | None = None  # the pid the handlers belong to (not a forked child)
 
@@ -73,17 +81,40 @@ def stopping() -> bool:
 
 
 @contextlib.contextmanager
-def on_stop(hook: Callable[[str], Any]) -> Iterator[None]:
-    """Run `hook(reason)` if a signal stops the process while the block runs (a true result
-    counts as one MLflow run marked KILLED in the closing log line)."""
+def on_stop(hook: Callable[[str], Any], after_children: bool = False) -> Iterator[None]:
+    """Run `hook(reason)` if a signal stops the process while the block runs; its result, a
+    bool or a count, is the number of MLflow runs it marked KILLED (for the closing log line).
+    With `after_children`, the hook runs once the child processes have ended: for the runs a
+    fit worker left RUNNING because it could not mark them itself in time."""
     with _lock:
         key = next(_hook_ids)
-        _hooks[key] = hook
+        _hooks[key] = (hook, after_children)
     try:
         yield
     finally:
         with _lock:
             _hooks.pop(key, None)
+
+
+@contextlib.contextmanager
+def making_run() -> Iterator[None]:
+    """A block that makes an MLflow run RUNNING and registers its `on_stop` hook: a stop that
+    begins meanwhile waits for the block (up to HOOKS_DEADLINE) and then runs that hook too.
+    Once a stop has begun, the block is not entered: the thread parks (`park_if_stopping`)."""
+    global _making
+    with _lock:
+        counted = not _stopping.is_set()
+        if counted:
+            _making += 1
+    if not counted:
+        park_if_stopping()
+    try:
+        yield
+    finally:
+        if counted:
+            with _made:
+                _making -= 1
+                _made.notify_all()
 
 
 def park_if_stopping() -> None:
@@ -191,27 +222,16 @@ def _stop(signum: int) -> None:
     reason = f"stopped by {name} (process {os.getpid()} on {os.uname().nodename})"
     log.warning("%s received: stopping (open MLflow runs -> KILLED, child processes ended)", name)
     started = time.monotonic()
-    with _lock:
-        hooks = list(_hooks.values())
-    marked: list[bool] = []
-
-    def run_hooks() -> None:
-        for hook in hooks:
-            try:
-                marked.append(bool(hook(reason)))
-            except Exception as err:  # the next hook and the exit still happen
-                log.warning("while stopping: %s: %s", type(err).__name__, err)
-
-    runner = threading.Thread(target=run_hooks, name="alphaloom-stop-hooks", daemon=True)
-    runner.start()
-    runner.join(HOOKS_DEADLINE)  # a hung tracking server must not keep the children running
-    # temporaries first: a fit pool worker is itself a child of the command, which kills it
-    # CHILD_GRACE seconds after its SIGTERM, possibly while it still waits for its own children
-    # (the multiprocessing resource tracker ignores SIGTERM); once more after the children end
+    children = terminate_children()  # first: a fit worker marks its runs while we mark ours
+    marked: list[int] = []
+    _run_hooks_until(reason, marked, started + HOOKS_DEADLINE, after_children=False)
+    # temporaries before the SIGKILL: a fit pool worker may be killed while it still waits for
+    # its own children (the multiprocessing resource tracker ignores SIGTERM); once more after
     removed = set(remove_live_temps())
-    left = EXIT_DEADLINE - 2.0 - (time.monotonic() - started)
-    ended = end_children(grace=max(0.5, min(CHILD_GRACE, left)))
+    left = EXIT_DEADLINE - AFTER_CHILDREN - (time.monotonic() - started)
+    ended = reaper.kill_stragglers(children, grace=max(0.5, left))
     removed |= set(remove_live_temps())
+    _run_hooks_until(reason, marked, started + EXIT_DEADLINE - 0.5, after_children=True)
     log.warning(
         "stopped by %s: %d MLflow run(s) marked KILLED, %d child process(es) ended, %d partial "
         "output(s) removed; exit status %d",
@@ -227,12 +247,58 @@ def _stop(signum: int) -> None:
     os._exit(128 + signum)
 
 
-def end_children(grace: float = CHILD_GRACE) -> list[int]:
-    """SIGTERM every descendant of this process but its reapers, SIGKILL those still running
-    after `grace` seconds; returns the pids ended."""
+def _run_hooks_until(reason: str, marked: list[int], deadline: float, after_children: bool) -> None:
+    """`_run_hooks` in a thread, waited for until `deadline` at most (a hung tracking server
+    must not keep the children running, or the process from exiting)."""
+    runner = threading.Thread(
+        target=_run_hooks, args=(reason, marked, deadline, after_children), daemon=True
+    )
+    runner.start()
+    runner.join(max(0.0, deadline - time.monotonic()))
+    if runner.is_alive():
+        log.warning("stop hooks still running at their deadline: going on without them")
+
+
+def _run_hooks(reason: str, marked: list[int], deadline: float, after_children: bool) -> None:
+    """Run every stop hook of the phase (`after_children` or not) once, appending its count
+    to `marked`: those registered now, then, after the `making_run` blocks in progress end
+    (until `deadline`), those they registered."""
+    done: set[int] = set()
+
+    def run_new() -> None:
+        with _lock:
+            pending = [
+                (key, hook)
+                for key, (hook, after) in _hooks.items()
+                if key not in done and after == after_children
+            ]
+        for key, hook in pending:
+            done.add(key)
+            try:
+                marked.append(int(hook(reason) or 0))
+            except Exception as err:  # the next hook and the exit still happen
+                log.warning("while stopping: %s: %s", type(err).__name__, err)
+
+    run_new()
+    if after_children:
+        return
+    with _made:
+        made = _made.wait_for(lambda: _making == 0, timeout=max(0.0, deadline - time.monotonic()))
+    if not made:
+        log.warning("a run being made when the signal came was not ready in time")
+    run_new()
+
+
+def terminate_children() -> list[psutil.Process]:
+    """SIGTERM every descendant of this process but its reapers; returns them (for
+    `reaper.kill_stragglers`, which waits for them and SIGKILLs the stubborn)."""
     spared = set(reaper.started_pids())
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
-    return reaper.reap([child for child in children if child.pid not in spared], grace)
+    children = [child for child in children if child.pid not in spared]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    return children

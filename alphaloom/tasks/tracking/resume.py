@@ -37,13 +37,13 @@ from mlflow.exceptions import MlflowException
 
 from alphaloom.tasks.common.config import PipelineConfig
 from alphaloom.tasks.common.hashing import hash_json
+from alphaloom.tasks.orchestration import shutdown
 from alphaloom.tasks.tracking.runs import (
     TAG_CODE_VERSION,
     TAG_DATA_HASH,
     TAG_DIED,
     TAG_SHARD_KEY,
-    TrackedRun,
-    ending_run,
+    owned_run,
     start_run,
 )
 from alphaloom.tasks.tracking.store import client_for, ensure_experiment, resolve_tracking_uri
@@ -121,18 +121,48 @@ def mark_killed(client: mlflow.MlflowClient, run: Run, why: str) -> None:
     log.warning("MLflow run %s: %s; marked KILLED", run.info.run_id, why)
 
 
-def mark_dead_runs(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the experiment's RUNNING runs whose owner process on this host is gone."""
+def mark_dead_runs(
+    client: mlflow.MlflowClient,
+    experiment_id: str,
+    why: str | None = None,
+    born_after: float | None = None,
+) -> list[str]:
+    """Mark KILLED the experiment's RUNNING runs whose owner process on this host is gone
+    (`why`, if given, says what ended it); with `born_after` (a psutil create time), only
+    those whose owner process started after it."""
     marked = []
     running = client.search_runs(
         [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
     )
     for run in running:
         owner = Owner.of(run)
-        if owner is not None and owner.alive() is False:
-            mark_killed(client, run, f"its process {owner.pid} on {owner.host} is gone")
+        if owner is None or (born_after is not None and owner.started < born_after):
+            continue
+        if owner.alive() is False:
+            gone = f"its process {owner.pid} on {owner.host} is gone"
+            mark_killed(client, run, f"{why}: {gone}" if why else gone)
             marked.append(run.info.run_id)
     return marked
+
+
+@contextlib.contextmanager
+def marking_orphaned_runs(cfg: PipelineConfig) -> Iterator[None]:
+    """While the block runs, a signal that stops this process marks KILLED, once its child
+    processes have ended, the runs they owned and left RUNNING: a fit worker stuck in a long
+    call that holds the GIL cannot mark its own before it is killed. Only runs of processes
+    started after this one are marked (another command's, dead before it started, are not
+    this stop's to explain)."""
+    client = client_for(cfg)
+    experiment_id = ensure_experiment(client, cfg)
+    # the fit workers (the owners of the runs to mark) start after this process; compared on
+    # psutil's clock (Owner.started), which can be a second or two off time.time()
+    began = psutil.Process().create_time()
+
+    def mark(why: str) -> int:
+        return len(mark_dead_runs(client, experiment_id, why, born_after=began))
+
+    with shutdown.on_stop(mark, after_children=True):
+        yield
 
 
 def find_unfinished(client: mlflow.MlflowClient, experiment_id: str, fp: str) -> Run | None:
@@ -205,10 +235,12 @@ def resumable_run(
         if resume
         else find_unfinished(client, experiment_id, fp)
     )
-    if target is None:
+
+    def make_run() -> str:
+        if target is not None:
+            return reopen(client, target)
         extra: dict[str, Any] = {TAG_FINGERPRINT: fp, TAG_OWNER: Owner.this_process().tag()}
-        run_id = start_run(cfg, {**tags, **extra}, run_name)
-    else:
-        run_id = reopen(client, target)
-    with ending_run(TrackedRun(client, run_id)):
+        return start_run(cfg, {**tags, **extra}, run_name)
+
+    with owned_run(client, make_run) as run_id:
         yield run_id

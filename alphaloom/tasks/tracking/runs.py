@@ -21,7 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,11 +378,22 @@ def ending_run(run: TrackedRun) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def owned_run(client: mlflow.MlflowClient, make_run: Callable[[], str]) -> Iterator[str]:
+    """`ending_run` of the RUNNING run `make_run()` creates or reopens. A signal that arrives
+    while the run is being made still ends it KILLED: the stop waits for it to be made and its
+    hook registered (`shutdown.making_run`)."""
+    with contextlib.ExitStack() as stack:
+        with shutdown.making_run():
+            run_id = stack.enter_context(ending_run(TrackedRun(client, make_run())))
+        yield run_id
+
+
+@contextlib.contextmanager
 def tracked_run(
     cfg: PipelineConfig, tags: Mapping[str, str] | None = None, run_name: str | None = None
 ) -> Iterator[str]:
     """Yield a new run's id; the run ends FAILED if the block raises (anything), FINISHED else."""
-    with ending_run(TrackedRun.of(cfg, start_run(cfg, tags, run_name))) as run_id:
+    with owned_run(client_for(cfg), lambda: start_run(cfg, tags, run_name)) as run_id:
         yield run_id
 
 
