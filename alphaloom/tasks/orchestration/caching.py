@@ -209,6 +209,11 @@ def _writer_alive(temp: Path, tag: str) -> bool:
         return True  # cannot tell: leave it
 
 
+# what marks a temporary in a name: atomic writes' `.<name>.tmp-<writer>-*`, the shard
+# fan-out's `.<name>.parts-<writer>-*`
+TEMP_KINDS = (".tmp-", ".parts-")
+
+
 def remove_stale_temps(output: Location) -> list[Path]:
     """Remove the temporaries of the local output `output` (`.<name>.tmp-*` beside it, the
     shard fan-out's `.<name>.parts-*`) whose writer is gone; returns those removed."""
@@ -216,7 +221,7 @@ def remove_stale_temps(output: Location) -> list[Path]:
     if out is None:
         return []  # at a URL nothing is staged beside the output
     removed = []
-    for kind in (".tmp-", ".parts-"):
+    for kind in TEMP_KINDS:
         prefix = f".{out.name}{kind}"
         for temp in sorted(out.parent.glob(glob.escape(prefix) + "*")):
             if not _writer_alive(temp, temp.name[len(prefix) :]):
@@ -237,7 +242,7 @@ def remove_dead_writers_temps(root: Location) -> list[Path]:
     removed = []
     for folder, dirs, files in os.walk(base):
         for name in [*dirs, *files]:
-            for kind in (".tmp-", ".parts-"):
+            for kind in TEMP_KINDS:
                 _, found, tag = name.partition(kind)
                 temp = Path(folder) / name
                 if name.startswith(".") and found and not _writer_alive(temp, tag):

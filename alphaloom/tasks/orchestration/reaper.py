@@ -86,11 +86,16 @@ def _note_descendants(parent: psutil.Process, noted: dict[int, psutil.Process]) 
 def reap(processes: list[psutil.Process], grace: float = GRACE_SECONDS) -> list[int]:
     """SIGTERM the processes still running (psutil checks pid and start time), SIGKILL those
     that outlast `grace`; returns the pids signalled."""
+    return kill_stragglers(terminate(processes), grace)
+
+
+def terminate(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """SIGTERM the processes still running (psutil checks pid and start time); returns them."""
     alive = [p for p in processes if p.is_running()]
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    return kill_stragglers(alive, grace)
+    return alive
 
 
 def kill_stragglers(processes: list[psutil.Process], grace: float) -> list[int]:

@@ -297,8 +297,4 @@ def terminate_children() -> list[psutil.Process]:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
-    children = [child for child in children if child.pid not in spared]
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    return children
+    return reaper.terminate([child for child in children if child.pid not in spared])
