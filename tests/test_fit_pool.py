@@ -56,21 +56,32 @@ def test_a_worker_imports_the_warm_modules_when_it_starts(monkeypatch) -> None:
     assert name in sys.modules
 
 
-def test_a_local_pool_spawns_every_worker_when_it_opens() -> None:
+def test_a_local_pool_spawns_every_worker_when_it_opens_on_this_api_with_its_thread_share() -> None:
     import multiprocessing
 
     from prefect import flow
+    from prefect.client.orchestration import get_client
+    from threadpoolctl import threadpool_info
 
     before = set(multiprocessing.active_children())
+    parent_threads = {pool["internal_api"]: pool["num_threads"] for pool in threadpool_info()}
 
     @flow
-    def opened() -> tuple[int, set[int]]:
-        cfg = load_config(SMOKE, ["runner.fit_workers=2"])
+    def opened() -> tuple[int, list[fits.WorkerInfo], str]:
+        cfg = load_config(SMOKE, ["runner.fit_workers=2", "train.num_threads=1"])
         with fits.fit_pool(cfg, n_fits=3) as pool:
-            pids = {probe.state().result() for probe in pool.started}
+            infos = [probe.state().result() for probe in pool.started]
             spawned = set(multiprocessing.active_children()) - before  # no fit submitted yet
-        return len(spawned), pids
+        return len(spawned), infos, str(get_client(sync_client=True).api_url)
 
-    spawned, pids = opened()
+    spawned, infos, api_url = opened()
     assert spawned == 2  # both workers started on entry, not the second at the second fit
-    assert pids and os.getpid() not in pids  # the probes ran in the workers
+    pids = {info.pid for info in infos}
+    assert len(pids) == 2 and os.getpid() not in pids  # the probes ran in the workers
+    # no worker started a temporary Prefect server of its own: they report to this one
+    assert {info.api_url for info in infos} == {api_url}
+    for info in infos:  # OpenMP and OpenBLAS limited to the worker's one thread; this process not
+        assert info.native_threads and set(info.native_threads.values()) == {1}
+    assert {pool["internal_api"]: pool["num_threads"] for pool in threadpool_info()} == (
+        parent_threads
+    )
