@@ -5,11 +5,13 @@ work dir and MLflow store (so both do the same data work; nothing is cached betw
 `runner.fit_workers` the only difference. Prints per run the wall time, then whether the per-period
 (backtest) and per-variant (compare) test metrics are identical, and on its last line the ratio of
 the N-worker wall time to the 1-worker one (backtest, the larger job; compare's is printed above).
+`compare` runs the `full` and `cross_entropy` variants with `--seeds` seeds each (default 3, as
+`alphaloom compare`); `--logs DIR` keeps every run's output (its epoch lines are timestamped).
 
     # no arguments (what `make bench` runs): a small synthetic market, 1-epoch fits, 2 workers
     .venv/bin/python benchmarks/fit_fanout.py
-    # the real data, as the issue measures it (walk-forward every 6 months, 2 epochs a fit):
-    .venv/bin/python benchmarks/fit_fanout.py --data sp500-dev --set train.epochs=2
+    # the real data, as the issue measures it (walk-forward every 6 months, default 8 epochs):
+    .venv/bin/python benchmarks/fit_fanout.py --data sp500-dev
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ COMMON = ["train.device=cpu", "train.num_threads=1"]
 RUNNER = """
 import json, sys
 from alphaloom.tasks.common.config import load_config
-config_path, kind, out, *overrides = sys.argv[1:]
+config_path, kind, out, seeds, *overrides = sys.argv[1:]
 cfg = load_config(config_path, overrides)
 if kind == "backtest":
     from alphaloom.flows.backtest import backtest
@@ -53,14 +55,20 @@ else:
     from alphaloom.flows.compare import compare_models
     from alphaloom.tasks.comparison.variants import DEFAULT_VARIANTS
     chosen = [v for v in DEFAULT_VARIANTS if v.name in ("full", "cross_entropy")]
-    summary = compare_models(cfg, seeds=2, variants=chosen, figures=False)
+    summary = compare_models(cfg, seeds=int(seeds), variants=chosen, figures=False)
     rows = {row["variant"]: row for row in summary["rows"]}
 json.dump(rows, open(out, "w"), default=str)
 """
 
 
 def run(
-    kind: str, config: Path, overrides: list[str], work: Path, workers: int
+    kind: str,
+    config: Path,
+    overrides: list[str],
+    work: Path,
+    workers: int,
+    seeds: int,
+    logs: Path | None = None,
 ) -> tuple[float, dict]:
     """One command in its own process and work dir; (wall seconds, its rows)."""
     work.mkdir(parents=True)
@@ -73,10 +81,13 @@ def run(
     subprocess.run([sys.executable, "-c", create], check=True, env=env)  # once, before sharing
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(config), kind, str(out), *sets],
+        [sys.executable, "-c", RUNNER, str(config), kind, str(out), str(seeds), *sets],
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     wall = time.perf_counter() - started
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{work.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         sys.exit(
             f"{kind} with {workers} worker(s) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -97,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=["synthetic", "sp500-dev"], default="synthetic")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", choices=["backtest", "compare"], default=None)
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="compare's seeds per variant (default 3, as the CLI)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="keep each run's output in this folder"
+    )
     return parser
 
 
@@ -116,7 +133,15 @@ def main(argv: list[str] | None = None) -> None:
             walls = {}
             results = {}
             for workers in (1, args.workers):
-                wall, rows = run(kind, config, overrides, Path(tmp) / f"{kind}-{workers}", workers)
+                wall, rows = run(
+                    kind,
+                    config,
+                    overrides,
+                    Path(tmp) / f"{kind}-{workers}",
+                    workers,
+                    args.seeds,
+                    args.logs,
+                )
                 walls[workers], results[workers] = wall, numbers(rows)
                 print(f"{kind} ({args.data}), {workers} worker(s): {wall:.0f} s, {len(rows)} rows",
                       flush=True)  # fmt: skip
