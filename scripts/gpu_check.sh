@@ -35,7 +35,7 @@ grep -h '"epoch"\|train_model' "$OUT/epoch.log" >> "$OUT/summary.txt"
 echo "2b. model-only bound (batch on the device): rc=$?" | tee -a "$OUT/summary.txt"
 grep -h "samples/s\|overhead" "$OUT/model.log" >> "$OUT/summary.txt"
 
-"$PY" benchmarks/fit_fanout.py --only compare --workers 4 --set train.device=cuda \
+"$PY" benchmarks/fit_fanout.py --only compare --workers 4 --seeds 2 --set train.device=cuda \
     --set train.epochs=2 > "$OUT/fanout.log" 2>&1
 echo "3. compare, 4 fits sharing the GPU: rc=$?" | tee -a "$OUT/summary.txt"
 tail -4 "$OUT/fanout.log" >> "$OUT/summary.txt"

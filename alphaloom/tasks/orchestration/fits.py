@@ -23,7 +23,7 @@ start-up with them instead of paying it after. The workers report to this proces
 Threads: each local worker's native thread pools (OpenMP, OpenBLAS, MKL, Arrow) are limited to
 its share of the cores (`train.num_threads`, else cores // workers). Left at their default of
 every core, N workers on N cores oversubscribe them and OpenBLAS's spinning threads slowed each
-concurrent epoch by ~17 % on 2 cores (sp500-dev; README "Fits in parallel").
+concurrent epoch by ~17 % on 2 cores (sp500-dev; docs/scaling.md section 3).
 """
 
 from __future__ import annotations
